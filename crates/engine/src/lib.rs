@@ -1,0 +1,341 @@
+//! gapguard's imperative shell around the pure core: it owns the storage backend, the clock,
+//! id generation, the ticket signing key, the single writer with group commit, and pruning.
+//!
+//! Reads and checks are served from an immutable [`Snapshot`] that the writer publishes only
+//! after a batch is durable, so they never wait for the writer and never see a write a crash
+//! could take back. Writes go through one writer thread that batches concurrent requests into
+//! one storage transaction (one fsync) and answers each only after that batch is durable.
+
+mod audit;
+mod clock;
+mod snapshot;
+mod writer;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use gapguard_core::ticket::{sign, verify};
+use gapguard_core::{
+    idempotency, CheckOutcome, CheckRequest, Condition, ConditionFailure, IdempotencyDecision, Limits, Meta, NsKey,
+    Outcome, Record, Revision, TicketError, VerifiedTicket, WriteRequest,
+};
+use gapguard_store::{Batch, IdempotencyKey, Storage, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+pub use audit::{AuditPage, AuditQuery, AuditVerification, StoredAuditEvent};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use snapshot::Snapshot;
+use writer::{Job, Writer};
+
+/// Configuration of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Request limits (ticket TTLs, idempotency retention…).
+    pub limits: Limits,
+    /// Most write requests in one batch (one storage transaction).
+    pub max_batch: usize,
+    /// How often expired used-ticket markers and idempotency records are pruned.
+    pub prune_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { limits: Limits::default(), max_batch: 1024, prune_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Who is asking, for the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct RequestContext {
+    /// Correlation id (from `X-Correlation-Id` or `traceparent`).
+    pub correlation_id: Option<String>,
+    /// The API key that made the request.
+    pub api_key_id: Option<String>,
+}
+
+/// An `Idempotency-Key` with the fingerprint of the request that carries it.
+#[derive(Clone, Debug)]
+pub struct IdempotencyClaim {
+    /// Where the record lives.
+    pub key: IdempotencyKey,
+    /// BLAKE3 of the request (method, route, body).
+    pub fingerprint: [u8; 32],
+}
+
+/// The answer to a write request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteResult {
+    /// What happened.
+    pub outcome: Outcome,
+    /// Whether this is the stored answer of an earlier identical request.
+    pub replayed: bool,
+}
+
+/// An issued ticket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IssuedTicket {
+    /// The opaque, signed ticket.
+    pub ticket: String,
+    /// The revision at which the conditions held.
+    pub revision: Revision,
+    /// When it expires (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+}
+
+/// A live key as read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyValue {
+    /// The namespace-relative key.
+    pub key: String,
+    /// Its record.
+    pub record: Record,
+}
+
+/// Errors of the engine (user errors are [`Outcome::Refused`], not these).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// Another request used this idempotency key.
+    #[error("idempotency key was already used with a different request")]
+    IdempotencyConflict,
+    /// A request with this idempotency key is still being processed.
+    #[error("a request with this idempotency key is still in flight")]
+    IdempotencyInProgress,
+    /// The writer stopped after a storage failure; restart the server to recover.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The storage backend failed.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+struct Inner {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    jobs: mpsc::UnboundedSender<Job>,
+    ticket_key: Vec<u8>,
+    store: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    in_flight: Mutex<HashSet<IdempotencyKey>>,
+    writer: writer::Status,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// Lets the writer finish what it was given and waits for it, so that the store is
+    /// closed (and its file lock released) when the last engine handle is gone.
+    fn drop(&mut self) {
+        let _ = self.jobs.send(Job::Stop);
+        if let Some(thread) = self.writer_thread.lock().expect("writer thread lock").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The guard engine. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Removes an idempotency key from the in-flight set when the request is done (or dropped).
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<IdempotencyKey>>,
+    key: IdempotencyKey,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("in-flight set lock").remove(&self.key);
+    }
+}
+
+impl Engine {
+    /// Opens the engine over a backend: recovers its state, generates the ticket key on first
+    /// start, starts the writer thread and the pruning task (which needs a Tokio runtime).
+    pub fn open(store: Arc<dyn Storage>, clock: Arc<dyn Clock>, config: EngineConfig) -> Result<Self, EngineError> {
+        let recovered = store.recover()?;
+        let ticket_key = match &recovered.ticket_key {
+            Some(key) => key.clone(),
+            None => {
+                let key: [u8; 32] = rand::random();
+                store.commit(&Batch {
+                    revision: recovered.revision,
+                    ticket_key: Some(key.to_vec()),
+                    ..Batch::default()
+                })?;
+                key.to_vec()
+            }
+        };
+        tracing::info!(
+            revision = recovered.revision,
+            keys = recovered.entries.len(),
+            audit_events = recovered.audit_head.map_or(0, |h| h.0),
+            "recovered state"
+        );
+        let (snapshot, writer) = Writer::new(recovered, store.clone(), clock.clone(), config.clone());
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let status = writer.status();
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let published = snapshot.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("gapguard-writer".into())
+            .spawn(move || writer.run(rx, published))
+            .map_err(|e| EngineError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        let weak = jobs.downgrade();
+        let interval = config.prune_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(jobs) = weak.upgrade() else { break };
+                if jobs.send(Job::Prune).is_err() {
+                    break;
+                }
+            }
+        });
+        let inner = Inner {
+            snapshot,
+            jobs,
+            ticket_key,
+            store,
+            clock,
+            config,
+            in_flight: Mutex::new(HashSet::new()),
+            writer: status,
+            writer_thread: Mutex::new(Some(writer_thread)),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The latest durable snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    /// The current time on the engine's clock (ms since the Unix epoch).
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Reads one live key.
+    pub fn get(&self, ns: &str, key: &str) -> (Option<Record>, Revision) {
+        let snap = self.inner.snapshot.load();
+        let record = snap.entries.get(&NsKey::new(ns, key)).and_then(|e| e.record.clone());
+        (record, snap.revision)
+    }
+
+    /// Lists live keys of a namespace starting with `prefix`, in key order, at most `limit`.
+    pub fn list(&self, ns: &str, prefix: &str, limit: usize) -> (Vec<KeyValue>, Revision) {
+        let snap = self.inner.snapshot.load();
+        let start = NsKey::new(ns, prefix);
+        let items = snap
+            .entries
+            .range(start..)
+            .take_while(|(k, _)| k.ns == ns && k.key.starts_with(prefix))
+            .filter_map(|(k, e)| e.record.as_ref().map(|r| KeyValue { key: k.key.clone(), record: r.clone() }))
+            .take(limit)
+            .collect();
+        (items, snap.revision)
+    }
+
+    /// Runs a check against the latest durable state. On success returns a signed ticket; on
+    /// failure the failing conditions (the denial is audited with the next commit, without
+    /// waiting for it).
+    pub fn check(
+        &self,
+        ns: &str,
+        conditions: Vec<Condition>,
+        ttl_ms: u64,
+        flow: Option<String>,
+        ctx: &RequestContext,
+    ) -> Result<IssuedTicket, Vec<ConditionFailure>> {
+        let snap = self.inner.snapshot.load();
+        let request = CheckRequest { ns: ns.to_owned(), conditions, ttl_ms, flow, ticket_id: rand::random() };
+        let meta = Meta {
+            now_ms: self.inner.clock.now_ms(),
+            revision: snap.revision + 1,
+            correlation_id: ctx.correlation_id.clone(),
+            api_key_id: ctx.api_key_id.clone(),
+        };
+        match gapguard_core::check(&**snap, &request, &meta) {
+            CheckOutcome::Passed(claims) => Ok(IssuedTicket {
+                ticket: sign(&self.inner.ticket_key, &claims),
+                revision: claims.revision,
+                expires_at_ms: claims.expires_at_ms,
+            }),
+            CheckOutcome::Denied { failed, audit } => {
+                // Best effort by design: if the writer is gone the server is failing anyway.
+                let _ = self.inner.jobs.send(Job::Audit(audit));
+                Err(failed)
+            }
+        }
+    }
+
+    /// Verifies a presented ticket's signature.
+    pub fn verify_ticket(&self, ticket: &str) -> Result<VerifiedTicket, TicketError> {
+        verify(&self.inner.ticket_key, ticket)
+    }
+
+    /// Applies a write request, durably, once. With an idempotency claim, a repeat of the same
+    /// request answers the stored outcome; another request under the same key is refused.
+    pub async fn write(
+        &self,
+        request: WriteRequest,
+        ctx: RequestContext,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<WriteResult, EngineError> {
+        let _in_flight = match &idempotency {
+            Some(claim) => {
+                let snap = self.inner.snapshot.load();
+                let now_ms = self.inner.clock.now_ms();
+                match idempotency::decide(snap.idempotency.get(&claim.key).map(|r| &**r), &claim.fingerprint, now_ms) {
+                    IdempotencyDecision::Replay(outcome) => {
+                        return Ok(WriteResult { outcome: outcome.clone(), replayed: true });
+                    }
+                    IdempotencyDecision::Conflict => return Err(EngineError::IdempotencyConflict),
+                    IdempotencyDecision::Execute => {}
+                }
+                let mut set = self.inner.in_flight.lock().expect("in-flight set lock");
+                if !set.insert(claim.key.clone()) {
+                    return Err(EngineError::IdempotencyInProgress);
+                }
+                Some(InFlight { set: &self.inner.in_flight, key: claim.key.clone() })
+            }
+            None => None,
+        };
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Write { request, ctx, idempotency, reply };
+        if self.inner.jobs.send(job).is_err() {
+            return Err(self.unavailable());
+        }
+        answer.await.unwrap_or_else(|_| Err(self.unavailable()))
+    }
+
+    fn unavailable(&self) -> EngineError {
+        EngineError::Unavailable(self.inner.writer.failure().unwrap_or_else(|| "the writer stopped".into()))
+    }
+
+    /// Whether the writer is healthy (it stops for good after a storage failure).
+    pub fn writer_failure(&self) -> Option<String> {
+        self.inner.writer.failure()
+    }
+
+    /// Queries the audit log.
+    pub fn audit(&self, query: &AuditQuery) -> Result<AuditPage, EngineError> {
+        audit::query(&*self.inner.store, self.inner.writer.audit_head_seq(), query)
+    }
+
+    /// Verifies the whole audit hash chain.
+    pub fn verify_audit(&self) -> Result<AuditVerification, EngineError> {
+        audit::verify(&*self.inner.store)
+    }
+}
