@@ -15,7 +15,7 @@ use crate::{Batch, IdempotencyKey, Storage};
 
 /// Runs every check of the suite, each on a fresh directory.
 pub fn run_all<S: Storage>(open: impl Fn(&Path) -> S) {
-    let checks: [(&str, fn(&dyn Fn(&Path) -> S)); 6] = [
+    let checks: [(&str, Check<S>); 6] = [
         ("new store recovers empty", new_store_is_empty),
         ("a committed batch is recovered whole after reopening", batch_survives_reopen),
         ("load_keys returns exactly the named keys", load_keys_is_exact),
@@ -28,6 +28,9 @@ pub fn run_all<S: Storage>(open: impl Fn(&Path) -> S) {
         check(&|p: &Path| open(p));
     }
 }
+
+/// One property of the suite, given a way to open the backend on a directory.
+type Check<S> = fn(&dyn Fn(&Path) -> S);
 
 fn entry(value: serde_json::Value, revision: u64) -> Entry {
     Entry {

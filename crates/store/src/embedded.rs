@@ -155,13 +155,12 @@ impl Storage for EmbeddedStore {
                 entries.insert((k.ns.as_str(), k.key.as_str()), bytes.as_slice()).map_err(engine)?;
             }
             let mut audit = tx.open_table(AUDIT).map_err(engine)?;
-            let mut expected = audit.last().map_err(engine)?.map_or(1, |(k, _)| k.value() + 1);
+            let next = audit.last().map_err(engine)?.map_or(1, |(k, _)| k.value() + 1);
             let mut row = Vec::new();
-            for event in &batch.audit {
+            for (expected, event) in (next..).zip(&batch.audit) {
                 if event.seq != expected {
                     return Err(StoreError::Invalid(format!("audit event {} where {expected} was next", event.seq)));
                 }
-                expected += 1;
                 row.clear();
                 row.extend_from_slice(&event.hash);
                 row.extend_from_slice(&event.body);

@@ -1,0 +1,185 @@
+//! The server's configuration: a TOML file, with command-line flags layered on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use gapguard_core::Limits;
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Default data directory.
+pub const DEFAULT_DATA: &str = "./gapguard-data";
+
+/// Everything `gapguard serve` needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Where to listen (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data: PathBuf,
+    /// Whether commits are fsynced. Turning it off acknowledges writes a crash can lose.
+    pub fsync: bool,
+    /// Request limits.
+    pub limits: Limits,
+    /// Flows named in the config (they get their own metrics label).
+    pub flows: Vec<FlowConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            data: PathBuf::from(DEFAULT_DATA),
+            fsync: true,
+            limits: Limits::default(),
+            flows: Vec::new(),
+        }
+    }
+}
+
+/// A named check→act path and its objectives.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    /// The flow's name, as requests give it.
+    pub name: String,
+    /// Latency objective for the gap (p99, ms).
+    pub check_to_use_p99_ms: Option<u64>,
+    /// Fraction of acts whose check still held at use.
+    pub correctness_objective: Option<f64>,
+}
+
+/// The config file as written (every field optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    fsync: Option<bool>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    flow: Vec<FlowConfig>,
+}
+
+/// `[limits]`: each overrides one default of DESIGN §5.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_body_bytes: Option<usize>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_conditions: Option<usize>,
+    max_ops: Option<usize>,
+    ticket_ttl_ms_min: Option<u64>,
+    ticket_ttl_ms_max: Option<u64>,
+    ticket_ttl_ms_default: Option<u64>,
+    idempotency_retention_ms: Option<u64>,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the field).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a config file; `None` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })
+    }
+
+    /// Parses the TOML text of a config file.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let file: File =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        let mut config = Config::default();
+        if let Some(listen) = file.listen {
+            config.listen = listen
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("listen = {listen:?} is not ADDR:PORT ({e})")))?;
+        }
+        if let Some(data) = file.data {
+            config.data = data;
+        }
+        if let Some(fsync) = file.fsync {
+            config.fsync = fsync;
+        }
+        let l = &mut config.limits;
+        let f = file.limits;
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = f.$field { l.$field = v; } )* };
+        }
+        set!(
+            max_body_bytes,
+            max_key_bytes,
+            max_value_bytes,
+            max_conditions,
+            max_ops,
+            ticket_ttl_ms_min,
+            ticket_ttl_ms_max,
+            ticket_ttl_ms_default,
+            idempotency_retention_ms
+        );
+        if l.ticket_ttl_ms_min == 0 || l.ticket_ttl_ms_min > l.ticket_ttl_ms_max {
+            return Err(ConfigError::Invalid("limits: need 1 <= ticket_ttl_ms_min <= ticket_ttl_ms_max".into()));
+        }
+        if !(l.ticket_ttl_ms_min..=l.ticket_ttl_ms_max).contains(&l.ticket_ttl_ms_default) {
+            return Err(ConfigError::Invalid("limits: ticket_ttl_ms_default is outside [min, max]".into()));
+        }
+        if l.max_body_bytes == 0 || l.max_key_bytes == 0 || l.max_conditions == 0 || l.max_ops == 0 {
+            return Err(ConfigError::Invalid("limits: sizes and counts must be at least 1".into()));
+        }
+        config.flows = file.flow;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_design_example_parses() {
+        let config = Config::parse(
+            "listen = \"127.0.0.1:7701\"\ndata = \"./d\"\n[[flow]]\nname = \"checkout\"\ncheck_to_use_p99_ms = 500\ncorrectness_objective = 0.9999\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 7701);
+        assert_eq!(config.flows[0].name, "checkout");
+        assert!(config.fsync);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_ranges_are_named() {
+        let err = Config::parse("lissen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("lissen"), "{err}");
+        let err = Config::parse("[limits]\nticket_ttl_ms_min = 10\nticket_ttl_ms_max = 5\n").unwrap_err().to_string();
+        assert!(err.contains("ticket_ttl_ms_min"), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Request decoding: JSON bodies (limit, unknown fields, the path of a bad field), path and
+//! query extractors whose rejections are [`ApiError`]s, and the correlation-id middleware.
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use gapguard_api::codes;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::routes::AppState;
+
+/// A path extractor that answers `400 invalid_request` in JSON.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// A query extractor that answers `400 invalid_request` in JSON (unknown parameters too,
+/// where the target type denies them).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// A JSON body, decoded strictly, with its raw bytes (for idempotency fingerprints).
+pub struct JsonBody<T> {
+    /// The decoded body.
+    pub value: T,
+    /// The bytes as received.
+    pub raw: Bytes,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.engine.limits().max_body_bytes;
+        let raw = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    codes::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than the limit of {limit} bytes"),
+                )
+                .with("limit_bytes", limit)
+            } else {
+                ApiError::invalid("body", rejection.body_text())
+            }
+        })?;
+        let value = decode(&raw)?;
+        Ok(Self { value, raw })
+    }
+}
+
+/// Decodes JSON strictly, naming the path of the first bad field.
+pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid("body", "the body is empty; expected a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ApiError::invalid(field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| ApiError::invalid("body", format!("trailing characters after the JSON value ({e})")))?;
+    Ok(value)
+}
+
+/// The request's correlation id: `X-Correlation-Id` if given, else the trace id of a valid
+/// W3C `traceparent`, else a fresh random id. Echoed on the response.
+#[derive(Clone, Debug)]
+pub struct Correlation(pub String);
+
+const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// Middleware that establishes the correlation id and echoes it (and `traceparent`).
+pub async fn correlation(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let limit = state.engine.limits().max_correlation_id_bytes;
+    let id = match correlation_id(req.headers(), limit) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let traceparent = req.headers().get("traceparent").cloned();
+    req.extensions_mut().insert(Correlation(id.clone()));
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert(CORRELATION_HEADER, value);
+    }
+    if let Some(tp) = traceparent {
+        headers.insert("traceparent", tp);
+    }
+    response
+}
+
+fn correlation_id(headers: &HeaderMap, limit: usize) -> Result<String, ApiError> {
+    if let Some(value) = headers.get(CORRELATION_HEADER) {
+        let text = value.to_str().ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()));
+        let Some(text) = text else {
+            return Err(ApiError::invalid("X-Correlation-Id", "must be 1 or more visible ASCII characters"));
+        };
+        if text.len() > limit {
+            return Err(ApiError::invalid("X-Correlation-Id", format!("longer than {limit} bytes")));
+        }
+        return Ok(text.to_owned());
+    }
+    if let Some(trace_id) = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(trace_id) {
+        return Ok(trace_id.to_owned());
+    }
+    let random: [u8; 16] = rand::random();
+    Ok(gapguard_core::audit::hex(&random))
+}
+
+/// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if it is one.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    valid.then_some(trace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_trace_ids() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id("garbage"), None);
+    }
+
+    #[test]
+    fn bad_fields_are_named_by_path() {
+        let err =
+            decode::<gapguard_api::CheckRequest>(br#"{"conditions":[{"compare":{"key":"k","op":"=>","value":1}}]}"#)
+                .unwrap_err();
+        assert_eq!(err.details["field"], "conditions[0].compare.op");
+        let err = decode::<gapguard_api::PutRequest>(b"").unwrap_err();
+        assert_eq!(err.details["field"], "body");
+        let err = decode::<gapguard_api::PutRequest>(br#"{"value":1} x"#).unwrap_err();
+        assert!(err.message.contains("trailing"), "{}", err.message);
+    }
+}

@@ -1,0 +1,88 @@
+//! gapguard's HTTP server (API v1): axum routes over the engine, request decoding and limits,
+//! idempotency and correlation headers, and the OpenAPI document.
+
+pub mod config;
+mod convert;
+pub mod error;
+mod extract;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use gapguard_engine::{Engine, EngineConfig, SystemClock};
+use gapguard_store::EmbeddedStore;
+
+pub use routes::{app, ApiDoc};
+
+pub use config::{Config, ConfigError, FlowConfig};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store cannot be opened or recovered.
+    #[error("cannot open the store in {dir}: {message}")]
+    Store {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The HTTP server failed.
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store, binds `config.listen`, calls `on_bound` with the bound address (before
+/// serving), and serves until SIGINT or SIGTERM.
+pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> Result<(), ServeError> {
+    let store_error = |message: String| ServeError::Store { dir: config.data.clone(), message };
+    let store = EmbeddedStore::open_with(&config.data, config.fsync).map_err(|e| store_error(e.to_string()))?;
+    if !config.fsync {
+        tracing::warn!("fsync is off: acknowledged writes can be lost in a crash");
+    }
+    let engine_config = EngineConfig { limits: config.limits.clone(), ..EngineConfig::default() };
+    let engine = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), engine_config)
+        .map_err(|e| store_error(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr()?;
+    on_bound(addr);
+    tracing::info!(%addr, data = %config.data.display(), "serving");
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app(engine.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("stopped accepting requests; closing the store");
+    drop(engine);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

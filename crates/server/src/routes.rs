@@ -1,0 +1,424 @@
+//! The routes of API v1 and the router that serves them.
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use gapguard_api as api;
+use gapguard_core::{Act, Txn, WriteRequest};
+use gapguard_engine::{AuditQuery, Engine, EngineError, IdempotencyClaim, RequestContext};
+use gapguard_store::IdempotencyKey;
+use serde::Deserialize;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::{IntoParams, OpenApi};
+
+use crate::convert;
+use crate::error::ApiError;
+use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The guard engine.
+    pub engine: Engine,
+}
+
+/// The router of API v1 over an engine (tests drive it without a socket).
+pub fn app(engine: Engine) -> Router {
+    let state = AppState { engine };
+    let body_limit = state.engine.limits().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/ns/{ns}/kv", get(list_kv))
+        .route("/v1/ns/{ns}/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/v1/ns/{ns}/check", post(check))
+        .route("/v1/ns/{ns}/act", post(act))
+        .route("/v1/ns/{ns}/txn", post(txn))
+        .route("/v1/ns/{ns}/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::internal(&"a request handler panicked").into_response()
+        }))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}; see /v1/openapi.json", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        api::codes::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::IdempotencyConflict => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            api::codes::IDEMPOTENCY_KEY_REUSED,
+            "this Idempotency-Key was already used with a different request; use a new key for a new request",
+        ),
+        EngineError::IdempotencyInProgress => ApiError::new(
+            StatusCode::CONFLICT,
+            api::codes::IDEMPOTENCY_IN_PROGRESS,
+            "a request with this Idempotency-Key is still in flight; retry after it completes",
+        ),
+        EngineError::Unavailable(why) => ApiError::unavailable(format!("the store is not accepting writes: {why}")),
+        other => ApiError::internal(&other),
+    }
+}
+
+fn context(correlation: Correlation) -> RequestContext {
+    RequestContext { correlation_id: Some(correlation.0), api_key_id: None }
+}
+
+/// The `Idempotency-Key` of a mutating request, bound to the request's fingerprint.
+fn idempotency(
+    headers: &HeaderMap,
+    ns: &str,
+    method: &Method,
+    uri: &Uri,
+    raw: &[u8],
+    state: &AppState,
+) -> Result<Option<IdempotencyClaim>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let max = state.engine.limits().max_idempotency_key_bytes;
+    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic()));
+    let Some(key) = key else {
+        return Err(ApiError::invalid("Idempotency-Key", "must be 1 or more visible ASCII characters"));
+    };
+    if key.len() > max {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            format!("is {} bytes, longer than the limit of {max}", key.len()),
+        ));
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(method.as_str().as_bytes()).update(b"\n").update(uri.path().as_bytes()).update(b"\n").update(raw);
+    Ok(Some(IdempotencyClaim {
+        key: IdempotencyKey { ns: ns.to_owned(), scope: String::new(), key: key.to_owned() },
+        fingerprint: *hasher.finalize().as_bytes(),
+    }))
+}
+
+/// Runs a write through the engine and renders its outcome.
+async fn write(
+    state: &AppState,
+    request: WriteRequest,
+    correlation: Correlation,
+    claim: Option<IdempotencyClaim>,
+    subject: &str,
+) -> Result<Response, ApiError> {
+    let ns = request.ns().to_owned();
+    let result = state.engine.write(request, context(correlation), claim).await.map_err(engine_error)?;
+    let mut response = convert::outcome(result.outcome, &ns, subject);
+    if result.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, body = api::HealthResponse), (status = 503, body = api::HealthResponse, description = "the store failed")))]
+async fn healthz(State(state): State<AppState>) -> Response {
+    let revision = state.engine.snapshot().revision;
+    match state.engine.writer_failure() {
+        None => Json(api::HealthResponse { status: "ok".into(), revision }).into_response(),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(api::HealthResponse { status: "failing".into(), revision }))
+            .into_response(),
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(put, path = "/v1/ns/{ns}/kv/{key}", request_body = api::PutRequest,
+    params(("ns" = String, Path), ("key" = String, Path, description = "may contain `/`"),
+        ("Idempotency-Key" = Option<String>, Header), ("X-Correlation-Id" = Option<String>, Header)),
+    responses((status = 200, body = api::PutResponse), (status = 400, body = api::ErrorBody), (status = 413, body = api::ErrorBody)))]
+async fn put_kv(
+    State(state): State<AppState>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+    Extension(correlation): Extension<Correlation>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody<api::PutRequest>,
+) -> Result<Response, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    convert::key(&key, "key", limits)?;
+    convert::value(&body.value.value, "value", body.raw.len(), limits)?;
+    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    let request = WriteRequest::Put { ns, key: key.clone(), value: body.value.value };
+    write(&state, request, correlation, claim, &key).await
+}
+
+#[utoipa::path(get, path = "/v1/ns/{ns}/kv/{key}", params(("ns" = String, Path), ("key" = String, Path)),
+    responses((status = 200, body = api::KeyValue), (status = 404, body = api::ErrorBody)))]
+async fn get_kv(
+    State(state): State<AppState>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+) -> Result<Json<api::KeyValue>, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    convert::key(&key, "key", limits)?;
+    match state.engine.get(&ns, &key).0 {
+        Some(r) => Ok(Json(api::KeyValue {
+            key,
+            value: r.value,
+            version: r.version,
+            create_revision: r.create_revision,
+            mod_revision: r.mod_revision,
+        })),
+        None => Err(ApiError::not_found(format!("no key {key:?} in namespace {ns:?}"))),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/ns/{ns}/kv/{key}",
+    params(("ns" = String, Path), ("key" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = api::DeleteResponse), (status = 404, body = api::ErrorBody)))]
+async fn delete_kv(
+    State(state): State<AppState>,
+    ApiPath((ns, key)): ApiPath<(String, String)>,
+    Extension(correlation): Extension<Correlation>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    convert::key(&key, "key", limits)?;
+    let claim = idempotency(&headers, &ns, &method, &uri, b"", &state)?;
+    let request = WriteRequest::Delete { ns, key: key.clone() };
+    write(&state, request, correlation, claim, &key).await
+}
+
+/// Query of a prefix listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    /// Only keys starting with this (default: all).
+    #[serde(default)]
+    prefix: String,
+    /// At most this many items (default 1000, at most 10000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/ns/{ns}/kv", params(("ns" = String, Path), ListParams),
+    responses((status = 200, body = api::ListResponse), (status = 400, body = api::ErrorBody)))]
+async fn list_kv(
+    State(state): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<api::ListResponse>, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    let limit = params.limit.unwrap_or(1000);
+    if limit == 0 || limit > limits.max_list_limit {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
+    }
+    let (items, revision) = state.engine.list(&ns, &params.prefix, limit);
+    let items = items
+        .into_iter()
+        .map(|kv| api::KeyValue {
+            key: kv.key,
+            value: kv.record.value,
+            version: kv.record.version,
+            create_revision: kv.record.create_revision,
+            mod_revision: kv.record.mod_revision,
+        })
+        .collect();
+    Ok(Json(api::ListResponse { items, revision }))
+}
+
+#[utoipa::path(post, path = "/v1/ns/{ns}/check", request_body = api::CheckRequest, params(("ns" = String, Path)),
+    responses((status = 200, body = api::CheckResponse), (status = 412, body = api::ErrorBody, description = "check_failed, with `failed`"),
+        (status = 400, body = api::ErrorBody)))]
+async fn check(
+    State(state): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+    Extension(correlation): Extension<Correlation>,
+    body: JsonBody<api::CheckRequest>,
+) -> Result<Json<api::CheckResponse>, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    let request = body.value;
+    let conditions = convert::conditions(request.conditions, "conditions", 1, body.raw.len(), limits)?;
+    let ttl_ms = convert::ttl_ms(request.ttl_ms, limits)?;
+    convert::flow(&request.flow, limits)?;
+    let issued = state
+        .engine
+        .check(&ns, conditions, ttl_ms, request.flow, &context(correlation))
+        .map_err(convert::check_failed)?;
+    Ok(Json(api::CheckResponse {
+        ticket: issued.ticket,
+        revision: issued.revision,
+        expires_at: convert::rfc3339(issued.expires_at_ms),
+        expires_at_ms: issued.expires_at_ms,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/ns/{ns}/act", request_body = api::ActRequest,
+    params(("ns" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = api::ActResponse),
+        (status = 409, body = api::ErrorBody, description = "stale_check (with `changed`), condition_failed (with `failed`), ticket_used, not_a_number, overflow"),
+        (status = 410, body = api::ErrorBody, description = "ticket_expired"),
+        (status = 400, body = api::ErrorBody, description = "invalid_request, invalid_ticket")))]
+async fn act(
+    State(state): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+    Extension(correlation): Extension<Correlation>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody<api::ActRequest>,
+) -> Result<Response, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    let raw_len = body.raw.len();
+    let request = body.value;
+    let conditions = convert::conditions(request.conditions, "conditions", 0, raw_len, limits)?;
+    let ops = convert::ops(request.ops, "ops", 1, raw_len, limits)?;
+    convert::flow(&request.flow, limits)?;
+    let ticket = match &request.ticket {
+        Some(t) => Some(state.engine.verify_ticket(t).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, api::codes::INVALID_TICKET, e.to_string()).with("field", "ticket")
+        })?),
+        None => None,
+    };
+    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    let request = WriteRequest::Act(Act { ns, ticket, conditions, ops, flow: request.flow });
+    write(&state, request, correlation, claim, "").await
+}
+
+#[utoipa::path(post, path = "/v1/ns/{ns}/txn", request_body = api::TxnRequest,
+    params(("ns" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = api::TxnResponse), (status = 409, body = api::ErrorBody, description = "an op failed"),
+        (status = 400, body = api::ErrorBody)))]
+async fn txn(
+    State(state): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+    Extension(correlation): Extension<Correlation>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody<api::TxnRequest>,
+) -> Result<Response, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    let raw_len = body.raw.len();
+    let request = body.value;
+    let compare = convert::conditions(request.compare, "if", 0, raw_len, limits)?;
+    let success = convert::ops(request.success, "then", 0, raw_len, limits)?;
+    let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
+    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    write(&state, WriteRequest::Txn(Txn { ns, compare, success, failure }), correlation, claim, "").await
+}
+
+/// Query of the audit log.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// Only events at or after this revision.
+    from_revision: Option<u64>,
+    /// Only events after this sequence number (paging cursor: `next_after_seq`).
+    after_seq: Option<u64>,
+    /// Only events with this correlation id.
+    correlation_id: Option<String>,
+    /// Only events that read or wrote this key.
+    key: Option<String>,
+    /// At most this many events (default 100, at most 10000).
+    limit: Option<usize>,
+    /// The newest matching events instead of the oldest (still oldest first).
+    newest: Option<bool>,
+}
+
+fn audit_event_wire(e: gapguard_engine::StoredAuditEvent) -> api::AuditEvent {
+    let kind = serde_json::to_value(e.event.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    api::AuditEvent {
+        seq: e.seq,
+        hash: e.hash,
+        prev: e.prev,
+        revision: e.event.revision,
+        at: convert::rfc3339(e.event.at_ms),
+        at_ms: e.event.at_ms,
+        ns: e.event.ns,
+        kind,
+        outcome: e.event.outcome,
+        reason: e.event.reason,
+        keys: e.event.keys,
+        api_key_id: e.event.api_key_id,
+        correlation_id: e.event.correlation_id,
+        flow: e.event.flow,
+        check: e.event.check.map(|c| api::AuditCheck {
+            revision: c.revision,
+            issued_at_ms: c.issued_at_ms,
+            correlation_id: c.correlation_id,
+        }),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/ns/{ns}/audit", params(("ns" = String, Path), AuditParams),
+    responses((status = 200, body = api::AuditResponse), (status = 400, body = api::ErrorBody)))]
+async fn audit(
+    State(state): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+    ApiQuery(params): ApiQuery<AuditParams>,
+) -> Result<Json<api::AuditResponse>, ApiError> {
+    let limits = state.engine.limits();
+    convert::namespace(&ns, limits)?;
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > limits.max_list_limit {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
+    }
+    let query = AuditQuery {
+        ns: Some(ns),
+        from_revision: params.from_revision.unwrap_or(0),
+        after_seq: params.after_seq.unwrap_or(0),
+        correlation_id: params.correlation_id,
+        key: params.key,
+        limit,
+        newest: params.newest.unwrap_or(false),
+    };
+    let engine = state.engine.clone();
+    let page = tokio::task::spawn_blocking(move || engine.audit(&query))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(engine_error)?;
+    let events = page.events.into_iter().map(audit_event_wire).collect();
+    Ok(Json(api::AuditResponse { events, next_after_seq: page.next_after_seq }))
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify", responses((status = 200, body = api::VerifyResponse)))]
+async fn audit_verify(State(state): State<AppState>) -> Result<Json<api::VerifyResponse>, ApiError> {
+    let engine = state.engine.clone();
+    let v = tokio::task::spawn_blocking(move || engine.verify_audit())
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(engine_error)?;
+    Ok(Json(api::VerifyResponse {
+        ok: v.ok,
+        events: v.events,
+        head: v.head,
+        broken: v.error.map(|e| api::ChainBreak { seq: e.seq, reason: e.reason }),
+    }))
+}
+
+/// The OpenAPI document of API v1.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "gapguard", description = "The guard that closes the gap between time of check and time of use."),
+    paths(healthz, put_kv, get_kv, delete_kv, list_kv, check, act, txn, audit, audit_verify)
+)]
+pub struct ApiDoc;

@@ -1,0 +1,204 @@
+//! Every limit of DESIGN §5 at the limit and one past it, and malformed input, driven through
+//! the real router over a real engine and redb file: each bad request gets its documented
+//! status and code, and changes nothing.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use gapguard_engine::{Engine, EngineConfig, SystemClock};
+use gapguard_store::EmbeddedStore;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Guard {
+    app: axum::Router,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+}
+
+fn guard() -> Guard {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let engine = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), EngineConfig::default()).unwrap();
+    Guard { app: gapguard_server::app(engine.clone()), engine, _dir: dir }
+}
+
+impl Guard {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: impl Into<Body>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let response = self.app.clone().oneshot(req.body(body.into()).unwrap()).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let json =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+        (status, json)
+    }
+
+    async fn json(&self, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call(method, uri, body.to_string(), &[]).await
+    }
+
+    fn revision(&self) -> u64 {
+        self.engine.snapshot().revision
+    }
+
+    /// Asserts a 400 `invalid_request` naming `field`, and that nothing was written.
+    async fn assert_invalid(&self, method: &str, uri: &str, body: Value, field: &str) {
+        let before = self.revision();
+        let (status, err) = self.json(method, uri, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+        assert_eq!(err["error"], "invalid_request", "{err}");
+        assert_eq!(err["field"], field, "{err}");
+        assert!(err["message"].as_str().unwrap().len() > field.len(), "{err}");
+        assert_eq!(self.revision(), before, "a refused request wrote something");
+    }
+}
+
+fn stock_conditions(n: usize) -> Value {
+    Value::Array((0..n).map(|i| json!({"exists": format!("k{i}")})).collect())
+}
+
+fn put_ops(n: usize) -> Value {
+    Value::Array((0..n).map(|i| json!({"put": {"key": format!("k{i}"), "value": i}})).collect())
+}
+
+#[tokio::test]
+async fn key_length_limit() {
+    let g = guard();
+    let at = "k".repeat(512);
+    let (status, _) = g.json("PUT", &format!("/v1/ns/n/kv/{at}"), json!({"value": 1})).await;
+    assert_eq!(status, StatusCode::OK);
+    g.assert_invalid("PUT", &format!("/v1/ns/n/kv/{at}x"), json!({"value": 1}), "key").await;
+    let ops = json!([{"put": {"key": format!("{at}x"), "value": 1}}]);
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": ops}), "ops[0].key").await;
+}
+
+#[tokio::test]
+async fn value_size_limit() {
+    let g = guard();
+    // A JSON string of n bytes including its quotes.
+    let string_of = |n: usize| Value::String("v".repeat(n - 2));
+    let (status, body) = g.json("PUT", "/v1/ns/n/kv/big", json!({"value": string_of(256 * 1024)})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    g.assert_invalid("PUT", "/v1/ns/n/kv/big", json!({"value": string_of(256 * 1024 + 1)}), "value").await;
+    let ops = json!([{"put": {"key": "k", "value": string_of(256 * 1024 + 1)}}]);
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": ops}), "ops[0].put.value").await;
+}
+
+#[tokio::test]
+async fn body_size_limit_answers_413() {
+    let g = guard();
+    let before = g.revision();
+    // 1 MiB + 1 of valid JSON: refused for its size before anything is decoded.
+    let mut body = json!({"ops": put_ops(1)}).to_string();
+    body.push_str(&" ".repeat(1024 * 1024 + 1 - body.len()));
+    let (status, err) = g.call("POST", "/v1/ns/n/act", body.clone(), &[]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert_eq!(err["error"], "payload_too_large");
+    assert_eq!(err["limit_bytes"], 1024 * 1024);
+    body.pop();
+    let (status, err) = g.call("POST", "/v1/ns/n/act", body, &[]).await;
+    assert_eq!(status, StatusCode::OK, "a body of exactly 1 MiB is allowed: {err}");
+    assert_eq!(g.revision(), before + 1);
+}
+
+#[tokio::test]
+async fn conditions_and_ops_count_limits() {
+    let g = guard();
+    let (status, body) = g.json("POST", "/v1/ns/n/act", json!({"ops": put_ops(128)})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": put_ops(129)}), "ops").await;
+    let (status, body) = g.json("POST", "/v1/ns/n/check", json!({"conditions": stock_conditions(128)})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    g.assert_invalid("POST", "/v1/ns/n/check", json!({"conditions": stock_conditions(129)}), "conditions").await;
+    let act = json!({"conditions": stock_conditions(129), "ops": put_ops(1)});
+    g.assert_invalid("POST", "/v1/ns/n/act", act, "conditions").await;
+    g.assert_invalid("POST", "/v1/ns/n/txn", json!({"if": stock_conditions(129)}), "if").await;
+    g.assert_invalid("POST", "/v1/ns/n/txn", json!({"then": put_ops(129)}), "then").await;
+    g.assert_invalid("POST", "/v1/ns/n/txn", json!({"else": put_ops(129)}), "else").await;
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": []}), "ops").await;
+    g.assert_invalid("POST", "/v1/ns/n/check", json!({"conditions": []}), "conditions").await;
+}
+
+#[tokio::test]
+async fn ticket_ttl_range() {
+    let g = guard();
+    let check = |ttl: u64| json!({"conditions": [{"absent": "x"}], "ttl_ms": ttl});
+    for ok in [1, 3_600_000] {
+        let (status, body) = g.json("POST", "/v1/ns/n/check", check(ok)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    g.assert_invalid("POST", "/v1/ns/n/check", check(0), "ttl_ms").await;
+    g.assert_invalid("POST", "/v1/ns/n/check", check(3_600_001), "ttl_ms").await;
+    g.assert_invalid("POST", "/v1/ns/n/check", json!({"conditions": [{"absent": "x"}], "ttl_ms": -5}), "ttl_ms").await;
+}
+
+#[tokio::test]
+async fn idempotency_key_length() {
+    let g = guard();
+    let at = "i".repeat(255);
+    let (status, _) =
+        g.call("PUT", "/v1/ns/n/kv/a", json!({"value": 1}).to_string(), &[("idempotency-key", &at)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = g.revision();
+    let past = "i".repeat(256);
+    let (status, err) =
+        g.call("PUT", "/v1/ns/n/kv/a", json!({"value": 1}).to_string(), &[("idempotency-key", &past)]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(err["field"], "Idempotency-Key");
+    assert_eq!(g.revision(), before);
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_input_is_named() {
+    let g = guard();
+    g.assert_invalid("PUT", "/v1/ns/n/kv/a", json!({"value": 1, "ttl": 3}), "ttl").await;
+    g.assert_invalid("POST", "/v1/ns/n/check", json!({"conditions": [{"exist": "a"}]}), "conditions[0]").await;
+    let bad_op = json!({"conditions": [{"compare": {"key": "a", "op": ">=", "value": "1"}}]});
+    g.assert_invalid("POST", "/v1/ns/n/check", bad_op, "conditions[0].compare.value").await;
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": [{"add": {"key": "a", "by": 1, "x": 1}}]}), "ops[0].add.x")
+        .await;
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ticket": 5, "ops": put_ops(1)}), "ticket").await;
+    g.assert_invalid("PUT", "/v1/ns/bad%20ns/kv/a", json!({"value": 1}), "namespace").await;
+    for raw in ["{", "not json", "", "[1,2]", "{\"value\": 1} trailing"] {
+        let (status, err) = g.call("PUT", "/v1/ns/n/kv/a", raw, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{raw:?}: {err}");
+        assert_eq!(err["error"], "invalid_request");
+    }
+    let (status, err) = g.call("GET", "/v1/ns/n/kv?limit=abc", "", &[]).await;
+    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("query")));
+    let (status, err) = g.call("GET", "/v1/ns/n/audit?colour=red", "", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("colour"), "{err}");
+    let (status, err) = g.call("GET", "/v1/nope", "", &[]).await;
+    assert_eq!((status, err["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let (status, err) = g.call("PATCH", "/v1/ns/n/kv/a", "", &[]).await;
+    assert_eq!((status, err["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    let (status, err) =
+        g.call("POST", "/v1/ns/n/act", json!({"ticket": "gt1.abc.def", "ops": put_ops(1)}).to_string(), &[]).await;
+    assert_eq!((status, err["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_ticket")));
+    assert_eq!(g.revision(), 0);
+}
+
+#[tokio::test]
+async fn keys_may_contain_slashes_and_escapes() {
+    let g = guard();
+    let (status, _) = g.json("PUT", "/v1/ns/n/kv/orders/42/line%201", json!({"value": {"qty": 2}})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, kv) = g.json("GET", "/v1/ns/n/kv/orders/42/line%201", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(kv["key"], "orders/42/line 1");
+    assert_eq!(kv["value"], json!({"qty": 2}));
+    let (_, list) = g.json("GET", "/v1/ns/n/kv?prefix=orders/", Value::Null).await;
+    assert_eq!(list["items"][0]["key"], "orders/42/line 1");
+}
