@@ -30,7 +30,7 @@ pub fn namespace(ns: &str, limits: &Limits) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A key: 1 to `max_key_bytes` bytes of UTF-8 without control characters.
+/// A key: 1 to `max_key_bytes` bytes of UTF-8 without control characters or `.`/`..` segments.
 pub fn key(key: &str, field: &str, limits: &Limits) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(ApiError::invalid(field, "key is empty"));
@@ -43,6 +43,10 @@ pub fn key(key: &str, field: &str, limits: &Limits) -> Result<(), ApiError> {
     }
     if key.chars().any(char::is_control) {
         return Err(ApiError::invalid(field, "key contains a control character"));
+    }
+    // A URL cannot address such a key: clients resolve dot segments before sending.
+    if key.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(ApiError::invalid(field, "key has a `.` or `..` segment, which no URL can address"));
     }
     Ok(())
 }

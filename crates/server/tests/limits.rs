@@ -170,6 +170,8 @@ async fn malformed_and_unknown_input_is_named() {
         .await;
     g.assert_invalid("POST", "/v1/ns/n/act", json!({"ticket": 5, "ops": put_ops(1)}), "ticket").await;
     g.assert_invalid("PUT", "/v1/ns/bad%20ns/kv/a", json!({"value": 1}), "namespace").await;
+    let dotted = json!({"ops": [{"put": {"key": "a/../b", "value": 1}}]});
+    g.assert_invalid("POST", "/v1/ns/n/act", dotted, "ops[0].key").await;
     for raw in ["{", "not json", "", "[1,2]", "{\"value\": 1} trailing"] {
         let (status, err) = g.call("PUT", "/v1/ns/n/kv/a", raw, &[]).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{raw:?}: {err}");

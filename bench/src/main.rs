@@ -1,0 +1,264 @@
+//! `gapguard-bench`: starts gapguard, etcd and Redis on loopback, drives the same workloads
+//! against each with keep-alive connections, and prints figures, ratios and targets.
+//!
+//! Exit status: 0 when every no-oversell verification passed, 1 when one failed, 2 on an
+//! error that stopped the run, 130 when interrupted. Targets not met do not change it.
+
+mod etcd;
+mod gapguard;
+mod http;
+mod procs;
+mod redis;
+mod report;
+mod resp;
+mod runner;
+mod suite;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use crate::report::Report;
+use crate::suite::{Plan, Sut};
+use crate::workload::{System, Workload};
+
+/// Side-by-side benchmark of gapguard against etcd and Redis (appendfsync always), all
+/// started by the bench on loopback in temp dirs and stopped at the end.
+#[derive(Debug, Parser)]
+#[command(name = "gapguard-bench", version)]
+struct Cli {
+    /// Seconds measured per workload, system and connection count (after the warm-up).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
+
+    /// Warm-up before each measured window, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    warmup_ms: u64,
+
+    /// Run only these workloads (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Workload>,
+
+    /// Systems to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gapguard,etcd,redis")]
+    systems: Vec<System>,
+
+    /// Also write every figure, verification and target as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+
+    /// The gapguard binary [default: target/release/gapguard in the workspace].
+    #[arg(long)]
+    gapguard: Option<PathBuf>,
+
+    /// The etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
+
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+
+    /// Where the servers' temp dirs go (data and logs; must be a real disk, not tmpfs,
+    /// for the durable figures to mean anything) [default: the system temp dir].
+    #[arg(long)]
+    tmpdir: Option<PathBuf>,
+
+    /// Stock at the start of each timed contended run; must not run out during it.
+    #[arg(long, default_value_t = 10_000_000)]
+    stock: i64,
+
+    /// Stock of the no-oversell verification runs, which go until it is exhausted.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+    verify_stock: i64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The servers are spawned on this (the main) thread, inside `run`; when a signal wins
+    // the race, `run` is dropped here and the guards it holds stop every server.
+    runtime.block_on(async {
+        tokio::select! {
+            outcome = run(&cli) => match outcome {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
+            signal = shutdown_signal() => {
+                eprintln!("interrupted ({signal}): stopping the servers");
+                ExitCode::from(130)
+            }
+        }
+    })
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, naming which.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// Starts the servers, runs the plan, prints and writes the report. `Ok(false)` when a
+/// verification failed.
+async fn run(cli: &Cli) -> Result<bool> {
+    let workloads = selected(&cli.only, &Workload::ALL);
+    let systems = selected(&cli.systems, &[System::Gapguard, System::Etcd, System::Redis]);
+    if systems.is_empty() {
+        bail!("--systems names no system");
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build of the bench; build it with --release");
+    }
+    let gapguard_bin = match systems.contains(&System::Gapguard) {
+        true => Some(gapguard_binary(cli.gapguard.as_deref())?),
+        false => None,
+    };
+    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
+
+    let mut versions = BTreeMap::new();
+    // Held until the end of this function: dropping a server stops it.
+    let mut servers = Vec::new();
+    let mut suts = Vec::new();
+    for &system in &systems {
+        let (server, sut) = match system {
+            System::Gapguard => {
+                let bin = gapguard_bin.as_deref().context("gapguard binary")?;
+                let server = procs::start_gapguard(bin, &base).await?;
+                let sut = Sut::Gapguard(gapguard::Gapguard::new(server.addr));
+                (server, sut)
+            }
+            System::Etcd => {
+                if let Some(v) = procs::version(&cli.etcd) {
+                    versions.insert("etcd", v);
+                }
+                let server = procs::start_etcd(&cli.etcd, &base).await?;
+                let sut = Sut::Etcd(etcd::Etcd::new(server.addr));
+                (server, sut)
+            }
+            System::Redis => {
+                if let Some(v) = procs::version(&cli.redis_server) {
+                    versions.insert("redis", v);
+                }
+                let server = procs::start_redis(&cli.redis_server, &base).await?;
+                let sut = Sut::Redis(redis::Redis::new(server.addr));
+                (server, sut)
+            }
+        };
+        eprintln!("{} listening on {}", system.name(), server.addr);
+        servers.push(server);
+        suts.push(sut);
+    }
+
+    let plan = Plan {
+        workloads: workloads.clone(),
+        warmup: Duration::from_millis(cli.warmup_ms),
+        measure: Duration::from_secs(cli.seconds),
+        stock: cli.stock,
+        verify_stock: cli.verify_stock,
+    };
+    let findings = suite::run(&suts, &plan).await;
+    for server in &mut servers {
+        if let Err(e) = server.check_alive() {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    eprintln!("stopping the servers");
+    drop(servers);
+
+    println!("gapguard-bench: {} s per run after {} ms warm-up", cli.seconds, cli.warmup_ms);
+    for (name, version) in &versions {
+        println!("  {name}: {version}");
+    }
+    for &workload in &workloads {
+        report::print_workload(workload, &findings.results);
+    }
+    let targets = report::targets(&findings.results);
+    report::print_targets(&targets);
+    report::print_verifications(&findings.verifications);
+    let passed = findings.verifications.iter().all(|v| v.pass);
+    if !findings.verifications.is_empty() {
+        println!();
+        println!("verification: {}", if passed { "PASS" } else { "FAIL" });
+    }
+
+    if let Some(path) = &cli.json {
+        let report = Report {
+            seconds: plan.measure.as_secs_f64(),
+            warmup_seconds: plan.warmup.as_secs_f64(),
+            versions,
+            results: &findings.results,
+            verifications: &findings.verifications,
+            targets: &targets,
+            verification_passed: passed,
+        };
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(passed)
+}
+
+/// The chosen items in canonical order, without duplicates; all of `all` when none chosen.
+fn selected<T: Copy + Ord>(chosen: &[T], all: &[T]) -> Vec<T> {
+    if chosen.is_empty() {
+        return all.to_vec();
+    }
+    let mut items = chosen.to_vec();
+    items.sort();
+    items.dedup();
+    items
+}
+
+/// The gapguard binary: `--gapguard`, else `target/release/gapguard` in the workspace (or
+/// beside this binary when it is itself a release build elsewhere).
+fn gapguard_binary(arg: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = arg {
+        if path.is_file() {
+            return Ok(path.to_owned());
+        }
+        bail!("--gapguard {}: no such file", path.display());
+    }
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir.parent().unwrap_or(manifest_dir);
+    let mut candidates = vec![workspace.join("target/release/gapguard")];
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent().filter(|d| d.ends_with("release")) {
+            candidates.push(dir.join("gapguard"));
+        }
+    }
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "no gapguard binary (looked at {}).\n  Build it with `cargo build --release -p gapguard`, \
+         pass --gapguard PATH, or leave it out with --systems etcd,redis",
+        looked.join(", ")
+    )
+}

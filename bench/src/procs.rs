@@ -1,0 +1,318 @@
+//! Starting and stopping the servers under test: free loopback ports, temp dirs, readiness
+//! probes, and guards whose `Drop` stops the child (also on error, panic or Ctrl-C).
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+/// How long a server may take to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server may take to stop politely before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server: stopped, then its temp dir removed, when dropped.
+pub struct Server {
+    /// Where its clients connect.
+    pub addr: SocketAddr,
+    // Field order matters: the child is stopped before its directory is removed.
+    child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Server {
+    /// Fails, with the tail of its log, if the server has exited since it started.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.child.check_alive("the run")
+    }
+}
+
+/// How a child is asked to stop before it is killed.
+enum Stop {
+    /// SIGTERM (etcd and gapguard shut down cleanly on it).
+    Term,
+    /// `SHUTDOWN NOSAVE` sent to the Redis at this address.
+    RedisShutdown(SocketAddr),
+}
+
+/// Owns a child process and stops it when dropped.
+struct ChildGuard {
+    name: &'static str,
+    child: Child,
+    stop: Stop,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Fails with the tail of the child's log if the child has exited.
+    fn check_alive(&mut self, during: &str) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited during {during} ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        match self.stop {
+            Stop::Term => signal(&self.child, libc::SIGTERM),
+            Stop::RedisShutdown(addr) => {
+                if redis_shutdown(addr).is_err() {
+                    signal(&self.child, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {STOP_TIMEOUT:?}: killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to `child`.
+fn signal(child: &Child, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
+        // not yet reaped (try_wait said it is running), so it cannot have been reused.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Sends `SHUTDOWN NOSAVE` to Redis, blocking (this runs in `Drop`).
+fn redis_shutdown(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+}
+
+/// Spawns `cmd` in its own process group (so a terminal's Ctrl-C reaches only the bench,
+/// which then stops its children in order) and arranges for the kernel to kill the child
+/// if the bench itself dies without cleaning up.
+fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let parent = std::process::id();
+    cmd.stdin(Stdio::null()).process_group(0);
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // calls (prctl, getppid, _exit). PR_SET_PDEATHSIG fires when the *thread* that forked
+    // exits: the bench spawns servers from its main thread, which lives until exit.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then nobody would stop us.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Reserves `N` distinct free loopback ports: binds them all at once, then releases them.
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("reserving a free port")?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+fn temp_dir(base: &Path, name: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("gapguard-bench-{name}-"))
+        .tempdir_in(base)
+        .with_context(|| format!("creating a temp dir in {}", base.display()))
+}
+
+/// Opens `path` for appending (created if missing), for a child's stdout and stderr.
+fn append(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// The last few lines of a log file, for error messages.
+fn tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(2000)));
+        let _ = file.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// Polls `probe` until it succeeds, the child exits, or [`START_TIMEOUT`] passes.
+async fn wait_ready<F, Fut>(server: &mut Server, probe: F) -> Result<()>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        server.child.check_alive("start-up")?;
+        let last = match tokio::time::timeout(Duration::from_secs(2), probe(server.addr)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "probe timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "{} at {} not ready after {START_TIMEOUT:?} ({last}); last lines of {}:\n{}",
+                server.child.name,
+                server.addr,
+                server.child.log.display(),
+                tail(&server.child.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `gapguard serve --data <tempdir>/data --listen 127.0.0.1:0` and reads the bound
+/// address from the first line of its stdout.
+pub async fn start_gapguard(bin: &Path, base: &Path) -> Result<Server> {
+    let dir = temp_dir(base, "gapguard")?;
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data)?;
+    let log = dir.path().join("gapguard.log");
+    let stderr = append(&log)?;
+    let mut child = spawn(
+        Command::new(bin)
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(stderr),
+    )
+    .with_context(|| format!("starting {}", bin.display()))?;
+
+    // A thread hands over the first stdout line, then appends the rest to the log so
+    // that the child never blocks on a full pipe.
+    let stdout = child.stdout.take().context("gapguard stdout")?;
+    let mut rest = append(&log)?;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        let read = reader.read_line(&mut first);
+        let _ = first_tx.send(read.map(|_| first));
+        let _ = std::io::copy(&mut reader, &mut rest);
+    });
+
+    let mut guard = ChildGuard { name: "gapguard", child, stop: Stop::Term, log };
+    let first = match tokio::time::timeout(START_TIMEOUT, first_rx).await {
+        Ok(Ok(Ok(line))) => line,
+        _ => {
+            guard.check_alive("start-up")?;
+            bail!("gapguard printed no `listening on` line within {START_TIMEOUT:?}");
+        }
+    };
+    let addr = match first.trim().strip_prefix("listening on ") {
+        Some(addr) => addr.parse().with_context(|| format!("bad address in {first:?}"))?,
+        None => {
+            guard.check_alive("start-up")?;
+            bail!("gapguard's first line was {first:?}, not `listening on 127.0.0.1:PORT`");
+        }
+    };
+    let mut server = Server { addr, child: guard, _dir: dir };
+    wait_ready(&mut server, crate::gapguard::Gapguard::probe).await?;
+    Ok(server)
+}
+
+/// Starts a single-node etcd on three free loopback ports.
+pub async fn start_etcd(bin: &Path, base: &Path) -> Result<Server> {
+    let dir = temp_dir(base, "etcd")?;
+    let [client, peer, metrics] = free_ports()?;
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let log = dir.path().join("etcd.log");
+    let out = append(&log)?;
+    let child = spawn(
+        Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bench={peer_url}")])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics}")])
+            .args(["--logger=zap", "--log-outputs=stderr"])
+            .stdout(out.try_clone()?)
+            .stderr(out),
+    )
+    .with_context(|| format!("starting {} (install it with `apt-get install -y etcd-server`)", bin.display()))?;
+    let mut server = Server {
+        addr: SocketAddr::from(([127, 0, 0, 1], client)),
+        child: ChildGuard { name: "etcd", child, stop: Stop::Term, log },
+        _dir: dir,
+    };
+    wait_ready(&mut server, crate::etcd::Etcd::probe).await?;
+    Ok(server)
+}
+
+/// Starts Redis with a durable append-only file (`appendfsync always`) and no snapshots.
+pub async fn start_redis(bin: &Path, base: &Path) -> Result<Server> {
+    let dir = temp_dir(base, "redis")?;
+    let [port] = free_ports()?;
+    let log = dir.path().join("redis.log");
+    // Redis appends to its log file too: start-up errors and its own log share the file.
+    let out = append(&log)?;
+    let child = spawn(
+        Command::new(bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
+            .arg(dir.path())
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--save", "", "--daemonize", "no", "--logfile"])
+            .arg(&log)
+            .stdout(out.try_clone()?)
+            .stderr(out),
+    )
+    .with_context(|| format!("starting {} (install it with `apt-get install -y redis-server`)", bin.display()))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut server =
+        Server { addr, child: ChildGuard { name: "redis", child, stop: Stop::RedisShutdown(addr), log }, _dir: dir };
+    wait_ready(&mut server, crate::redis::Redis::probe).await?;
+    Ok(server)
+}
+
+/// The first line `bin --version` prints, if it runs.
+pub fn version(bin: &Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|line| line.trim().to_owned())
+}

@@ -1,0 +1,474 @@
+//! The `gapguard` binary: the command line (clap) and the glue that runs each command; the
+//! commands live in their modules, the logic in the library crates.
+//!
+//! `gapguard serve` runs the server; every other command is a client of a running server
+//! (`--url`, env `GAPGUARD_URL`), prints JSON on stdout and a person-readable error on stderr,
+//! and exits with a code scripts can use (see [`failure`]: 0 ok, 1 cannot reach the server,
+//! 2 usage or invalid request, 3 not found, 4 refused, 5 forbidden, 6 unavailable, 7 audit
+//! chain broken).
+
+mod audit;
+mod failure;
+mod guard;
+mod info;
+mod kv;
+mod output;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gapguard_api::{Condition, Op};
+use gapguard_client::Client;
+
+use crate::output::Printer;
+
+/// Where client commands look for the server unless told otherwise.
+const DEFAULT_URL: &str = "http://127.0.0.1:7700";
+
+/// gapguard: the guard that closes the gap between time of check and time of use.
+#[derive(Debug, Parser)]
+#[command(name = "gapguard", version, after_long_help = failure::EXIT_CODES_HELP)]
+struct Cli {
+    /// Base URL of the gapguard server (client commands).
+    #[arg(long, global = true, env = "GAPGUARD_URL", default_value = DEFAULT_URL, value_name = "URL")]
+    url: String,
+    /// Print JSON on one line instead of pretty-printed.
+    #[arg(long, global = true)]
+    compact: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (prints `listening on ADDR` as the first line of stdout).
+    Serve(ServeArgs),
+    /// Read and write keys.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Evaluate conditions; if they hold, print a ticket for a later `act`.
+    Check(CheckArgs),
+    /// Apply ops if a ticket's conditions (and the act's own) still hold, atomically.
+    Act(ActArgs),
+    /// etcd-style transaction: if every condition holds run `--then`, else `--else`.
+    Txn(TxnArgs),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Ask the server whether it is healthy (exit 6 when its store is failing).
+    Health(ReadArgs),
+    /// Print the server's OpenAPI document.
+    Openapi(ReadArgs),
+}
+
+/// `gapguard serve`.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Directory of the embedded store [default: ./gapguard-data, or the config's `data`].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:7700, or the config's `listen`].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// TOML config file (flags override its `data` and `listen`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Headers of a request that only reads.
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// `X-Correlation-Id` of the request (ties it to your logs; stored in the audit log).
+    #[arg(long, value_name = "ID")]
+    correlation_id: Option<String>,
+}
+
+/// Headers of a request that writes.
+#[derive(Debug, Args)]
+struct WriteArgs {
+    /// `Idempotency-Key`: a retry with the same key gets the first answer instead of a second effect.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// `X-Correlation-Id` of the request (ties it to your logs; stored in the audit log).
+    #[arg(long, value_name = "ID")]
+    correlation_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvCommand {
+    /// Print a key's record (exit 3 if absent).
+    Get {
+        /// Namespace.
+        ns: String,
+        /// Key (may contain `/`).
+        key: String,
+        #[command(flatten)]
+        request: ReadArgs,
+    },
+    /// Set a key to a JSON value.
+    Put {
+        /// Namespace.
+        ns: String,
+        /// Key (may contain `/`).
+        key: String,
+        /// The value as JSON (`3`, `-1`, `'"text"'`, `'{"a":1}'`), or `-` to read it from stdin.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Store VALUE as a JSON string as it is, instead of parsing it as JSON.
+        #[arg(long)]
+        string: bool,
+        #[command(flatten)]
+        request: WriteArgs,
+    },
+    /// Delete a key (exit 3 if absent).
+    Delete {
+        /// Namespace.
+        ns: String,
+        /// Key (may contain `/`).
+        key: String,
+        #[command(flatten)]
+        request: WriteArgs,
+    },
+    /// List live keys in key order.
+    List {
+        /// Namespace.
+        ns: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many keys [default: the server's].
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        request: ReadArgs,
+    },
+}
+
+/// `gapguard check`.
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Namespace.
+    ns: String,
+    /// A condition, e.g. '{"compare": {"key": "stock/a", "op": ">=", "value": 1}}' (repeatable).
+    #[arg(long = "if", value_name = "COND_JSON", required = true, value_parser = parse_condition)]
+    conditions: Vec<Condition>,
+    /// Ticket lifetime in ms [default: the server's, 30000].
+    #[arg(long, value_name = "N")]
+    ttl_ms: Option<u64>,
+    /// The flow this check belongs to (labels metrics).
+    #[arg(long, value_name = "F")]
+    flow: Option<String>,
+    /// Print only the ticket, as plain text (for `T=$(gapguard check … --ticket-only)`).
+    #[arg(long)]
+    ticket_only: bool,
+    #[command(flatten)]
+    request: WriteArgs,
+}
+
+/// `gapguard act`.
+#[derive(Debug, Args)]
+struct ActArgs {
+    /// Namespace.
+    ns: String,
+    /// The ticket of an earlier check, or `-` to read it from stdin.
+    #[arg(long, value_name = "T")]
+    ticket: Option<String>,
+    /// A condition of the act itself (repeatable).
+    #[arg(long = "if", value_name = "COND_JSON", value_parser = parse_condition)]
+    conditions: Vec<Condition>,
+    /// An op, e.g. '{"add": {"key": "stock/a", "by": -1}}' (repeatable; applied all or nothing).
+    #[arg(long = "op", value_name = "OP_JSON", required = true, value_parser = parse_op)]
+    ops: Vec<Op>,
+    /// The flow [default: the ticket's].
+    #[arg(long, value_name = "F")]
+    flow: Option<String>,
+    #[command(flatten)]
+    request: WriteArgs,
+}
+
+/// `gapguard txn`.
+#[derive(Debug, Args)]
+struct TxnArgs {
+    /// Namespace.
+    ns: String,
+    /// A condition (repeatable); all must hold for `--then` to run.
+    #[arg(long = "if", value_name = "COND_JSON", value_parser = parse_condition)]
+    conditions: Vec<Condition>,
+    /// An op to apply when every condition holds (repeatable).
+    #[arg(long = "then", value_name = "OP_JSON", value_parser = parse_op)]
+    then_ops: Vec<Op>,
+    /// An op to apply otherwise (repeatable). A false `--if` is not an error: exit 0, `succeeded: false`.
+    #[arg(long = "else", value_name = "OP_JSON", value_parser = parse_op)]
+    else_ops: Vec<Op>,
+    #[command(flatten)]
+    request: WriteArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print a namespace's newest audit events, oldest first, one JSON document each.
+    Tail(TailArgs),
+    /// Verify the audit log's hash chain (exit 7 if it is broken).
+    Verify(ReadArgs),
+}
+
+/// `gapguard audit tail`.
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// Namespace.
+    ns: String,
+    /// How many of the newest events to print first.
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 20)]
+    lines: usize,
+    /// Keep printing new events as they are written (polls every 500 ms) until Ctrl-C.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Only events of requests with this correlation id.
+    #[arg(long, value_name = "ID")]
+    correlation_id: Option<String>,
+    /// Only events that read or wrote this key.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+}
+
+fn parse_condition(text: &str) -> Result<Condition, String> {
+    serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not a condition ({e}); e.g. '{{\"exists\": \"orders/42\"}}' or \
+             '{{\"compare\": {{\"key\": \"stock/a\", \"op\": \">=\", \"value\": 1}}}}'"
+        )
+    })
+}
+
+fn parse_op(text: &str) -> Result<Op, String> {
+    serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not an op ({e}); e.g. '{{\"put\": {{\"key\": \"k\", \"value\": 1}}}}' or \
+             '{{\"add\": {{\"key\": \"stock/a\", \"by\": -1}}}}'"
+        )
+    })
+}
+
+/// What a client command needs.
+struct Ctx {
+    client: Client,
+    out: Printer,
+}
+
+impl Ctx {
+    /// A client of `--url` that sends `correlation_id` (if any) on every request.
+    fn new(cli: &Cli, correlation_id: Option<&str>) -> anyhow::Result<Self> {
+        Ok(Self { client: info::client(&cli.url, correlation_id)?, out: Printer { compact: cli.compact } })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(()) => ExitCode::from(failure::OK),
+        Err(e) if failure::is_broken_pipe(&e) => ExitCode::from(failure::OK),
+        Err(e) => {
+            eprintln!("{}", failure::report(&e, &cli.url));
+            ExitCode::from(failure::exit_code(&e))
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Kv(command) => {
+            let correlation_id = match command {
+                KvCommand::Get { request, .. } | KvCommand::List { request, .. } => request.correlation_id.as_deref(),
+                KvCommand::Put { request, .. } | KvCommand::Delete { request, .. } => request.correlation_id.as_deref(),
+            };
+            kv::run(&Ctx::new(cli, correlation_id)?, command).await
+        }
+        Command::Check(args) => guard::check(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
+        Command::Act(args) => guard::act(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
+        Command::Txn(args) => guard::txn(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
+        Command::Audit(AuditCommand::Tail(args)) => audit::tail(&Ctx::new(cli, None)?, args).await,
+        Command::Audit(AuditCommand::Verify(args)) => {
+            audit::verify(&Ctx::new(cli, args.correlation_id.as_deref())?).await
+        }
+        Command::Health(args) => info::health(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
+        Command::Openapi(args) => info::openapi(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+    use gapguard_api::{AddOp, CompareCondition, CompareOp};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gapguard").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_takes_optional_data_listen_and_config() {
+        let cli = parse(&["serve", "--data", "/tmp/d", "--listen", "127.0.0.1:0", "--config", "g.toml"]).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.data, Some(PathBuf::from("/tmp/d")));
+        assert_eq!(args.listen, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(args.config, Some(PathBuf::from("g.toml")));
+        let Command::Serve(args) = parse(&["serve"]).unwrap().command else { panic!("not serve") };
+        assert!(args.data.is_none() && args.listen.is_none() && args.config.is_none());
+        assert_eq!(parse(&["serve", "--listen", "nowhere"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_subcommand() {
+        let cli = parse(&["--url", "http://h:1", "kv", "get", "ns", "a/b", "--compact"]).unwrap();
+        assert_eq!(cli.url, "http://h:1");
+        assert!(cli.compact);
+        let Command::Kv(KvCommand::Get { ns, key, .. }) = cli.command else { panic!("not kv get") };
+        assert_eq!((ns.as_str(), key.as_str()), ("ns", "a/b"));
+    }
+
+    #[test]
+    fn kv_put_takes_raw_value_text_and_write_headers() {
+        let cli = parse(&[
+            "kv",
+            "put",
+            "ns",
+            "k",
+            "hello world",
+            "--string",
+            "--idempotency-key",
+            "i1",
+            "--correlation-id",
+            "c1",
+        ])
+        .unwrap();
+        let Command::Kv(KvCommand::Put { value, string, request, .. }) = cli.command else { panic!("not kv put") };
+        assert_eq!(value, "hello world");
+        assert!(string);
+        assert_eq!(request.idempotency_key.as_deref(), Some("i1"));
+        assert_eq!(request.correlation_id.as_deref(), Some("c1"));
+        // A negative number is a value, not a flag.
+        let cli = parse(&["kv", "put", "ns", "k", "-1"]).unwrap();
+        let Command::Kv(KvCommand::Put { value, .. }) = cli.command else { panic!("not kv put") };
+        assert_eq!(value, "-1");
+    }
+
+    #[test]
+    fn kv_list_defaults_to_every_key() {
+        let Command::Kv(KvCommand::List { prefix, limit, .. }) = parse(&["kv", "list", "ns"]).unwrap().command else {
+            panic!("not kv list")
+        };
+        assert_eq!((prefix.as_str(), limit), ("", None));
+        let cli = parse(&["kv", "list", "ns", "--prefix", "orders/", "--limit", "5"]).unwrap();
+        let Command::Kv(KvCommand::List { prefix, limit, .. }) = cli.command else { panic!("not kv list") };
+        assert_eq!((prefix.as_str(), limit), ("orders/", Some(5)));
+    }
+
+    #[test]
+    fn check_parses_repeated_conditions_as_json() {
+        let cli = parse(&[
+            "check",
+            "shop",
+            "--if",
+            r#"{"exists": "orders/42"}"#,
+            "--if",
+            r#"{"compare": {"key": "stock/a", "op": ">=", "value": 1}}"#,
+            "--ttl-ms",
+            "500",
+            "--flow",
+            "checkout",
+            "--ticket-only",
+        ])
+        .unwrap();
+        let Command::Check(args) = cli.command else { panic!("not check") };
+        assert_eq!(
+            args.conditions,
+            [
+                Condition::Exists("orders/42".into()),
+                Condition::Compare(CompareCondition { key: "stock/a".into(), op: CompareOp::Ge, value: 1.into() }),
+            ]
+        );
+        assert_eq!((args.ttl_ms, args.flow.as_deref(), args.ticket_only), (Some(500), Some("checkout"), true));
+    }
+
+    #[test]
+    fn a_malformed_condition_is_a_usage_error_that_says_why() {
+        let err = parse(&["check", "shop", "--if", r#"{"exits": "k"}"#]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("unknown variant `exits`"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(parse(&["check", "shop"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn act_needs_an_op_and_takes_ticket_and_conditions() {
+        let cli = parse(&[
+            "act",
+            "shop",
+            "--ticket",
+            "T1",
+            "--if",
+            r#"{"absent": "orders/42"}"#,
+            "--op",
+            r#"{"add": {"key": "stock/a", "by": -1}}"#,
+            "--idempotency-key",
+            "order-42",
+        ])
+        .unwrap();
+        let Command::Act(args) = cli.command else { panic!("not act") };
+        assert_eq!(args.ticket.as_deref(), Some("T1"));
+        assert_eq!(args.conditions, [Condition::Absent("orders/42".into())]);
+        assert_eq!(args.ops, [Op::Add(AddOp { key: "stock/a".into(), by: (-1).into() })]);
+        assert_eq!(args.request.idempotency_key.as_deref(), Some("order-42"));
+        assert_eq!(parse(&["act", "shop", "--ticket", "T"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+        assert_eq!(parse(&["act", "shop", "--op", r#"{"add": {}}"#]).unwrap_err().kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn txn_takes_if_then_else() {
+        let cli = parse(&[
+            "txn",
+            "ns",
+            "--if",
+            r#"{"version": {"key": "k", "is": 0}}"#,
+            "--then",
+            r#"{"put": {"key": "k", "value": 1}}"#,
+            "--else",
+            r#"{"delete": {"key": "k"}}"#,
+            "--else",
+            r#"{"put": {"key": "j", "value": null}}"#,
+        ])
+        .unwrap();
+        let Command::Txn(args) = cli.command else { panic!("not txn") };
+        assert_eq!((args.conditions.len(), args.then_ops.len(), args.else_ops.len()), (1, 1, 2));
+    }
+
+    #[test]
+    fn audit_tail_takes_count_follow_and_filters() {
+        let cli = parse(&["audit", "tail", "ns", "-n", "5", "-f", "--correlation-id", "c", "--key", "k"]).unwrap();
+        let Command::Audit(AuditCommand::Tail(args)) = cli.command else { panic!("not audit tail") };
+        assert_eq!((args.lines, args.follow), (5, true));
+        assert_eq!((args.correlation_id.as_deref(), args.key.as_deref()), (Some("c"), Some("k")));
+        let Command::Audit(AuditCommand::Tail(args)) = parse(&["audit", "tail", "ns"]).unwrap().command else {
+            panic!("not audit tail")
+        };
+        assert_eq!((args.lines, args.follow), (20, false));
+        assert!(matches!(parse(&["audit", "verify"]).unwrap().command, Command::Audit(AuditCommand::Verify(_))));
+    }
+
+    #[test]
+    fn the_long_help_documents_the_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:") && help.contains("4  refused"), "{help}");
+    }
+}

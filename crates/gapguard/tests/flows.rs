@@ -1,0 +1,230 @@
+//! Black-box tests of the guard's flows over HTTP, against the real binary: the ticket flow and
+//! each way an act is refused, txn branches, idempotency, listing, audit and its verification.
+
+mod support;
+
+use serde_json::json;
+use support::{Http, Server};
+
+#[tokio::test]
+async fn check_then_act_commits_and_reports_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    assert_eq!(http.put("/v1/ns/shop/kv/stock/sku-1", json!({"value": 3})).await.status, 200);
+    let check = http
+        .post("/v1/ns/shop/check", json!({"conditions": [{"compare": {"key": "stock/sku-1", "op": ">=", "value": 1}}]}))
+        .await;
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    assert_eq!(check.body["revision"], 1);
+    let ticket = check.body["ticket"].as_str().unwrap();
+    let act = http
+        .post("/v1/ns/shop/act", json!({"ticket": ticket, "ops": [{"add": {"key": "stock/sku-1", "by": -1}}]}))
+        .await;
+    assert_eq!(act.status, 200, "{:?}", act.body);
+    assert_eq!(act.body["revision"], 2);
+    assert_eq!(act.body["results"][0], json!({"op": "add", "key": "stock/sku-1", "value": 2, "version": 2}));
+    assert!(act.body["check_to_use_ms"].as_u64().is_some());
+    let reused = http
+        .post("/v1/ns/shop/act", json!({"ticket": ticket, "ops": [{"add": {"key": "stock/sku-1", "by": -1}}]}))
+        .await;
+    assert_eq!((reused.status, reused.body["error"].as_str()), (409, Some("ticket_used")));
+    assert_eq!(http.get("/v1/ns/shop/kv/stock/sku-1").await.body["value"], 2);
+}
+
+#[tokio::test]
+async fn an_act_is_refused_when_a_checked_key_changed_naming_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    http.put("/v1/ns/shop/kv/flags/checkout", json!({"value": true})).await;
+    let check = http
+        .post("/v1/ns/shop/check", json!({"conditions": [{"equals": {"key": "flags/checkout", "value": true}}]}))
+        .await;
+    let ticket = check.body["ticket"].as_str().unwrap().to_owned();
+    let change = http
+        .send(
+            "PUT",
+            "/v1/ns/shop/kv/flags/checkout",
+            Some(&json!({"value": false})),
+            &[("x-correlation-id", "ops-toggle-7")],
+        )
+        .await;
+    assert_eq!(change.status, 200);
+    let act = http
+        .post("/v1/ns/shop/act", json!({"ticket": ticket, "ops": [{"put": {"key": "orders/1", "value": "placed"}}]}))
+        .await;
+    assert_eq!(act.status, 409, "{:?}", act.body);
+    assert_eq!(act.body["error"], "stale_check");
+    let changed = &act.body["changed"][0];
+    assert_eq!(changed["index"], 0);
+    assert_eq!(changed["condition"], json!({"equals": {"key": "flags/checkout", "value": true}}));
+    assert_eq!(changed["actual"], false);
+    assert_eq!(changed["changed_at_revision"], change.body["revision"]);
+    assert_eq!(changed["changed_by"], "ops-toggle-7");
+    assert!(act.body["message"].as_str().unwrap().contains("ops-toggle-7"));
+    assert_eq!(http.get("/v1/ns/shop/kv/orders/1").await.status, 404, "the refused act wrote nothing");
+}
+
+#[tokio::test]
+async fn expired_tampered_and_foreign_tickets_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let ops = json!([{"put": {"key": "x", "value": 1}}]);
+    let short = http.post("/v1/ns/a/check", json!({"conditions": [{"absent": "x"}], "ttl_ms": 1})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let expired = http.post("/v1/ns/a/act", json!({"ticket": short.body["ticket"], "ops": ops})).await;
+    assert_eq!((expired.status, expired.body["error"].as_str()), (410, Some("ticket_expired")), "{:?}", expired.body);
+
+    let good = http.post("/v1/ns/a/check", json!({"conditions": [{"absent": "x"}]})).await;
+    let ticket = good.body["ticket"].as_str().unwrap();
+    // Flip one character of the claims part.
+    let mut tampered = ticket.to_owned().into_bytes();
+    tampered[10] = if tampered[10] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let refused = http.post("/v1/ns/a/act", json!({"ticket": tampered, "ops": ops})).await;
+    assert_eq!((refused.status, refused.body["error"].as_str()), (400, Some("invalid_ticket")));
+    let foreign = http.post("/v1/ns/b/act", json!({"ticket": ticket, "ops": ops})).await;
+    assert_eq!((foreign.status, foreign.body["error"].as_str()), (400, Some("invalid_ticket")));
+    assert!(foreign.body["message"].as_str().unwrap().contains("\"a\""));
+    assert_eq!(http.get("/v1/ns/b/kv/x").await.status, 404);
+    // The genuine ticket still works in its own namespace.
+    assert_eq!(http.post("/v1/ns/a/act", json!({"ticket": ticket, "ops": ops})).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_failing_check_answers_412_with_what_was_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    http.put("/v1/ns/q/kv/stock", json!({"value": "seven"})).await;
+    let r = http
+        .post(
+            "/v1/ns/q/check",
+            json!({"conditions": [{"exists": "stock"}, {"compare": {"key": "stock", "op": ">=", "value": 1}}]}),
+        )
+        .await;
+    assert_eq!((r.status, r.body["error"].as_str()), (412, Some("check_failed")));
+    let failed = r.body["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["index"], 1);
+    assert_eq!(failed[0]["actual"], "seven");
+    assert!(failed[0]["reason"].as_str().unwrap().contains("not a number"));
+}
+
+#[tokio::test]
+async fn txn_runs_its_else_branch_when_the_condition_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    http.put("/v1/ns/t/kv/acct/7", json!({"value": {"balance": 10}})).await;
+    let txn = json!({
+        "if": [{"version": {"key": "acct/7", "is": 5}}],
+        "then": [{"put": {"key": "acct/7", "value": {"balance": 0}}}],
+        "else": [{"put": {"key": "conflicts/acct-7", "value": true}}]
+    });
+    let r = http.post("/v1/ns/t/txn", txn).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["succeeded"], false);
+    assert_eq!(r.body["revision"], 2);
+    assert_eq!(http.get("/v1/ns/t/kv/conflicts/acct-7").await.body["value"], true);
+    assert_eq!(http.get("/v1/ns/t/kv/acct/7").await.body["value"], json!({"balance": 10}));
+    let then = json!({"if": [{"version": {"key": "acct/7", "is": 1}}], "then": [{"delete": {"key": "acct/7"}}]});
+    let r = http.post("/v1/ns/t/txn", then).await;
+    assert_eq!((r.body["succeeded"].as_bool(), r.body["revision"].as_u64()), (Some(true), Some(3)));
+    assert_eq!(http.get("/v1/ns/t/kv/acct/7").await.status, 404);
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_and_refuses_a_different_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let charge = json!({"ops": [{"add": {"key": "charged/cust-1", "by": 25}}]});
+    let key = [("idempotency-key", "charge-8431")];
+    let first = http.send("POST", "/v1/ns/pay/act", Some(&charge), &key).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let replay = http.send("POST", "/v1/ns/pay/act", Some(&charge), &key).await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.body, first.body);
+    let other = json!({"ops": [{"add": {"key": "charged/cust-1", "by": 99}}]});
+    let conflict = http.send("POST", "/v1/ns/pay/act", Some(&other), &key).await;
+    assert_eq!((conflict.status, conflict.body["error"].as_str()), (422, Some("idempotency_key_reused")));
+    assert_eq!(http.get("/v1/ns/pay/kv/charged/cust-1").await.body["value"], 25, "charged once");
+}
+
+#[tokio::test]
+async fn prefix_listing_is_ordered_bounded_and_namespaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    for k in ["orders/3", "orders/1", "orders/2", "ordersx", "users/1"] {
+        http.put(&format!("/v1/ns/l/kv/{k}"), json!({"value": k})).await;
+    }
+    http.put("/v1/ns/other/kv/orders/9", json!({"value": 9})).await;
+    http.send("DELETE", "/v1/ns/l/kv/orders/2", None, &[]).await;
+    let r = http.get("/v1/ns/l/kv?prefix=orders/").await;
+    let keys: Vec<_> =
+        r.body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(keys, ["orders/1", "orders/3"]);
+    assert_eq!(r.body["revision"], 7);
+    let r = http.get("/v1/ns/l/kv?prefix=orders&limit=2").await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn audit_finds_events_by_correlation_id_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let check = http
+        .send("POST", "/v1/ns/au/check", Some(&json!({"conditions": [{"absent": "job/1"}]})), &[("traceparent", tp)])
+        .await;
+    assert_eq!(check.header("traceparent"), Some(tp));
+    assert_eq!(check.header("x-correlation-id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    let act = http
+        .send(
+            "POST",
+            "/v1/ns/au/act",
+            Some(&json!({"ticket": check.body["ticket"], "ops": [{"put": {"key": "job/1", "value": "run"}}]})),
+            &[("x-correlation-id", "worker-42")],
+        )
+        .await;
+    assert_eq!(act.status, 200);
+    assert_eq!(act.header("x-correlation-id"), Some("worker-42"));
+    http.send("PUT", "/v1/ns/au/kv/unrelated", Some(&json!({"value": 1})), &[("x-correlation-id", "noise")]).await;
+    let r = http.get("/v1/ns/au/audit?correlation_id=worker-42").await;
+    let events = r.body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{:?}", r.body);
+    assert_eq!(events[0]["kind"], "act");
+    assert_eq!(events[0]["outcome"], "committed");
+    assert_eq!(events[0]["keys"], json!(["job/1"]));
+    assert_eq!(events[0]["check"]["correlation_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(events[0]["check"]["revision"], 0);
+    let by_key = http.get("/v1/ns/au/audit?key=unrelated").await;
+    assert_eq!(by_key.body["events"].as_array().unwrap().len(), 1);
+    let v = http.get("/v1/audit/verify").await;
+    assert_eq!(v.status, 200);
+    assert_eq!(v.body["ok"], true);
+    assert_eq!(v.body["events"], 2);
+    assert_eq!(v.body["head"], by_key.body["events"][0]["hash"]);
+}
+
+#[tokio::test]
+async fn health_and_openapi_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let h = http.get("/healthz").await;
+    assert_eq!((h.status, h.body["status"].as_str()), (200, Some("ok")));
+    let doc = http.get("/v1/openapi.json").await;
+    assert_eq!(doc.status, 200);
+    for path in ["/v1/ns/{ns}/check", "/v1/ns/{ns}/act", "/v1/ns/{ns}/txn", "/v1/ns/{ns}/kv/{key}", "/v1/audit/verify"]
+    {
+        assert!(doc.body["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+}

@@ -1,0 +1,145 @@
+//! Test support: start the real `gapguard` binary on a free loopback port, talk HTTP to it,
+//! kill it (gracefully or with SIGKILL) and restart it on the same data directory.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A running `gapguard serve`.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary on `data` and waits for its `listening on` line.
+    pub fn start(data: &Path) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// Starts it with extra arguments after `serve`.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the gapguard binary");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).expect("read the first stdout line");
+        let addr = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
+            .to_owned();
+        Self { child, url: format!("http://{addr}"), data: data.to_owned() }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// Kills the server hard and starts it again on the same data directory.
+    pub fn crash_and_restart(self) -> Self {
+        let data = self.data.clone();
+        self.kill9();
+        Self::start(&data)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as a test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Minimal HTTP helper for black-box tests that need to see statuses and headers exactly.
+pub struct Http {
+    client: reqwest::Client,
+    base: String,
+    /// Report a failed connection as status 0 instead of panicking (crash tests).
+    tolerant: bool,
+}
+
+impl Http {
+    pub fn new(server: &Server) -> Self {
+        Self { client: reqwest::Client::new(), base: server.url.clone(), tolerant: false }
+    }
+
+    /// Connection failures become `status: 0` replies.
+    pub fn tolerant(mut self) -> Self {
+        self.tolerant = true;
+        self
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body.to_string());
+        }
+        let failed = || Reply { status: 0, headers: Default::default(), body: Value::Null };
+        let response = match req.send().await {
+            Ok(r) => r,
+            Err(e) if self.tolerant => {
+                let _ = e;
+                return failed();
+            }
+            Err(e) => panic!("request to {path} failed: {e}"),
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = match response.bytes().await {
+            Ok(b) => b,
+            Err(_) if self.tolerant => return failed(),
+            Err(e) => panic!("reading the body of {path} failed: {e}"),
+        };
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply { status, headers, body }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send("GET", path, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send("POST", path, Some(&body), &[]).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send("PUT", path, Some(&body), &[]).await
+    }
+}
