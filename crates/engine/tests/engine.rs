@@ -16,6 +16,8 @@ struct Instrumented {
     inner: EmbeddedStore,
     commits: AtomicUsize,
     fail: AtomicBool,
+    /// While true, commits wait (a slow disk), so requests stay in flight.
+    stall: AtomicBool,
 }
 
 impl Storage for Instrumented {
@@ -23,6 +25,9 @@ impl Storage for Instrumented {
         self.inner.recover()
     }
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        while self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Engine("injected fsync failure".into()));
         }
@@ -42,6 +47,7 @@ fn open(dir: &std::path::Path, clock: Arc<ManualClock>) -> (Engine, Arc<Instrume
         inner: EmbeddedStore::open(dir).unwrap(),
         commits: AtomicUsize::new(0),
         fail: AtomicBool::new(false),
+        stall: AtomicBool::new(false),
     });
     let config = EngineConfig { prune_interval: Duration::from_millis(20), ..EngineConfig::default() };
     (Engine::open(store.clone(), clock, config).unwrap(), store)
@@ -228,4 +234,29 @@ async fn a_failed_commit_publishes_nothing_and_stops_the_writer() {
     let (engine, _) = open(dir.path(), Arc::new(ManualClock::new(1)));
     assert_eq!(engine.get("ns", "a").0.unwrap().value, json!(1));
     assert!(engine.verify_audit().unwrap().ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_while_the_first_is_in_flight_is_refused_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, store) = open(dir.path(), Arc::new(ManualClock::new(1)));
+    let claim = IdempotencyClaim {
+        key: IdempotencyKey { ns: "ns".into(), scope: String::new(), key: "order-1".into() },
+        fingerprint: [5; 32],
+    };
+    store.stall.store(true, Ordering::SeqCst);
+    let first = {
+        let (engine, claim) = (engine.clone(), claim.clone());
+        tokio::spawn(async move { engine.write(put("order", json!(1)), ctx("first"), Some(claim)).await })
+    };
+    // Wait until the first request is queued in the writer.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = engine.write(put("order", json!(1)), ctx("second"), Some(claim.clone())).await;
+    assert!(matches!(second, Err(EngineError::IdempotencyInProgress)), "{second:?}");
+    store.stall.store(false, Ordering::SeqCst);
+    let first = first.await.unwrap().unwrap();
+    assert!(!first.replayed);
+    let third = engine.write(put("order", json!(1)), ctx("third"), Some(claim)).await.unwrap();
+    assert!(third.replayed);
+    assert_eq!(engine.get("ns", "order").0.unwrap().version, 1, "the put ran once");
 }
