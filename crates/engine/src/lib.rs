@@ -161,7 +161,7 @@ impl Engine {
             Some(key) => key.clone(),
             None => {
                 let key: [u8; 32] = rand::random();
-                store.commit(&Batch {
+                store.commit(Batch {
                     revision: recovered.revision,
                     ticket_key: Some(key.to_vec()),
                     ..Batch::default()

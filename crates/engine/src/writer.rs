@@ -222,7 +222,7 @@ impl Writer {
         }
         assert!(working.revision >= self.state.revision, "revisions never go back");
         batch.revision = working.revision;
-        if let Err(e) = self.store.commit(&batch) {
+        if let Err(e) = self.store.commit(batch) {
             let failure = e.to_string();
             for (reply, _) in replies {
                 let _ = reply.send(Err(EngineError::Unavailable(failure.clone())));

@@ -24,7 +24,7 @@ impl Storage for Instrumented {
     fn recover(&self) -> Result<Recovered, StoreError> {
         self.inner.recover()
     }
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         while self.stall.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -98,7 +98,7 @@ fn batch_survives_reopen<S: Storage>(open: &dyn Fn(&Path) -> S) {
     };
     {
         let store = open(dir.path());
-        store.commit(&batch).expect("commit");
+        store.commit(batch.clone()).expect("commit");
     }
     let store = open(dir.path());
     let r = store.recover().expect("recover");
@@ -122,7 +122,7 @@ fn load_keys_is_exact<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let other_ns = (NsKey::new("other", "a"), entry(json!("elsewhere"), 1));
     let mut all = entries.clone();
     all.push(other_ns);
-    store.commit(&Batch { revision: 1, entries: all, ..Batch::default() }).expect("commit");
+    store.commit(Batch { revision: 1, entries: all, ..Batch::default() }).expect("commit");
     let wanted: BTreeSet<NsKey> = [NsKey::new("ns", "a"), NsKey::new("ns", "c"), NsKey::new("ns", "zz")].into();
     let got = store.load_keys(&wanted).expect("load");
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec![NsKey::new("ns", "a"), NsKey::new("ns", "c")]);
@@ -135,7 +135,7 @@ fn tombstones_and_pruning<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let idem_key = IdempotencyKey { ns: "ns".into(), scope: "svc".into(), key: "k".into() };
     let idem = IdempotencyRecord { fingerprint: [1; 32], outcome: Outcome::NotFound, expires_at_ms: 5 };
     store
-        .commit(&Batch {
+        .commit(Batch {
             revision: 1,
             entries: vec![(NsKey::new("ns", "a"), entry(json!(1), 1))],
             used_tickets: vec![([3; 16], 5), ([4; 16], 50)],
@@ -145,7 +145,7 @@ fn tombstones_and_pruning<S: Storage>(open: &dyn Fn(&Path) -> S) {
         .expect("commit");
     let tombstone = Entry { record: None, changed_by: Some("deleter".into()), changed_at: 2 };
     store
-        .commit(&Batch {
+        .commit(Batch {
             revision: 2,
             entries: vec![(NsKey::new("ns", "a"), tombstone.clone())],
             prune_tickets: vec![[3; 16]],
@@ -165,8 +165,8 @@ fn audit_pages_in_order<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let store = open(dir.path());
     let first = events(1, 5, GENESIS);
     let second = events(6, 5, first[4].hash);
-    store.commit(&Batch { revision: 5, audit: first.clone(), ..Batch::default() }).expect("commit");
-    store.commit(&Batch { revision: 10, audit: second.clone(), ..Batch::default() }).expect("commit");
+    store.commit(Batch { revision: 5, audit: first, ..Batch::default() }).expect("commit");
+    store.commit(Batch { revision: 10, audit: second.clone(), ..Batch::default() }).expect("commit");
     let page = store.audit_range(4, 3).expect("range");
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
     assert_eq!(page[2], second[0]);
@@ -176,7 +176,7 @@ fn audit_pages_in_order<S: Storage>(open: &dyn Fn(&Path) -> S) {
 fn broken_batch_changes_nothing<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let dir = temp();
     let store = open(dir.path());
-    store.commit(&Batch { revision: 1, audit: events(1, 1, GENESIS), ..Batch::default() }).expect("commit");
+    store.commit(Batch { revision: 1, audit: events(1, 1, GENESIS), ..Batch::default() }).expect("commit");
     // Event 3 where 2 is next: the whole batch, entries included, must be refused.
     let bad = Batch {
         revision: 2,
@@ -184,7 +184,7 @@ fn broken_batch_changes_nothing<S: Storage>(open: &dyn Fn(&Path) -> S) {
         audit: events(3, 1, GENESIS),
         ..Batch::default()
     };
-    assert!(store.commit(&bad).is_err());
+    assert!(store.commit(bad).is_err());
     let r = store.recover().expect("recover");
     assert_eq!(r.revision, 1);
     assert!(r.entries.is_empty());

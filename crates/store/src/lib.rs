@@ -91,7 +91,7 @@ pub trait Storage: Send + Sync + 'static {
     /// Reads back everything kept, for start-up.
     fn recover(&self) -> Result<Recovered, StoreError>;
     /// Applies one batch atomically and durably.
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    fn commit(&self, batch: Batch) -> Result<(), StoreError>;
     /// The stored entries of exactly these keys (absent keys are left out). A database backend
     /// loads a request's key set this way, in key order.
     fn load_keys(&self, keys: &BTreeSet<NsKey>) -> Result<BTreeMap<NsKey, Entry>, StoreError>;
