@@ -204,3 +204,32 @@ async fn keys_may_contain_slashes_and_escapes() {
     let (_, list) = g.json("GET", "/v1/ns/n/kv?prefix=orders/", Value::Null).await;
     assert_eq!(list["items"][0]["key"], "orders/42/line 1");
 }
+
+#[tokio::test]
+async fn namespace_correlation_id_and_list_limits() {
+    let g = guard();
+    let ns = "n".repeat(128);
+    let (status, body) = g.json("PUT", &format!("/v1/ns/{ns}/kv/a"), json!({"value": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    g.assert_invalid("PUT", &format!("/v1/ns/{ns}n/kv/a"), json!({"value": 1}), "namespace").await;
+
+    let at = "c".repeat(128);
+    let (status, _) =
+        g.call("PUT", "/v1/ns/n/kv/a", json!({"value": 1}).to_string(), &[("x-correlation-id", &at)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = g.revision();
+    let past = "c".repeat(129);
+    let (status, err) =
+        g.call("PUT", "/v1/ns/n/kv/a", json!({"value": 2}).to_string(), &[("x-correlation-id", &past)]).await;
+    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("X-Correlation-Id")));
+    assert_eq!(g.revision(), before);
+
+    for (uri, field) in [("/v1/ns/n/kv?limit=", "limit"), ("/v1/ns/n/audit?limit=", "limit")] {
+        let (status, body) = g.call("GET", &format!("{uri}10000"), "", &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for bad in ["10001", "0"] {
+            let (status, err) = g.call("GET", &format!("{uri}{bad}"), "", &[]).await;
+            assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{uri}{bad}");
+        }
+    }
+}
