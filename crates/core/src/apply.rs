@@ -7,8 +7,9 @@ use serde_json::Value;
 
 use crate::audit::{AuditEvent, AuditKind, CheckRef};
 use crate::condition::{evaluate_all, Condition, ConditionFailure};
-use crate::op::{apply_op, Op, OpError, OpResult};
-use crate::state::{Entry, NsKey, Revision, StateView};
+use crate::op::{apply_op, Op, OpCtx, OpError, OpResult, Workspace};
+use crate::primitives::{self, Reservation};
+use crate::state::{Entry, NsKey, Record, Revision, StateView};
 use crate::ticket::{TicketClaims, TicketId, VerifiedTicket};
 
 /// What the caller supplies besides the request: the inputs core may not produce itself.
@@ -75,35 +76,62 @@ pub enum WriteRequest {
     Act(Act),
     /// A txn.
     Txn(Txn),
+    /// One op on its own, from a primitive's route (lease, pool, reservation, grant, orphan)
+    /// or the reconciler; audited as `kind`.
+    Single {
+        /// Namespace.
+        ns: String,
+        /// The op.
+        op: Op,
+        /// How the audit log names it.
+        kind: AuditKind,
+    },
 }
 
 impl WriteRequest {
     /// The namespace the request writes in.
     pub fn ns(&self) -> &str {
         match self {
-            WriteRequest::Put { ns, .. } | WriteRequest::Delete { ns, .. } => ns,
+            WriteRequest::Put { ns, .. } | WriteRequest::Delete { ns, .. } | WriteRequest::Single { ns, .. } => ns,
             WriteRequest::Act(act) => &act.ns,
             WriteRequest::Txn(txn) => &txn.ns,
         }
     }
 
     /// Every key the request reads or writes, sorted: a backend loads (and locks) exactly these.
-    pub fn keys(&self) -> BTreeSet<NsKey> {
+    /// Ops on a reservation also write its pool, which the reservation's record names: the
+    /// view resolves it (a reservation's pool never changes, so an unlocked read is enough).
+    /// Keys the request creates (new reservations and orphans) are not listed: no other
+    /// request can know them yet.
+    pub fn keys(&self, view: &impl StateView) -> BTreeSet<NsKey> {
         let ns = self.ns();
         let mut keys: BTreeSet<NsKey> = BTreeSet::new();
-        let mut add = |key: &str| {
-            keys.insert(NsKey::new(ns, key));
+        let add_op = |keys: &mut BTreeSet<NsKey>, op: &Op| {
+            keys.insert(NsKey::new(ns, op.key()));
+            if let Some(id) = op.reservation() {
+                let key = NsKey::new(ns, primitives::reservation_key(id));
+                if let Some(r) = primitives::decode::<Reservation>(&key, view.entry(&key)) {
+                    keys.insert(NsKey::new(ns, primitives::pool_key(&r.pool)));
+                }
+            }
         };
         match self {
-            WriteRequest::Put { key, .. } | WriteRequest::Delete { key, .. } => add(key),
+            WriteRequest::Put { key, .. } | WriteRequest::Delete { key, .. } => {
+                keys.insert(NsKey::new(ns, key.as_str()));
+            }
+            WriteRequest::Single { op, .. } => add_op(&mut keys, op),
             WriteRequest::Act(act) => {
                 let ticket_conditions = act.ticket.iter().flat_map(|t| t.claims().conditions.iter());
-                ticket_conditions.chain(&act.conditions).for_each(|c| add(c.key()));
-                act.ops.iter().for_each(|op| add(op.key()));
+                for c in ticket_conditions.chain(&act.conditions) {
+                    keys.insert(NsKey::new(ns, c.key()));
+                }
+                act.ops.iter().for_each(|op| add_op(&mut keys, op));
             }
             WriteRequest::Txn(txn) => {
-                txn.compare.iter().for_each(|c| add(c.key()));
-                txn.success.iter().chain(&txn.failure).for_each(|op| add(op.key()));
+                for c in &txn.compare {
+                    keys.insert(NsKey::new(ns, c.key()));
+                }
+                txn.success.iter().chain(&txn.failure).for_each(|op| add_op(&mut keys, op));
             }
         }
         keys
@@ -186,6 +214,13 @@ pub enum Outcome {
         /// Time from the ticket's check to this act, when a ticket was presented.
         check_to_use_ms: Option<u64>,
     },
+    /// A single op (a primitive's route, or the reconciler).
+    Applied {
+        /// The revision it committed at, or the current one if it changed nothing.
+        revision: Revision,
+        /// What the op did.
+        result: OpResult,
+    },
     /// A txn ran one of its branches.
     Txn {
         /// Whether the `if` held (the `then` branch ran).
@@ -197,6 +232,20 @@ pub enum Outcome {
     },
     /// Not applied.
     Refused(Refusal),
+}
+
+impl Outcome {
+    /// The same outcome reporting `revision` (for a request that changed nothing).
+    fn at_revision(self, current: Revision) -> Self {
+        match self {
+            Outcome::Acted { results, check_to_use_ms, .. } => {
+                Outcome::Acted { revision: current, results, check_to_use_ms }
+            }
+            Outcome::Applied { result, .. } => Outcome::Applied { revision: current, result },
+            Outcome::Txn { succeeded, results, .. } => Outcome::Txn { succeeded, revision: current, results },
+            other => other,
+        }
+    }
 }
 
 /// What `apply` produced: the response, the state delta and the audit event. The backend
@@ -219,6 +268,8 @@ pub struct Applied {
 struct Overlay<'v, V> {
     view: &'v V,
     changes: BTreeMap<NsKey, Entry>,
+    revision: Revision,
+    correlation_id: Option<&'v str>,
 }
 
 impl<V: StateView> StateView for Overlay<'_, V> {
@@ -233,6 +284,40 @@ impl<V: StateView> StateView for Overlay<'_, V> {
     }
 }
 
+impl<V: StateView> Workspace for Overlay<'_, V> {
+    fn entry(&self, key: &NsKey) -> Option<&Entry> {
+        StateView::entry(self, key)
+    }
+
+    fn write(&mut self, key: NsKey, value: Value) {
+        let record = match StateView::entry(self, &key).and_then(|e| e.record.as_ref()) {
+            Some(r) => Record {
+                value,
+                version: r.version + 1,
+                create_revision: r.create_revision,
+                mod_revision: self.revision,
+            },
+            None => Record { value, version: 1, create_revision: self.revision, mod_revision: self.revision },
+        };
+        let entry = Entry {
+            record: Some(record),
+            changed_by: self.correlation_id.map(str::to_owned),
+            changed_at: self.revision,
+        };
+        self.changes.insert(key, entry);
+    }
+
+    fn remove(&mut self, key: NsKey) -> bool {
+        if StateView::entry(self, &key).and_then(|e| e.record.as_ref()).is_none() {
+            return false;
+        }
+        let tombstone =
+            Entry { record: None, changed_by: self.correlation_id.map(str::to_owned), changed_at: self.revision };
+        self.changes.insert(key, tombstone);
+        true
+    }
+}
+
 /// Applies the ops in order; all or nothing.
 fn run_ops<V: StateView>(
     view: &V,
@@ -240,15 +325,16 @@ fn run_ops<V: StateView>(
     ops: &[Op],
     meta: &Meta,
 ) -> Result<(BTreeMap<NsKey, Entry>, Vec<OpResult>), Refusal> {
-    let mut overlay = Overlay { view, changes: BTreeMap::new() };
+    let mut overlay = Overlay {
+        view,
+        changes: BTreeMap::new(),
+        revision: meta.revision,
+        correlation_id: meta.correlation_id.as_deref(),
+    };
     let mut results = Vec::with_capacity(ops.len());
     for (index, op) in ops.iter().enumerate() {
-        let key = NsKey::new(ns, op.key());
-        let (entry, result) = apply_op(op, overlay.entry(&key), meta.revision, meta.correlation_id.as_deref())
-            .map_err(|error| Refusal::OpFailed { index, error })?;
-        if let Some(entry) = entry {
-            overlay.changes.insert(key, entry);
-        }
+        let ctx = OpCtx { ns, now_ms: meta.now_ms, revision: meta.revision, index };
+        let result = apply_op(op, &mut overlay, &ctx).map_err(|error| Refusal::OpFailed { index, error })?;
         results.push(result);
     }
     Ok((overlay.changes, results))
@@ -259,7 +345,8 @@ fn run_ops<V: StateView>(
 /// Pure: the same view, request and meta always give the same result.
 pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Applied {
     assert!(meta.revision > view.revision(), "revisions must strictly increase");
-    let keys: Vec<String> = request.keys().into_iter().map(|k| k.key).collect();
+    let keys: Vec<String> =
+        request.keys(view).into_iter().map(|k| primitives::display_key(&k.key).into_owned()).collect();
     let mut audit = AuditEvent {
         revision: view.revision(),
         at_ms: meta.now_ms,
@@ -314,9 +401,16 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
                 (changes, outcome)
             })
         }
+        WriteRequest::Single { ns, op, kind } => {
+            audit.kind = *kind;
+            run_ops(view, ns, std::slice::from_ref(op), meta).map(|(changes, mut results)| {
+                let result = results.pop().expect("one op, one result");
+                (changes, Outcome::Applied { revision: meta.revision, result })
+            })
+        }
         WriteRequest::Txn(txn) => {
             audit.kind = AuditKind::Txn;
-            let succeeded = evaluate_all(view, &txn.ns, &txn.compare).is_empty();
+            let succeeded = evaluate_all(view, &txn.ns, &txn.compare, meta.now_ms).is_empty();
             let branch = if succeeded { &txn.success } else { &txn.failure };
             if branch.is_empty() {
                 // Nothing to write: like etcd, the revision does not move.
@@ -329,6 +423,14 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
         }
     };
     match result {
+        Ok((changes, outcome)) if changes.is_empty() => {
+            // Nothing changed (a grant that existed, an expiry with nothing due, a delete op of
+            // an absent key): like etcd, the revision does not move.
+            audit.revision = view.revision();
+            audit.outcome = "committed".into();
+            let outcome = outcome.at_revision(view.revision());
+            Applied { outcome, changes: Vec::new(), committed: false, used_ticket, audit }
+        }
         Ok((changes, outcome)) => {
             for (key, entry) in &changes {
                 assert_eq!(entry.changed_at, meta.revision, "change to {key:?} not stamped with its revision");
@@ -364,14 +466,14 @@ fn apply_act(view: &impl StateView, act: &Act, meta: &Meta) -> Result<ActResult,
         if view.ticket_used(&claims.id) {
             return Err(Refusal::TicketUsed);
         }
-        let changed = evaluate_all(view, &act.ns, &claims.conditions);
+        let changed = evaluate_all(view, &act.ns, &claims.conditions, meta.now_ms);
         if !changed.is_empty() {
             return Err(Refusal::StaleCheck { changed });
         }
         check_to_use_ms = Some(meta.now_ms.saturating_sub(claims.issued_at_ms));
         used = Some((claims.id, claims.expires_at_ms));
     }
-    let failed = evaluate_all(view, &act.ns, &act.conditions);
+    let failed = evaluate_all(view, &act.ns, &act.conditions, meta.now_ms);
     if !failed.is_empty() {
         return Err(Refusal::ConditionFailed { failed });
     }
@@ -411,7 +513,7 @@ pub enum CheckOutcome {
 
 /// Evaluates a check. Read-only: it changes nothing (`meta.revision` is ignored).
 pub fn check(view: &impl StateView, request: &CheckRequest, meta: &Meta) -> CheckOutcome {
-    let failed = evaluate_all(view, &request.ns, &request.conditions);
+    let failed = evaluate_all(view, &request.ns, &request.conditions, meta.now_ms);
     if failed.is_empty() {
         return CheckOutcome::Passed(TicketClaims {
             id: request.ticket_id,
@@ -424,7 +526,8 @@ pub fn check(view: &impl StateView, request: &CheckRequest, meta: &Meta) -> Chec
             correlation_id: meta.correlation_id.clone(),
         });
     }
-    let keys: BTreeSet<String> = request.conditions.iter().map(|c| c.key().to_owned()).collect();
+    let keys: BTreeSet<String> =
+        request.conditions.iter().map(|c| primitives::display_key(&c.key()).into_owned()).collect();
     let audit = AuditEvent {
         revision: view.revision(),
         at_ms: meta.now_ms,

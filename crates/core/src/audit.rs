@@ -24,6 +24,18 @@ pub enum AuditKind {
     Txn,
     /// A check that was denied (passing checks write nothing).
     Check,
+    /// A lease acquisition, renewal or release.
+    Lease,
+    /// A pool's capacity set.
+    Pool,
+    /// A reservation made, committed or released.
+    Reservation,
+    /// A grant or revocation.
+    Grant,
+    /// An orphan resolved.
+    Orphan,
+    /// The reconciler expiring a reservation or a lease.
+    Expire,
 }
 
 /// The check whose ticket an act presented.

@@ -5,6 +5,7 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
 
+use crate::primitives::{self, Lease, Pool};
 use crate::state::{Entry, NsKey, Revision, StateView};
 
 /// A numeric comparison operator of the `compare` condition.
@@ -89,6 +90,29 @@ pub enum Condition {
         /// The number to compare with.
         value: Number,
     },
+    /// The lease is held, unexpired, under this fencing token.
+    Lease {
+        /// The lease's name.
+        name: String,
+        /// The token the caller holds.
+        token: u64,
+    },
+    /// The pool has at least this much available.
+    Available {
+        /// The pool.
+        pool: String,
+        /// The amount.
+        amount: u64,
+    },
+    /// The grant exists.
+    Permitted {
+        /// Who.
+        subject: String,
+        /// May do what.
+        action: String,
+        /// To what.
+        resource: String,
+    },
 }
 
 /// A condition that did not hold, with what was found instead.
@@ -111,17 +135,24 @@ pub struct ConditionFailure {
 }
 
 impl Condition {
-    /// The namespace-relative key the condition reads.
-    pub fn key(&self) -> &str {
+    /// The namespace-relative key the condition reads (internal for primitives).
+    pub fn key(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Condition::Exists(key) | Condition::Absent(key) => key,
-            Condition::Equals { key, .. } | Condition::Version { key, .. } | Condition::Compare { key, .. } => key,
+            Condition::Exists(key) | Condition::Absent(key) => key.into(),
+            Condition::Equals { key, .. } | Condition::Version { key, .. } | Condition::Compare { key, .. } => {
+                key.into()
+            }
+            Condition::Lease { name, .. } => primitives::lease_key(name).into(),
+            Condition::Available { pool, .. } => primitives::pool_key(pool).into(),
+            Condition::Permitted { subject, action, resource } => {
+                primitives::grant_key(subject, action, resource).into()
+            }
         }
     }
 
-    /// Evaluates the condition against the entry of its key. `Ok(())` if it holds, else the
-    /// reason it does not.
-    pub fn evaluate(&self, entry: Option<&Entry>) -> Result<(), String> {
+    /// Evaluates the condition against the entry of its key at `now_ms`. `Ok(())` if it
+    /// holds, else the reason it does not.
+    pub fn evaluate(&self, key: &NsKey, entry: Option<&Entry>, now_ms: u64) -> Result<(), String> {
         let record = entry.and_then(|entry| entry.record.as_ref());
         match (self, record) {
             (Condition::Exists(_), Some(_)) => Ok(()),
@@ -150,17 +181,35 @@ impl Condition {
                 }
                 other => Err(format!("value is not a number ({})", json_kind(other))),
             },
+            (Condition::Lease { token, .. }, _) => {
+                let lease: Lease = primitives::decode(key, entry).unwrap_or_default();
+                match lease.live_holder(now_ms) {
+                    None if lease.token == 0 => Err("the lease was never acquired".into()),
+                    None => Err(format!("the lease is not held (last token {})", lease.token)),
+                    Some(_) if lease.token != *token => {
+                        Err(format!("token {token} is stale: the lease is held under token {}", lease.token))
+                    }
+                    Some(_) => Ok(()),
+                }
+            }
+            (Condition::Available { amount, .. }, _) => match primitives::decode::<Pool>(key, entry) {
+                None => Err("no such pool".into()),
+                Some(pool) if pool.available() >= *amount => Ok(()),
+                Some(pool) => Err(format!("{} available, {amount} needed", pool.available())),
+            },
+            (Condition::Permitted { .. }, Some(_)) => Ok(()),
+            (Condition::Permitted { .. }, None) => Err("not permitted (no such grant)".into()),
         }
     }
 }
 
-/// Evaluates `conditions` (namespace-relative) in namespace `ns`; returns every failure.
-pub fn evaluate_all(view: &impl StateView, ns: &str, conditions: &[Condition]) -> Vec<ConditionFailure> {
+/// Evaluates `conditions` (namespace-relative) in namespace `ns` at `now_ms`; returns every failure.
+pub fn evaluate_all(view: &impl StateView, ns: &str, conditions: &[Condition], now_ms: u64) -> Vec<ConditionFailure> {
     let mut failures = Vec::new();
     for (index, condition) in conditions.iter().enumerate() {
         let key = NsKey::new(ns, condition.key());
         let entry = view.entry(&key);
-        if let Err(reason) = condition.evaluate(entry) {
+        if let Err(reason) = condition.evaluate(&key, entry, now_ms) {
             failures.push(failure(index, condition, entry, reason));
         }
     }
@@ -220,21 +269,23 @@ mod tests {
     #[test]
     fn compare_is_numeric_and_refuses_non_numbers() {
         let ge = |n: i64| Condition::Compare { key: "k".into(), op: CompareOp::Ge, value: n.into() };
-        assert!(ge(1).evaluate(Some(&entry(json!(1)))).is_ok());
-        assert!(ge(2).evaluate(Some(&entry(json!(1)))).is_err());
-        assert!(ge(1).evaluate(Some(&entry(json!(1.5)))).is_ok());
-        let err = ge(1).evaluate(Some(&entry(json!("7")))).unwrap_err();
+        let k = NsKey::new("n", "k");
+        assert!(ge(1).evaluate(&k, Some(&entry(json!(1))), 0).is_ok());
+        assert!(ge(2).evaluate(&k, Some(&entry(json!(1))), 0).is_err());
+        assert!(ge(1).evaluate(&k, Some(&entry(json!(1.5))), 0).is_ok());
+        let err = ge(1).evaluate(&k, Some(&entry(json!("7"))), 0).unwrap_err();
         assert!(err.contains("not a number (string)"), "{err}");
-        assert_eq!(ge(1).evaluate(None).unwrap_err(), "key is absent");
+        assert_eq!(ge(1).evaluate(&k, None, 0).unwrap_err(), "key is absent");
     }
 
     #[test]
     fn version_zero_means_absent() {
         let v0 = Condition::Version { key: "k".into(), is: 0 };
-        assert!(v0.evaluate(None).is_ok());
-        assert!(v0.evaluate(Some(&entry(json!(1)))).is_err());
+        let k = NsKey::new("n", "k");
+        assert!(v0.evaluate(&k, None, 0).is_ok());
+        assert!(v0.evaluate(&k, Some(&entry(json!(1))), 0).is_err());
         let tombstone = Entry { record: None, changed_by: None, changed_at: 9 };
-        assert!(v0.evaluate(Some(&tombstone)).is_ok());
+        assert!(v0.evaluate(&k, Some(&tombstone), 0).is_ok());
     }
 
     #[test]
@@ -243,5 +294,27 @@ mod tests {
         let smaller = Number::from(i64::MAX - 1);
         assert_eq!(compare_numbers(&big, &smaller), Ordering::Greater);
         assert_eq!(compare_numbers(&Number::from(u64::MAX), &Number::from(u64::MAX - 1)), Ordering::Greater);
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+    use crate::Record;
+
+    #[test]
+    fn a_lease_condition_holds_only_for_the_live_token() {
+        let lease = Lease { holder: Some("w1".into()), token: 7, expires_at_ms: 100, ttl_ms: 50 };
+        let entry = Entry {
+            record: Some(Record { value: primitives::encode(&lease), version: 7, create_revision: 1, mod_revision: 9 }),
+            changed_by: None,
+            changed_at: 9,
+        };
+        let key = NsKey::new("n", primitives::lease_key("m"));
+        let cond = |token| Condition::Lease { name: "m".into(), token };
+        assert!(cond(7).evaluate(&key, Some(&entry), 99).is_ok());
+        assert!(cond(6).evaluate(&key, Some(&entry), 99).unwrap_err().contains("stale"));
+        assert!(cond(7).evaluate(&key, Some(&entry), 100).unwrap_err().contains("not held"));
+        assert!(cond(1).evaluate(&key, None, 0).unwrap_err().contains("never"));
     }
 }

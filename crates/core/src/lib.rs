@@ -14,6 +14,7 @@ pub mod condition;
 pub mod idempotency;
 pub mod limits;
 pub mod op;
+pub mod primitives;
 pub mod state;
 pub mod ticket;
 

@@ -92,7 +92,7 @@ impl Sim {
         let meta = self.meta();
         let applied = apply(&self.store, &request, &meta);
         // The request named its keys up front; it may touch no others.
-        let named = request.keys();
+        let named = request.keys(&self.store);
         for (k, _) in &applied.changes {
             assert!(named.contains(k), "{k:?} written but not named");
         }
