@@ -8,6 +8,7 @@
 
 mod audit;
 mod clock;
+mod feed;
 mod snapshot;
 mod writer;
 
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use gapguard_core::primitives;
 use gapguard_core::ticket::{sign, verify};
 use gapguard_core::{
     idempotency, CheckOutcome, CheckRequest, Condition, ConditionFailure, IdempotencyDecision, Limits, Meta, NsKey,
@@ -26,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use audit::{AuditPage, AuditQuery, AuditVerification, StoredAuditEvent};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use feed::{Change, Compacted, Subscription, FEED_WINDOW_CHANGES};
 pub use snapshot::Snapshot;
 use writer::{Job, Writer};
 
@@ -36,13 +39,14 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// Most write requests in one batch (one storage transaction).
     pub max_batch: usize,
-    /// How often expired used-ticket markers and idempotency records are pruned.
+    /// How often the reconciler runs: expiring reservations and leases past their deadline,
+    /// pruning used-ticket markers and idempotency records past theirs.
     pub prune_interval: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { limits: Limits::default(), max_batch: 1024, prune_interval: Duration::from_secs(1) }
+        Self { limits: Limits::default(), max_batch: 1024, prune_interval: Duration::from_millis(250) }
     }
 }
 
@@ -120,6 +124,7 @@ struct Inner {
     config: EngineConfig,
     in_flight: Mutex<HashSet<IdempotencyKey>>,
     writer: writer::Status,
+    feed: Arc<feed::Feed>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -175,7 +180,8 @@ impl Engine {
             audit_events = recovered.audit_head.map_or(0, |h| h.0),
             "recovered state"
         );
-        let (snapshot, writer) = Writer::new(recovered, store.clone(), clock.clone(), config.clone());
+        let feed = Arc::new(feed::Feed::new(recovered.revision));
+        let (snapshot, writer) = Writer::new(recovered, store.clone(), clock.clone(), config.clone(), feed.clone());
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let status = writer.status();
         let (jobs, rx) = mpsc::unbounded_channel();
@@ -206,6 +212,7 @@ impl Engine {
             config,
             in_flight: Mutex::new(HashSet::new()),
             writer: status,
+            feed,
             writer_thread: Mutex::new(Some(writer_thread)),
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -241,10 +248,39 @@ impl Engine {
             .entries
             .range(start..)
             .take_while(|(k, _)| k.ns == ns && k.key.starts_with(prefix))
+            .filter(|(k, _)| !primitives::is_internal(&k.key))
             .filter_map(|(k, e)| e.record.as_ref().map(|r| KeyValue { key: k.key.clone(), record: r.clone() }))
             .take(limit)
             .collect();
         (items, snap.revision)
+    }
+
+    /// Reads a primitive's record (a lease, pool, reservation or orphan) by its internal key.
+    pub fn primitive<T: serde::de::DeserializeOwned>(&self, ns: &str, internal_key: &str) -> Option<T> {
+        let snap = self.inner.snapshot.load();
+        let key = NsKey::new(ns, internal_key);
+        primitives::decode(&key, snap.entries.get(&key))
+    }
+
+    /// Every live primitive of one kind in a namespace (`kind`: `"lease/"`, `"pool/"`,
+    /// `"rsv/"`, `"grant/"`, `"orphan/"`), with its name, in key order, at most `limit`.
+    pub fn primitives<T: serde::de::DeserializeOwned>(&self, ns: &str, kind: &str, limit: usize) -> Vec<(String, T)> {
+        let snap = self.inner.snapshot.load();
+        let prefix = primitives::kind_prefix(kind);
+        snap.entries
+            .range(NsKey::new(ns, prefix.as_str())..)
+            .take_while(|(k, _)| k.ns == ns && k.key.starts_with(&prefix))
+            .filter_map(|(k, e)| {
+                let value: T = primitives::decode(k, Some(e))?;
+                Some((k.key[prefix.len()..].to_owned(), value))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Starts a watch from `from_revision` (inclusive): the changes since, then live ones.
+    pub fn watch(&self, from_revision: Revision) -> Result<Subscription, Compacted> {
+        self.inner.feed.subscribe(from_revision)
     }
 
     /// Runs a check against the latest durable state. On success returns a signed ticket; on

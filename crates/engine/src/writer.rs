@@ -7,10 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use gapguard_core::audit::{seal, GENESIS};
-use gapguard_core::{idempotency, AuditEvent, IdempotencyDecision, IdempotencyRecord, Meta, WriteRequest};
+use gapguard_core::primitives::{self, Lease, Reservation, ReservationState};
+use gapguard_core::{
+    idempotency, AuditEvent, AuditKind, Entry, IdempotencyDecision, IdempotencyRecord, Meta, NsKey, Op, Outcome,
+    WriteRequest,
+};
 use gapguard_store::{Batch, IdempotencyKey, Recovered, Storage};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::feed::{Change, Feed};
 use crate::{Clock, EngineConfig, EngineError, IdempotencyClaim, RequestContext, Snapshot, WriteResult};
 
 /// Work for the writer.
@@ -54,6 +59,9 @@ pub(crate) struct Writer {
     /// Expiry index of used-ticket markers and idempotency records, for pruning in order.
     ticket_expiry: BTreeSet<(u64, [u8; 16])>,
     idempotency_expiry: BTreeSet<(u64, IdempotencyKey)>,
+    /// Deadlines of held reservations and leases, for the reconciler (stale ones are skipped).
+    deadlines: BTreeSet<(u64, NsKey)>,
+    feed: Arc<Feed>,
     store: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
@@ -68,10 +76,13 @@ impl Writer {
         store: Arc<dyn Storage>,
         clock: Arc<dyn Clock>,
         config: EngineConfig,
+        feed: Arc<Feed>,
     ) -> (Snapshot, Self) {
         let mut state = Snapshot { revision: recovered.revision, ..Snapshot::default() };
         let mut ticket_expiry = BTreeSet::new();
         let mut idempotency_expiry = BTreeSet::new();
+        let deadlines =
+            recovered.entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
         state.entries = recovered.entries.into_iter().collect();
         for (id, expires) in recovered.used_tickets {
             state.used_tickets.insert(id, expires);
@@ -90,6 +101,8 @@ impl Writer {
             audit_head,
             ticket_expiry,
             idempotency_expiry,
+            deadlines,
+            feed,
             store,
             clock,
             config,
@@ -141,23 +154,22 @@ impl Writer {
     /// failed fsync leaves the file's state unknown, so the writer stops rather than guess.
     fn commit_batch(&mut self, jobs: &mut Vec<Job>, published: &ArcSwap<Snapshot>) -> Result<(), String> {
         let now_ms = self.clock.now_ms();
-        let mut working = self.state.clone();
-        let mut batch = Batch::default();
-        let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
-        let (mut seq, mut head) = (self.audit_seq, self.audit_head);
-        let mut seal_event = |batch: &mut Batch, event: &AuditEvent| {
-            seq += 1;
-            let sealed = seal(seq, &head, event);
-            head = sealed.hash;
-            batch.audit.push(sealed);
+        let mut draft = Draft {
+            working: self.state.clone(),
+            batch: Batch::default(),
+            seq: self.audit_seq,
+            head: self.audit_head,
+            ticket_expiry: Vec::new(),
+            idempotency_expiry: Vec::new(),
+            deadlines: Vec::new(),
+            changes: Vec::new(),
         };
-        let mut new_ticket_expiry = Vec::new();
-        let mut new_idempotency_expiry = Vec::new();
+        let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
         for job in jobs.drain(..) {
             match job {
                 Job::Write { request, ctx, idempotency: claim, reply } => {
                     if let Some(claim) = &claim {
-                        let stored = working.idempotency.get(&claim.key).map(|r| &**r);
+                        let stored = draft.working.idempotency.get(&claim.key).map(|r| &**r);
                         match idempotency::decide(stored, &claim.fingerprint, now_ms) {
                             IdempotencyDecision::Replay(outcome) => {
                                 let result = WriteResult { outcome: outcome.clone(), replayed: true };
@@ -171,44 +183,25 @@ impl Writer {
                             IdempotencyDecision::Execute => {}
                         }
                     }
-                    let meta = Meta {
-                        now_ms,
-                        revision: working.revision + 1,
-                        correlation_id: ctx.correlation_id,
-                        api_key_id: ctx.api_key_id,
-                    };
-                    let applied = gapguard_core::apply(&working, &request, &meta);
-                    if applied.committed {
-                        working.revision = meta.revision;
-                    }
-                    for (key, entry) in applied.changes {
-                        batch.entries.push((key.clone(), entry.clone()));
-                        working.entries.insert(key, entry);
-                    }
-                    if let Some((id, expires)) = applied.used_ticket {
-                        let fresh = working.used_tickets.insert(id, expires).is_none();
-                        assert!(fresh, "a ticket must serve at most one act");
-                        batch.used_tickets.push((id, expires));
-                        new_ticket_expiry.push((expires, id));
-                    }
-                    seal_event(&mut batch, &applied.audit);
+                    let outcome = draft.apply(&request, ctx, now_ms);
                     if let Some(claim) = claim {
                         let record = IdempotencyRecord {
                             fingerprint: claim.fingerprint,
-                            outcome: applied.outcome.clone(),
+                            outcome: outcome.clone(),
                             expires_at_ms: now_ms.saturating_add(self.config.limits.idempotency_retention_ms),
                         };
-                        new_idempotency_expiry.push((record.expires_at_ms, claim.key.clone()));
-                        batch.idempotency.push((claim.key.clone(), record.clone()));
-                        working.idempotency.insert(claim.key, Arc::new(record));
+                        draft.idempotency_expiry.push((record.expires_at_ms, claim.key.clone()));
+                        draft.batch.idempotency.push((claim.key.clone(), record.clone()));
+                        draft.working.idempotency.insert(claim.key, Arc::new(record));
                     }
-                    replies.push((reply, Ok(WriteResult { outcome: applied.outcome, replayed: false })));
+                    replies.push((reply, Ok(WriteResult { outcome, replayed: false })));
                 }
-                Job::Audit(event) => seal_event(&mut batch, &event),
-                Job::Prune => self.prune(now_ms, &mut working, &mut batch),
+                Job::Audit(event) => draft.seal(&event),
+                Job::Prune => self.prune(now_ms, &mut draft),
                 Job::Stop => unreachable!("the run loop strips Stop"),
             }
         }
+        let batch = &draft.batch;
         let nothing_to_write = batch.audit.is_empty()
             && batch.prune_tickets.is_empty()
             && batch.prune_idempotency.is_empty()
@@ -220,9 +213,9 @@ impl Writer {
             }
             return Ok(());
         }
-        assert!(working.revision >= self.state.revision, "revisions never go back");
-        batch.revision = working.revision;
-        if let Err(e) = self.store.commit(batch) {
+        assert!(draft.working.revision >= self.state.revision, "revisions never go back");
+        draft.batch.revision = draft.working.revision;
+        if let Err(e) = self.store.commit(draft.batch) {
             let failure = e.to_string();
             for (reply, _) in replies {
                 let _ = reply.send(Err(EngineError::Unavailable(failure.clone())));
@@ -230,28 +223,30 @@ impl Writer {
             return Err(failure);
         }
         // Durable: publish, then answer, so that a reader that starts after an answer sees it.
-        self.audit_seq = seq;
-        self.audit_head = head;
-        self.status.audit_head_seq.store(seq, Ordering::Release);
-        self.ticket_expiry.extend(new_ticket_expiry);
-        self.idempotency_expiry.extend(new_idempotency_expiry);
-        self.state = working;
+        self.audit_seq = draft.seq;
+        self.audit_head = draft.head;
+        self.status.audit_head_seq.store(draft.seq, Ordering::Release);
+        self.ticket_expiry.extend(draft.ticket_expiry);
+        self.idempotency_expiry.extend(draft.idempotency_expiry);
+        self.deadlines.extend(draft.deadlines);
+        self.state = draft.working;
         published.store(Arc::new(self.state.clone()));
+        self.feed.publish(draft.changes);
         for (reply, result) in replies {
             let _ = reply.send(result);
         }
         Ok(())
     }
 
-    fn prune(&mut self, now_ms: u64, working: &mut Snapshot, batch: &mut Batch) {
+    fn prune(&mut self, now_ms: u64, draft: &mut Draft) {
         while let Some(&(expires, id)) = self.ticket_expiry.first() {
             if expires > now_ms {
                 break;
             }
             self.ticket_expiry.pop_first();
-            if working.used_tickets.get(&id) == Some(&expires) {
-                working.used_tickets.remove(&id);
-                batch.prune_tickets.push(id);
+            if draft.working.used_tickets.get(&id) == Some(&expires) {
+                draft.working.used_tickets.remove(&id);
+                draft.batch.prune_tickets.push(id);
             }
         }
         while let Some((expires, _)) = self.idempotency_expiry.first() {
@@ -260,10 +255,106 @@ impl Writer {
             }
             let (expires, key) = self.idempotency_expiry.pop_first().expect("first exists");
             // A newer record under the same key (after expiry) has a later expiry; keep it.
-            if working.idempotency.get(&key).is_some_and(|r| r.expires_at_ms == expires) {
-                working.idempotency.remove(&key);
-                batch.prune_idempotency.push(key);
+            if draft.working.idempotency.get(&key).is_some_and(|r| r.expires_at_ms == expires) {
+                draft.working.idempotency.remove(&key);
+                draft.batch.prune_idempotency.push(key);
             }
         }
+        // The reconciler: every reservation or lease whose deadline passed while held is
+        // expired by its own request (its own revision, audit event and orphan).
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline > now_ms {
+                break;
+            }
+            let (_, key) = self.deadlines.pop_first().expect("first exists");
+            let Some(op) = due(&draft.working, &key, now_ms) else { continue };
+            let ctx = RequestContext { correlation_id: Some("reconciler".into()), api_key_id: None };
+            let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
+            draft.apply(&request, ctx, now_ms);
+        }
+    }
+}
+
+/// The expiry op for a reservation or lease that is still held past its deadline, if it is.
+fn due(state: &Snapshot, key: &NsKey, now_ms: u64) -> Option<Op> {
+    let entry = state.entries.get(key);
+    let name = key.key.strip_prefix(primitives::INTERNAL)?;
+    if let Some(id) = name.strip_prefix("rsv/") {
+        let r: Reservation = primitives::decode(key, entry)?;
+        (r.state == ReservationState::Held && now_ms >= r.expires_at_ms)
+            .then(|| Op::ExpireReservation { reservation: id.to_owned() })
+    } else if let Some(lease_name) = name.strip_prefix("lease/") {
+        let lease: Lease = primitives::decode(key, entry)?;
+        (lease.holder.is_some() && now_ms >= lease.expires_at_ms)
+            .then(|| Op::ExpireLease { name: lease_name.to_owned() })
+    } else {
+        None
+    }
+}
+
+/// The deadline to watch for a changed entry: a held reservation's or a held lease's expiry.
+pub(crate) fn deadline_of(key: &NsKey, entry: &Entry) -> Option<u64> {
+    let name = key.key.strip_prefix(primitives::INTERNAL)?;
+    if name.starts_with("rsv/") {
+        let r: Reservation = primitives::decode(key, Some(entry))?;
+        (r.state == ReservationState::Held).then_some(r.expires_at_ms)
+    } else if name.starts_with("lease/") {
+        let lease: Lease = primitives::decode(key, Some(entry))?;
+        lease.holder.is_some().then_some(lease.expires_at_ms)
+    } else {
+        None
+    }
+}
+
+/// A batch being built: the state after its requests, what to persist, and what to index
+/// and publish once it is durable.
+struct Draft {
+    working: Snapshot,
+    batch: Batch,
+    seq: u64,
+    head: [u8; 32],
+    ticket_expiry: Vec<(u64, [u8; 16])>,
+    idempotency_expiry: Vec<(u64, IdempotencyKey)>,
+    deadlines: Vec<(u64, NsKey)>,
+    changes: Vec<Change>,
+}
+
+impl Draft {
+    fn seal(&mut self, event: &AuditEvent) {
+        self.seq += 1;
+        let sealed = seal(self.seq, &self.head, event);
+        self.head = sealed.hash;
+        self.batch.audit.push(sealed);
+    }
+
+    /// Applies one request on the working state and records everything it produced.
+    fn apply(&mut self, request: &WriteRequest, ctx: RequestContext, now_ms: u64) -> Outcome {
+        let meta = Meta {
+            now_ms,
+            revision: self.working.revision + 1,
+            correlation_id: ctx.correlation_id,
+            api_key_id: ctx.api_key_id,
+        };
+        let applied = gapguard_core::apply(&self.working, request, &meta);
+        if applied.committed {
+            assert!(meta.revision > self.working.revision, "revisions strictly increase");
+            self.working.revision = meta.revision;
+        }
+        for (key, entry) in applied.changes {
+            if let Some(deadline) = deadline_of(&key, &entry) {
+                self.deadlines.push((deadline, key.clone()));
+            }
+            self.changes.push(Change { revision: meta.revision, key: key.clone(), entry: entry.clone() });
+            self.batch.entries.push((key.clone(), entry.clone()));
+            self.working.entries.insert(key, entry);
+        }
+        if let Some((id, expires)) = applied.used_ticket {
+            let fresh = self.working.used_tickets.insert(id, expires).is_none();
+            assert!(fresh, "a ticket must serve at most one act");
+            self.batch.used_tickets.push((id, expires));
+            self.ticket_expiry.push((expires, id));
+        }
+        self.seal(&applied.audit);
+        applied.outcome
     }
 }

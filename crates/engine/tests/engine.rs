@@ -260,3 +260,47 @@ async fn a_duplicate_while_the_first_is_in_flight_is_refused_not_run() {
     assert!(third.replayed);
     assert_eq!(engine.get("ns", "order").0.unwrap().version, 1, "the put ran once");
 }
+
+#[tokio::test]
+async fn the_reconciler_expires_held_reservations_into_orphans_even_after_a_restart() {
+    use gapguard_core::primitives::{self, Orphan, OrphanKind, Pool};
+    use gapguard_core::{AuditKind, OpError, OpResult};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000));
+    let single = |op: Op| WriteRequest::Single { ns: "ns".into(), op, kind: AuditKind::Reservation };
+    let id = {
+        let (engine, _) = open(dir.path(), clock.clone());
+        engine.write(single(Op::SetCapacity { pool: "vms".into(), capacity: 10 }), ctx("admin"), None).await.unwrap();
+        let reserve = Op::Reserve { pool: "vms".into(), amount: 4, ttl_ms: 100, context: Some(json!({"vm": "v-1"})) };
+        let out = engine.write(single(reserve), ctx("provisioner"), None).await.unwrap().outcome;
+        let Outcome::Applied { result: OpResult::Reserve { reservation, .. }, .. } = out else { panic!("{out:?}") };
+        reservation
+    };
+    // Restarted before the deadline: the reconciler must find the reservation again.
+    let (engine, _) = open(dir.path(), clock.clone());
+    clock.advance(100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let pool: Pool = engine.primitive("ns", &primitives::pool_key("vms")).unwrap();
+        if pool.reserved == 0 {
+            assert_eq!(pool.available(), 10);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reservation never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let orphans: Vec<(String, Orphan)> = engine.primitives("ns", "orphan/", 10);
+    assert_eq!(orphans.len(), 1);
+    let OrphanKind::Reservation { reservation, context, amount, .. } = &orphans[0].1.kind else { panic!() };
+    assert_eq!((reservation, amount, context), (&id, &4, &Some(json!({"vm": "v-1"}))));
+    let late = engine.write(single(Op::Commit { reservation: id }), ctx("late"), None).await.unwrap().outcome;
+    assert!(
+        matches!(late, Outcome::Refused(Refusal::OpFailed { error: OpError::ReservationExpired { .. }, .. })),
+        "{late:?}"
+    );
+    let expiry = engine
+        .audit(&AuditQuery { correlation_id: Some("reconciler".into()), limit: 5, ..AuditQuery::default() })
+        .unwrap();
+    assert_eq!(expiry.events.len(), 1);
+    assert_eq!(expiry.events[0].event.kind, AuditKind::Expire);
+}

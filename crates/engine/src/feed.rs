@@ -1,0 +1,127 @@
+//! The change feed: every committed change in revision order, kept in memory for resuming
+//! watchers (a bounded window) and broadcast live as each batch becomes durable.
+//!
+//! History before the window — and before the last start, since the feed is not persisted —
+//! is compacted: a watcher asking for it is told so and resumes from a fresh read.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use gapguard_core::{Entry, NsKey, Revision};
+use tokio::sync::broadcast;
+
+/// Changes kept for watchers that resume from an earlier revision.
+pub const FEED_WINDOW_CHANGES: usize = 100_000;
+/// Batches a live watcher may fall behind before it is cut off (and told to resume).
+const LIVE_BATCHES_MAX: usize = 4096;
+
+/// One committed change of one key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The revision of the request that made it.
+    pub revision: Revision,
+    /// The key (internal keys included).
+    pub key: NsKey,
+    /// The key's entry after it (a tombstone for a delete).
+    pub entry: Entry,
+}
+
+struct Window {
+    changes: VecDeque<Arc<Change>>,
+    /// Every change at or after this revision is in `changes`.
+    first_revision: Revision,
+}
+
+/// The feed.
+pub struct Feed {
+    window: Mutex<Window>,
+    live: broadcast::Sender<Arc<Vec<Arc<Change>>>>,
+}
+
+/// The history asked for is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("history before revision {first_available} is compacted")]
+pub struct Compacted {
+    /// The oldest revision a watch can start from.
+    pub first_available: Revision,
+}
+
+/// A new watcher's start: the backlog from its revision, then the live batches.
+pub struct Subscription {
+    /// Changes from the requested revision up to now.
+    pub backlog: Vec<Arc<Change>>,
+    /// Every later batch, as it becomes durable.
+    pub live: broadcast::Receiver<Arc<Vec<Arc<Change>>>>,
+}
+
+impl Feed {
+    /// A feed whose history starts after `revision`.
+    pub(crate) fn new(revision: Revision) -> Self {
+        let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
+        Self { window: Mutex::new(Window { changes: VecDeque::new(), first_revision: revision + 1 }), live }
+    }
+
+    /// Appends a durable batch's changes (in revision order) and wakes the watchers.
+    pub(crate) fn publish(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
+        let mut window = self.window.lock().expect("feed lock");
+        window.changes.extend(changes.iter().cloned());
+        while window.changes.len() > FEED_WINDOW_CHANGES {
+            let evicted = window.changes.pop_front().expect("non-empty");
+            window.first_revision = evicted.revision + 1;
+        }
+        // Keep only whole revisions.
+        while window.changes.front().is_some_and(|c| c.revision < window.first_revision) {
+            window.changes.pop_front();
+        }
+        // Sent under the lock, so a subscriber sees each batch exactly once: in its backlog
+        // or live.
+        let _ = self.live.send(Arc::new(changes));
+    }
+
+    /// Subscribes from `from_revision` (inclusive).
+    pub fn subscribe(&self, from_revision: Revision) -> Result<Subscription, Compacted> {
+        let window = self.window.lock().expect("feed lock");
+        if from_revision < window.first_revision {
+            return Err(Compacted { first_available: window.first_revision });
+        }
+        let start = window.changes.partition_point(|c| c.revision < from_revision);
+        let backlog = window.changes.range(start..).cloned().collect();
+        Ok(Subscription { backlog, live: self.live.subscribe() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(revision: Revision) -> Change {
+        Change {
+            revision,
+            key: NsKey::new("n", "k"),
+            entry: Entry { record: None, changed_by: None, changed_at: revision },
+        }
+    }
+
+    #[test]
+    fn backlog_then_live_without_gaps_or_duplicates() {
+        let feed = Feed::new(0);
+        feed.publish(vec![change(1), change(2)]);
+        feed.publish(vec![change(3)]);
+        let mut sub = feed.subscribe(2).unwrap();
+        assert_eq!(sub.backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![2, 3]);
+        feed.publish(vec![change(4)]);
+        assert_eq!(sub.live.try_recv().unwrap()[0].revision, 4);
+        assert!(sub.live.try_recv().is_err());
+    }
+
+    #[test]
+    fn history_before_the_start_is_compacted() {
+        let feed = Feed::new(10);
+        assert_eq!(feed.subscribe(10).err(), Some(Compacted { first_available: 11 }));
+        assert!(feed.subscribe(11).unwrap().backlog.is_empty());
+    }
+}
