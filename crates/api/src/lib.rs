@@ -66,6 +66,38 @@ pub struct CompareCondition {
     pub value: Number,
 }
 
+/// `{"name", "token"}` of a `lease` condition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseCondition {
+    /// The lease.
+    pub name: String,
+    /// The fencing token the caller holds.
+    pub token: u64,
+}
+
+/// `{"pool", "amount"}` of an `available` condition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AvailableCondition {
+    /// The pool.
+    pub pool: String,
+    /// The amount that must be available.
+    pub amount: u64,
+}
+
+/// A permission tuple: `{"subject", "action", "resource"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantTuple {
+    /// Who, e.g. `user:alice`.
+    pub subject: String,
+    /// May do what, e.g. `read`.
+    pub action: String,
+    /// To what, e.g. `doc:9`.
+    pub resource: String,
+}
+
 /// A predicate evaluated atomically against the current state, e.g. `{"exists": "orders/42"}`
 /// or `{"compare": {"key": "stock/sku-1", "op": ">=", "value": 1}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -81,6 +113,12 @@ pub enum Condition {
     Version(VersionCondition),
     /// The key's value is a number that compares as given.
     Compare(CompareCondition),
+    /// The lease is held, unexpired, under this fencing token.
+    Lease(LeaseCondition),
+    /// The pool has at least this much available.
+    Available(AvailableCondition),
+    /// The grant exists (revocation takes effect for every act after it).
+    Permitted(GrantTuple),
 }
 
 /// `{"key", "value"}` of a `put` op.
@@ -112,6 +150,29 @@ pub struct AddOp {
     pub by: Number,
 }
 
+/// `{"pool", "amount", "ttl_ms", "context"?}` of a `reserve` op.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveOp {
+    /// The pool.
+    pub pool: String,
+    /// The amount (at least 1).
+    pub amount: u64,
+    /// How long to hold it (1 ms to 24 h).
+    pub ttl_ms: u64,
+    /// What the caller is about to build, returned with the reservation and its orphan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+}
+
+/// `{"reservation"}` of a `commit` or `release` op.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationRef {
+    /// The reservation's id.
+    pub reservation: String,
+}
+
 /// A write applied by an act or a txn, e.g. `{"add": {"key": "stock/sku-1", "by": -1}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -122,6 +183,16 @@ pub enum Op {
     Delete(DeleteOp),
     /// Add to a key's number.
     Add(AddOp),
+    /// Hold an amount of a pool.
+    Reserve(ReserveOp),
+    /// Consume a held reservation.
+    Commit(ReservationRef),
+    /// Give a held reservation back.
+    Release(ReservationRef),
+    /// Grant a permission.
+    Grant(GrantTuple),
+    /// Revoke a permission.
+    Revoke(GrantTuple),
 }
 
 /// Body of `PUT /v1/ns/{ns}/kv/{key}`.
@@ -244,6 +315,297 @@ pub enum OpResult {
         /// Its version after the add.
         version: u64,
     },
+    /// A reservation made.
+    Reserve {
+        /// Its id.
+        reservation: String,
+        /// The pool.
+        pool: String,
+        /// The amount.
+        amount: u64,
+        /// Its deadline (RFC 3339).
+        expires_at: String,
+        /// Its deadline (ms since the Unix epoch).
+        expires_at_ms: u64,
+    },
+    /// A reservation committed.
+    Commit {
+        /// Its id.
+        reservation: String,
+        /// The pool after it.
+        pool: PoolCounters,
+    },
+    /// A reservation released.
+    Release {
+        /// Its id.
+        reservation: String,
+        /// The pool after it.
+        pool: PoolCounters,
+    },
+    /// A pool's capacity set.
+    SetCapacity {
+        /// The pool after it.
+        pool: PoolCounters,
+    },
+    /// A grant made.
+    Grant {
+        /// Whether it existed already.
+        existed: bool,
+    },
+    /// A grant revoked.
+    Revoke {
+        /// Whether it existed.
+        existed: bool,
+    },
+    /// A lease acquired, renewed or released.
+    Lease {
+        /// The lease.
+        name: String,
+        /// The fencing token of the hold.
+        token: u64,
+        /// When the hold expires (ms since the Unix epoch; 0 once released).
+        expires_at_ms: u64,
+    },
+    /// An orphan resolved.
+    Resolve {
+        /// Its id.
+        orphan: String,
+    },
+    /// An expiry by the reconciler.
+    Expire {
+        /// The orphan it recorded, if anything was due.
+        orphan: Option<String>,
+    },
+}
+
+/// A pool's counters inside an op result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolCounters {
+    /// The pool.
+    pub pool: String,
+    /// Total amount.
+    pub capacity: u64,
+    /// Committed.
+    pub used: u64,
+    /// Held.
+    pub reserved: u64,
+}
+
+/// Body of `PUT /v1/ns/{ns}/pools/{pool}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRequest {
+    /// The capacity (refused below `used + reserved`).
+    pub capacity: u64,
+}
+
+/// Body of `POST /v1/ns/{ns}/pools/{pool}/reserve`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    /// The amount (at least 1).
+    pub amount: u64,
+    /// How long to hold it (1 ms to 24 h).
+    pub ttl_ms: u64,
+    /// What the caller is about to build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+}
+
+/// Answer of a reserve.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReserveResponse {
+    /// The reservation's id.
+    pub reservation: String,
+    /// The pool.
+    pub pool: String,
+    /// The amount.
+    pub amount: u64,
+    /// Its deadline (RFC 3339).
+    pub expires_at: String,
+    /// Its deadline (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+    /// The revision of the reserve.
+    pub revision: u64,
+}
+
+/// A reservation as read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReservationResponse {
+    /// Its id.
+    pub reservation: String,
+    /// The pool.
+    pub pool: String,
+    /// The amount.
+    pub amount: u64,
+    /// `held`, `committed`, `released` or `expired`.
+    pub state: String,
+    /// Its deadline (RFC 3339).
+    pub expires_at: String,
+    /// Its deadline (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+    /// What the caller was about to build.
+    pub context: Option<Value>,
+}
+
+/// Body of a lease acquisition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireRequest {
+    /// Who takes the lease.
+    pub holder: String,
+    /// For how long (1 ms to 24 h).
+    pub ttl_ms: u64,
+}
+
+/// Body of a lease renewal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The holder's fencing token.
+    pub token: u64,
+    /// The new TTL from now (default: the acquisition's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// Body of a lease release.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseReleaseRequest {
+    /// The holder's fencing token.
+    pub token: u64,
+}
+
+/// A lease as acquired, renewed or read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseResponse {
+    /// The lease.
+    pub name: String,
+    /// Its holder, while held.
+    pub holder: Option<String>,
+    /// The fencing token of the current (or last) hold; 0 if never acquired.
+    pub token: u64,
+    /// Whether it is held now.
+    pub held: bool,
+    /// When the hold expires (RFC 3339), while held.
+    pub expires_at: Option<String>,
+    /// When the hold expires (ms since the Unix epoch), while held.
+    pub expires_at_ms: Option<u64>,
+    /// The revision of the change (or, for a read, the revision read at).
+    pub revision: u64,
+}
+
+/// Answer of a grant listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GrantsResponse {
+    /// The grants, in key order.
+    pub items: Vec<GrantTuple>,
+    /// The revision read at.
+    pub revision: u64,
+}
+
+/// Body of an orphan resolution.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// What was done about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Something that expired unfinished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OrphanItem {
+    /// The orphan's id (for `POST …/orphans/{id}/resolve`).
+    pub id: String,
+    /// `reservation` or `lease`.
+    pub kind: String,
+    /// The reservation that expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
+    /// Its pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Its amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
+    /// Its context: what the caller was building.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+    /// The lease that expired while held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Who held it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The token of that hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    /// When it expired (RFC 3339).
+    pub expired_at: String,
+    /// When it expired (ms since the Unix epoch).
+    pub expired_at_ms: u64,
+    /// Whether it was marked compensated.
+    pub resolved: bool,
+    /// The note given then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Answer of an orphan listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OrphansResponse {
+    /// The orphans, oldest first.
+    pub items: Vec<OrphanItem>,
+    /// The revision read at.
+    pub revision: u64,
+}
+
+/// One event of `GET /v1/ns/{ns}/watch` (the `data` of an SSE `change` event; its SSE `id`
+/// is the revision, so `Last-Event-ID` resumes after it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent {
+    /// The revision of the change.
+    pub revision: u64,
+    /// `kv`, `lease`, `pool`, `reservation`, `grant` or `orphan`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The key (for primitives: the lease, pool or orphan name, reservation id, or
+    /// `subject|action|resource`).
+    pub key: String,
+    /// The value after the change (`null` once deleted).
+    pub value: Value,
+    /// The version after the change (0 once deleted).
+    pub version: u64,
+    /// Whether the change was a delete (or a revocation).
+    pub deleted: bool,
+}
+
+/// A pool and its counters, as set or read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolResponse {
+    /// The pool.
+    pub pool: String,
+    /// Total amount.
+    pub capacity: u64,
+    /// Consumed by committed reservations.
+    pub used: u64,
+    /// Held by live reservations.
+    pub reserved: u64,
+    /// `capacity - used - reserved`.
+    pub available: u64,
+    /// The revision of the change (or, for a read, the revision read at).
+    pub revision: u64,
+}
+
+/// Answer of an op-level lease, reservation, grant or orphan route.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AppliedResponse {
+    /// The revision of the change (the current one if nothing changed).
+    pub revision: u64,
+    /// What the op did.
+    pub result: OpResult,
 }
 
 /// Answer of a committed act.
