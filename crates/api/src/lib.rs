@@ -361,6 +361,8 @@ pub enum OpResult {
     Lease {
         /// The lease.
         name: String,
+        /// The holder (absent once released).
+        holder: Option<String>,
         /// The fencing token of the hold.
         token: u64,
         /// When the hold expires (ms since the Unix epoch; 0 once released).

@@ -32,6 +32,12 @@ pub struct Limits {
     pub max_list_limit: usize,
     /// Longest flow name.
     pub max_flow_bytes: usize,
+    /// Shortest reservation or lease TTL.
+    pub hold_ttl_ms_min: u64,
+    /// Longest reservation or lease TTL.
+    pub hold_ttl_ms_max: u64,
+    /// Longest name of a pool, lease, holder, or grant subject, action or resource.
+    pub max_name_bytes: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +57,9 @@ impl Default for Limits {
             max_correlation_id_bytes: 128,
             max_list_limit: 10_000,
             max_flow_bytes: 64,
+            hold_ttl_ms_min: 1,
+            hold_ttl_ms_max: 24 * 3_600_000,
+            max_name_bytes: 512,
         }
     }
 }

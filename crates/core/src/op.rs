@@ -226,6 +226,8 @@ pub enum OpResult {
     Lease {
         /// The lease.
         name: String,
+        /// The holder (`None` once yielded).
+        holder: Option<String>,
         /// The fencing token of the hold.
         token: u64,
         /// When the hold expires (0 once yielded).
@@ -577,21 +579,21 @@ pub(crate) fn apply_op(op: &Op, ws: &mut impl Workspace, ctx: &OpCtx<'_>) -> Res
                 ttl_ms: *ttl_ms,
             };
             ws.write(key, primitives::encode(&lease));
-            Ok(OpResult::Lease { name: name.clone(), token, expires_at_ms: lease.expires_at_ms })
+            Ok(OpResult::Lease { name: name.clone(), holder: lease.holder.clone(), token, expires_at_ms: lease.expires_at_ms })
         }
         Op::Renew { name, token, ttl_ms } => {
             let (key, mut lease) = live_lease(ws, ns, name, *token, ctx.now_ms)?;
             lease.ttl_ms = ttl_ms.unwrap_or(lease.ttl_ms);
             lease.expires_at_ms = ctx.now_ms.saturating_add(lease.ttl_ms);
             ws.write(key, primitives::encode(&lease));
-            Ok(OpResult::Lease { name: name.clone(), token: *token, expires_at_ms: lease.expires_at_ms })
+            Ok(OpResult::Lease { name: name.clone(), holder: lease.holder.clone(), token: *token, expires_at_ms: lease.expires_at_ms })
         }
         Op::Yield { name, token } => {
             let (key, mut lease) = live_lease(ws, ns, name, *token, ctx.now_ms)?;
             lease.holder = None;
             lease.expires_at_ms = 0;
             ws.write(key, primitives::encode(&lease));
-            Ok(OpResult::Lease { name: name.clone(), token: *token, expires_at_ms: 0 })
+            Ok(OpResult::Lease { name: name.clone(), holder: None, token: *token, expires_at_ms: 0 })
         }
         Op::Resolve { orphan: id, note } => {
             let key = NsKey::new(ns, primitives::orphan_key(id));

@@ -109,8 +109,20 @@ pub fn conditions(
                 api::Condition::Compare(c) => {
                     core::Condition::Compare { key: c.key, op: compare_op(c.op), value: c.value }
                 }
+                api::Condition::Lease(l) => {
+                    name(&l.name, &at("lease.name"), limits)?;
+                    return Ok(core::Condition::Lease { name: l.name, token: l.token });
+                }
+                api::Condition::Available(a) => {
+                    name(&a.pool, &at("available.pool"), limits)?;
+                    return Ok(core::Condition::Available { pool: a.pool, amount: a.amount });
+                }
+                api::Condition::Permitted(g) => {
+                    grant(&g, &at("permitted"), limits)?;
+                    return Ok(core::Condition::Permitted { subject: g.subject, action: g.action, resource: g.resource });
+                }
             };
-            key(c.key(), &format!("{field}[{idx}].key"), limits)?;
+            key(&c.key(), &format!("{field}[{idx}].key"), limits)?;
             Ok(c)
         })
         .collect()
@@ -162,11 +174,89 @@ pub fn ops(
                 }
                 api::Op::Delete(d) => core::Op::Delete { key: d.key },
                 api::Op::Add(a) => core::Op::Add { key: a.key, by: a.by },
+                api::Op::Reserve(r) => {
+                    let at = format!("{field}[{idx}].reserve");
+                    return reserve(r.pool, r.amount, r.ttl_ms, r.context, &at, raw_len, limits);
+                }
+                api::Op::Commit(r) => {
+                    name(&r.reservation, &format!("{field}[{idx}].commit.reservation"), limits)?;
+                    return Ok(core::Op::Commit { reservation: r.reservation });
+                }
+                api::Op::Release(r) => {
+                    name(&r.reservation, &format!("{field}[{idx}].release.reservation"), limits)?;
+                    return Ok(core::Op::Release { reservation: r.reservation });
+                }
+                api::Op::Grant(g) => {
+                    grant(&g, &format!("{field}[{idx}].grant"), limits)?;
+                    return Ok(core::Op::Grant { subject: g.subject, action: g.action, resource: g.resource });
+                }
+                api::Op::Revoke(g) => {
+                    grant(&g, &format!("{field}[{idx}].revoke"), limits)?;
+                    return Ok(core::Op::Revoke { subject: g.subject, action: g.action, resource: g.resource });
+                }
             };
-            key(op.key(), &format!("{field}[{idx}].key"), limits)?;
+            key(&op.key(), &format!("{field}[{idx}].key"), limits)?;
             Ok(op)
         })
         .collect()
+}
+
+/// A name of a pool, lease, reservation, orphan or holder: 1 to `max_name_bytes` bytes
+/// without control characters.
+pub fn name(name: &str, field: &str, limits: &Limits) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::invalid(field, "is empty"));
+    }
+    if name.len() > limits.max_name_bytes {
+        return Err(ApiError::invalid(field, format!("is {} bytes, longer than the limit of {}", name.len(), limits.max_name_bytes)));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(field, "contains a control character"));
+    }
+    Ok(())
+}
+
+/// A grant tuple: each part a valid name.
+pub fn grant(g: &api::GrantTuple, field: &str, limits: &Limits) -> Result<(), ApiError> {
+    name(&g.subject, &format!("{field}.subject"), limits)?;
+    name(&g.action, &format!("{field}.action"), limits)?;
+    name(&g.resource, &format!("{field}.resource"), limits)
+}
+
+/// A reservation or lease TTL within the configured range.
+pub fn hold_ttl_ms(ttl: u64, field: &str, limits: &Limits) -> Result<u64, ApiError> {
+    if !(limits.hold_ttl_ms_min..=limits.hold_ttl_ms_max).contains(&ttl) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{ttl} is outside the allowed range {}..={} ms", limits.hold_ttl_ms_min, limits.hold_ttl_ms_max),
+        ));
+    }
+    Ok(ttl)
+}
+
+/// A reserve op, checked.
+pub fn reserve(
+    pool: String,
+    amount: u64,
+    ttl_ms: u64,
+    context: Option<Value>,
+    field: &str,
+    raw_len: usize,
+    limits: &Limits,
+) -> Result<core::Op, ApiError> {
+    let at = |f: &str| if field.is_empty() { f.to_owned() } else { format!("{field}.{f}") };
+    name(&pool, &at("pool"), limits)?;
+    if amount == 0 {
+        return Err(ApiError::invalid(at("amount"), "must be at least 1"));
+    }
+    hold_ttl_ms(ttl_ms, &at("ttl_ms"), limits)?;
+    if let Some(c) = &context {
+        if !c.is_object() {
+            return Err(ApiError::invalid(at("context"), "must be a JSON object"));
+        }
+        value(c, &at("context"), raw_len, limits)?;
+    }
+    Ok(core::Op::Reserve { pool, amount, ttl_ms, context })
 }
 
 /// A ticket TTL within the configured range (default when absent).
@@ -193,6 +283,11 @@ pub fn condition_wire(c: &core::Condition) -> api::Condition {
         core::Condition::Version { key, is } => api::Condition::Version(api::VersionCondition { key, is }),
         core::Condition::Compare { key, op, value } => {
             api::Condition::Compare(api::CompareCondition { key, op: compare_op_wire(op), value })
+        }
+        core::Condition::Lease { name, token } => api::Condition::Lease(api::LeaseCondition { name, token }),
+        core::Condition::Available { pool, amount } => api::Condition::Available(api::AvailableCondition { pool, amount }),
+        core::Condition::Permitted { subject, action, resource } => {
+            api::Condition::Permitted(api::GrantTuple { subject, action, resource })
         }
     }
 }
@@ -223,7 +318,8 @@ fn describe(failures: &[core::ConditionFailure]) -> String {
                 (Some(rev), None) => format!(", changed at revision {rev}"),
                 _ => String::new(),
             };
-            format!("condition {} on {:?}: {}{changed}", f.index, f.condition.key(), f.reason)
+            let key = gapguard_core::primitives::display_key(&f.condition.key()).into_owned();
+            format!("condition {} on {key:?}: {}{changed}", f.index, f.reason)
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -270,18 +366,60 @@ pub fn refusal(refusal: Refusal, ns: &str) -> ApiError {
             format!("the ticket was issued in namespace {ticket_ns:?}, not {ns:?}"),
         )
         .with("field", "ticket"),
-        Refusal::OpFailed { index, error } => {
-            let code = error.code();
-            ApiError::new(StatusCode::CONFLICT, code, format!("ops[{index}]: {error}")).with("index", index)
-        }
+        Refusal::OpFailed { index, error } => op_error(error).with("index", index),
     }
 }
 
-fn op_result_wire(r: core::OpResult) -> api::OpResult {
+/// The documented error of an op that could not be applied, with its details.
+pub fn op_error(error: core::OpError) -> ApiError {
+    use core::OpError as E;
+    let code = error.code();
+    let message = error.to_string();
+    let status = match &error {
+        E::PoolNotFound { .. } | E::ReservationNotFound { .. } | E::OrphanNotFound { .. } => StatusCode::NOT_FOUND,
+        E::ReservationExpired { .. } => StatusCode::GONE,
+        _ => StatusCode::CONFLICT,
+    };
+    let mut err = ApiError::new(status, code, message);
+    match error {
+        E::Insufficient { available, requested, .. } => {
+            err = err.with("available", available).with("requested", requested);
+        }
+        E::CapacityTooLow { used, reserved, .. } => err = err.with("used", used).with("reserved", reserved),
+        E::LeaseHeld { holder, expires_at_ms, .. } => {
+            err = err.with("holder", holder).with("expires_at", rfc3339(expires_at_ms)).with("expires_at_ms", expires_at_ms);
+        }
+        E::ReservationExpired { expired_at_ms, .. } => {
+            err = err.with("expired_at", rfc3339(expired_at_ms)).with("expired_at_ms", expired_at_ms);
+        }
+        _ => {}
+    }
+    err
+}
+
+fn pool_counters(p: core::op::PoolState) -> api::PoolCounters {
+    api::PoolCounters { pool: p.pool, capacity: p.capacity, used: p.used, reserved: p.reserved }
+}
+
+/// An op result as the API writes it.
+pub fn op_result_wire(r: core::OpResult) -> api::OpResult {
     match r {
         core::OpResult::Put { key, version } => api::OpResult::Put { key, version },
         core::OpResult::Delete { key, deleted } => api::OpResult::Delete { key, deleted },
         core::OpResult::Add { key, value, version } => api::OpResult::Add { key, value, version },
+        core::OpResult::Reserve { reservation, pool, amount, expires_at_ms } => {
+            api::OpResult::Reserve { reservation, pool, amount, expires_at: rfc3339(expires_at_ms), expires_at_ms }
+        }
+        core::OpResult::Commit { reservation, pool } => api::OpResult::Commit { reservation, pool: pool_counters(pool) },
+        core::OpResult::Release { reservation, pool } => api::OpResult::Release { reservation, pool: pool_counters(pool) },
+        core::OpResult::SetCapacity { pool } => api::OpResult::SetCapacity { pool: pool_counters(pool) },
+        core::OpResult::Grant { existed } => api::OpResult::Grant { existed },
+        core::OpResult::Revoke { existed } => api::OpResult::Revoke { existed },
+        core::OpResult::Lease { name, holder, token, expires_at_ms } => {
+            api::OpResult::Lease { name, holder, token, expires_at_ms }
+        }
+        core::OpResult::Resolve { orphan } => api::OpResult::Resolve { orphan },
+        core::OpResult::Expire { orphan } => api::OpResult::Expire { orphan },
     }
 }
 
@@ -298,6 +436,9 @@ pub fn outcome(outcome: Outcome, ns: &str, subject: &str) -> Response {
         Outcome::Txn { succeeded, revision, results } => {
             let results = results.into_iter().map(op_result_wire).collect();
             Json(api::TxnResponse { succeeded, revision, results }).into_response()
+        }
+        Outcome::Applied { revision, result } => {
+            Json(api::AppliedResponse { revision, result: op_result_wire(result) }).into_response()
         }
         Outcome::Refused(r) => refusal(r, ns).into_response(),
     }

@@ -5,6 +5,7 @@ pub mod config;
 mod convert;
 pub mod error;
 mod extract;
+mod primitives;
 pub mod routes;
 
 use std::net::SocketAddr;

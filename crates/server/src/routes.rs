@@ -14,6 +14,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::{IntoParams, OpenApi};
 
 use crate::convert;
+use crate::primitives;
 use crate::error::ApiError;
 use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
 
@@ -38,6 +39,20 @@ pub fn app(engine: Engine) -> Router {
         .route("/v1/ns/{ns}/txn", post(txn))
         .route("/v1/ns/{ns}/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/ns/{ns}/pools/{pool}", get(primitives::get_pool).put(primitives::set_pool))
+        .route("/v1/ns/{ns}/pools/{pool}/reserve", post(primitives::reserve))
+        .route("/v1/ns/{ns}/reservations/{id}", get(primitives::get_reservation))
+        .route("/v1/ns/{ns}/reservations/{id}/commit", post(primitives::commit))
+        .route("/v1/ns/{ns}/reservations/{id}/release", post(primitives::release))
+        .route("/v1/ns/{ns}/leases/{name}", get(primitives::get_lease))
+        .route("/v1/ns/{ns}/leases/{name}/acquire", post(primitives::acquire))
+        .route("/v1/ns/{ns}/leases/{name}/renew", post(primitives::renew))
+        .route("/v1/ns/{ns}/leases/{name}/release", post(primitives::release_lease))
+        .route("/v1/ns/{ns}/grants", get(primitives::list_grants).post(primitives::grant))
+        .route("/v1/ns/{ns}/grants/revoke", post(primitives::revoke))
+        .route("/v1/ns/{ns}/orphans", get(primitives::list_orphans))
+        .route("/v1/ns/{ns}/orphans/{id}/resolve", post(primitives::resolve_orphan))
+        .route("/v1/ns/{ns}/watch", get(primitives::watch))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
@@ -60,7 +75,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-fn engine_error(e: EngineError) -> ApiError {
+pub(crate) fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::IdempotencyConflict => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -77,12 +92,12 @@ fn engine_error(e: EngineError) -> ApiError {
     }
 }
 
-fn context(correlation: Correlation) -> RequestContext {
+pub(crate) fn context(correlation: Correlation) -> RequestContext {
     RequestContext { correlation_id: Some(correlation.0), api_key_id: None }
 }
 
 /// The `Idempotency-Key` of a mutating request, bound to the request's fingerprint.
-fn idempotency(
+pub(crate) fn idempotency(
     headers: &HeaderMap,
     ns: &str,
     method: &Method,
@@ -119,8 +134,20 @@ async fn write(
     subject: &str,
 ) -> Result<Response, ApiError> {
     let ns = request.ns().to_owned();
+    write_with(state, request, correlation, claim, |outcome| convert::outcome(outcome, &ns, subject)).await
+}
+
+/// Runs a write through the engine and renders its outcome with `render` (a pure function of
+/// the outcome, so that an idempotent replay answers exactly what the first request got).
+pub(crate) async fn write_with(
+    state: &AppState,
+    request: WriteRequest,
+    correlation: Correlation,
+    claim: Option<IdempotencyClaim>,
+    render: impl FnOnce(gapguard_core::Outcome) -> Response,
+) -> Result<Response, ApiError> {
     let result = state.engine.write(request, context(correlation), claim).await.map_err(engine_error)?;
-    let mut response = convert::outcome(result.outcome, &ns, subject);
+    let mut response = render(result.outcome);
     if result.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -419,6 +446,12 @@ async fn audit_verify(State(state): State<AppState>) -> Result<Json<api::VerifyR
 #[derive(OpenApi)]
 #[openapi(
     info(title = "gapguard", description = "The guard that closes the gap between time of check and time of use."),
-    paths(healthz, put_kv, get_kv, delete_kv, list_kv, check, act, txn, audit, audit_verify)
+    paths(
+        healthz, put_kv, get_kv, delete_kv, list_kv, check, act, txn, audit, audit_verify,
+        primitives::set_pool, primitives::get_pool, primitives::reserve, primitives::get_reservation,
+        primitives::commit, primitives::release, primitives::acquire, primitives::renew, primitives::release_lease,
+        primitives::get_lease, primitives::grant, primitives::revoke, primitives::list_grants,
+        primitives::list_orphans, primitives::resolve_orphan, primitives::watch
+    )
 )]
 pub struct ApiDoc;
