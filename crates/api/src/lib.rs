@@ -725,6 +725,9 @@ pub struct AuditEvent {
     pub flow: Option<String>,
     /// For an act with a ticket: the check.
     pub check: Option<AuditCheck>,
+    /// For a refusal or denial: what did not hold and which change broke it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Answer of an audit query.

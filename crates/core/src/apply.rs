@@ -138,6 +138,24 @@ impl WriteRequest {
     }
 }
 
+/// Each failed condition, with the revision and correlation id of the change that broke it,
+/// for a person: `condition 0 on "stock": 0 >= 1 is false, changed at revision 7 by job-3`.
+pub fn describe_failures(failures: &[ConditionFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| {
+            let key = primitives::display_key(&f.condition.key()).into_owned();
+            let changed = match (&f.changed_at_revision, &f.changed_by) {
+                (Some(rev), Some(by)) => format!(", changed at revision {rev} by {by}"),
+                (Some(rev), None) => format!(", changed at revision {rev}"),
+                _ => String::new(),
+            };
+            format!("condition {} on {key:?}: {}{changed}", f.index, f.reason)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Why a write request was not applied. Nothing of it took effect.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,6 +192,21 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// What was refused and why, for a person (and the audit log): each condition that did not
+    /// hold, with the revision and correlation id of the change that broke it.
+    pub fn describe(&self) -> String {
+        match self {
+            Refusal::StaleCheck { changed } => {
+                format!("the ticket's check no longer holds: {}", describe_failures(changed))
+            }
+            Refusal::ConditionFailed { failed } => format!("condition failed: {}", describe_failures(failed)),
+            Refusal::TicketUsed => "this ticket already served an act".into(),
+            Refusal::TicketExpired { expired_at_ms } => format!("the ticket expired at {expired_at_ms} ms"),
+            Refusal::TicketWrongNamespace { ticket_ns } => format!("the ticket was issued in namespace {ticket_ns:?}"),
+            Refusal::OpFailed { index, error } => format!("ops[{index}]: {error}"),
+        }
+    }
+
     /// The stable error code of the API.
     pub fn code(&self) -> &'static str {
         match self {
@@ -359,6 +392,7 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
         correlation_id: meta.correlation_id.clone(),
         flow: None,
         check: None,
+        detail: None,
     };
     let mut used_ticket = None;
     let result: Result<(BTreeMap<NsKey, Entry>, Outcome), Refusal> = match request {
@@ -441,6 +475,7 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
         }
         Err(refusal) => {
             audit.reason = Some(refusal.code().into());
+            audit.detail = Some(refusal.describe());
             refused_with(audit, Outcome::Refused(refusal))
         }
     }
@@ -540,6 +575,7 @@ pub fn check(view: &impl StateView, request: &CheckRequest, meta: &Meta) -> Chec
         correlation_id: meta.correlation_id.clone(),
         flow: request.flow.clone(),
         check: None,
+        detail: Some(format!("check failed: {}", describe_failures(&failed))),
     };
     CheckOutcome::Denied { failed, audit }
 }

@@ -75,6 +75,10 @@ pub struct AuditEvent {
     pub flow: Option<String>,
     /// For an act that presented a ticket: the check it came from.
     pub check: Option<CheckRef>,
+    /// For a refusal or denial: what did not hold, and which revision (and correlation id)
+    /// changed it, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A sealed event as stored: its body bytes (exactly what was hashed) and the hash.
@@ -191,6 +195,7 @@ mod tests {
             correlation_id: Some("c".into()),
             flow: None,
             check: None,
+            detail: None,
         }
     }
 

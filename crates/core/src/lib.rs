@@ -18,7 +18,10 @@ pub mod primitives;
 pub mod state;
 pub mod ticket;
 
-pub use apply::{apply, check, Act, Applied, CheckOutcome, CheckRequest, Meta, Outcome, Refusal, Txn, WriteRequest};
+pub use apply::{
+    apply, check, describe_failures, Act, Applied, CheckOutcome, CheckRequest, Meta, Outcome, Refusal, Txn,
+    WriteRequest,
+};
 pub use audit::{AuditEvent, AuditKind, ChainError, CheckRef, SealedEvent};
 pub use condition::{CompareOp, Condition, ConditionFailure};
 pub use idempotency::{IdempotencyDecision, IdempotencyRecord};

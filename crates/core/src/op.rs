@@ -579,14 +579,24 @@ pub(crate) fn apply_op(op: &Op, ws: &mut impl Workspace, ctx: &OpCtx<'_>) -> Res
                 ttl_ms: *ttl_ms,
             };
             ws.write(key, primitives::encode(&lease));
-            Ok(OpResult::Lease { name: name.clone(), holder: lease.holder.clone(), token, expires_at_ms: lease.expires_at_ms })
+            Ok(OpResult::Lease {
+                name: name.clone(),
+                holder: lease.holder.clone(),
+                token,
+                expires_at_ms: lease.expires_at_ms,
+            })
         }
         Op::Renew { name, token, ttl_ms } => {
             let (key, mut lease) = live_lease(ws, ns, name, *token, ctx.now_ms)?;
             lease.ttl_ms = ttl_ms.unwrap_or(lease.ttl_ms);
             lease.expires_at_ms = ctx.now_ms.saturating_add(lease.ttl_ms);
             ws.write(key, primitives::encode(&lease));
-            Ok(OpResult::Lease { name: name.clone(), holder: lease.holder.clone(), token: *token, expires_at_ms: lease.expires_at_ms })
+            Ok(OpResult::Lease {
+                name: name.clone(),
+                holder: lease.holder.clone(),
+                token: *token,
+                expires_at_ms: lease.expires_at_ms,
+            })
         }
         Op::Yield { name, token } => {
             let (key, mut lease) = live_lease(ws, ns, name, *token, ctx.now_ms)?;

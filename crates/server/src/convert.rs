@@ -119,7 +119,11 @@ pub fn conditions(
                 }
                 api::Condition::Permitted(g) => {
                     grant(&g, &at("permitted"), limits)?;
-                    return Ok(core::Condition::Permitted { subject: g.subject, action: g.action, resource: g.resource });
+                    return Ok(core::Condition::Permitted {
+                        subject: g.subject,
+                        action: g.action,
+                        resource: g.resource,
+                    });
                 }
             };
             key(&c.key(), &format!("{field}[{idx}].key"), limits)?;
@@ -208,7 +212,10 @@ pub fn name(name: &str, field: &str, limits: &Limits) -> Result<(), ApiError> {
         return Err(ApiError::invalid(field, "is empty"));
     }
     if name.len() > limits.max_name_bytes {
-        return Err(ApiError::invalid(field, format!("is {} bytes, longer than the limit of {}", name.len(), limits.max_name_bytes)));
+        return Err(ApiError::invalid(
+            field,
+            format!("is {} bytes, longer than the limit of {}", name.len(), limits.max_name_bytes),
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(ApiError::invalid(field, "contains a control character"));
@@ -285,7 +292,9 @@ pub fn condition_wire(c: &core::Condition) -> api::Condition {
             api::Condition::Compare(api::CompareCondition { key, op: compare_op_wire(op), value })
         }
         core::Condition::Lease { name, token } => api::Condition::Lease(api::LeaseCondition { name, token }),
-        core::Condition::Available { pool, amount } => api::Condition::Available(api::AvailableCondition { pool, amount }),
+        core::Condition::Available { pool, amount } => {
+            api::Condition::Available(api::AvailableCondition { pool, amount })
+        }
         core::Condition::Permitted { subject, action, resource } => {
             api::Condition::Permitted(api::GrantTuple { subject, action, resource })
         }
@@ -309,25 +318,9 @@ fn failures_json(failures: Vec<core::ConditionFailure>) -> Value {
     serde_json::to_value(failures.into_iter().map(failure_wire).collect::<Vec<_>>()).expect("failures serialize")
 }
 
-fn describe(failures: &[core::ConditionFailure]) -> String {
-    failures
-        .iter()
-        .map(|f| {
-            let changed = match (&f.changed_at_revision, &f.changed_by) {
-                (Some(rev), Some(by)) => format!(", changed at revision {rev} by {by}"),
-                (Some(rev), None) => format!(", changed at revision {rev}"),
-                _ => String::new(),
-            };
-            let key = gapguard_core::primitives::display_key(&f.condition.key()).into_owned();
-            format!("condition {} on {key:?}: {}{changed}", f.index, f.reason)
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// `412 check_failed` for a denied check.
 pub fn check_failed(failures: Vec<core::ConditionFailure>) -> ApiError {
-    let message = format!("check failed: {}", describe(&failures));
+    let message = format!("check failed: {}", core::describe_failures(&failures));
     ApiError::new(StatusCode::PRECONDITION_FAILED, api::codes::CHECK_FAILED, message)
         .with("failed", failures_json(failures))
 }
@@ -336,12 +329,12 @@ pub fn check_failed(failures: Vec<core::ConditionFailure>) -> ApiError {
 pub fn refusal(refusal: Refusal, ns: &str) -> ApiError {
     match refusal {
         Refusal::StaleCheck { changed } => {
-            let message = format!("the ticket's check no longer holds: {}", describe(&changed));
+            let message = format!("the ticket's check no longer holds: {}", core::describe_failures(&changed));
             ApiError::new(StatusCode::CONFLICT, api::codes::STALE_CHECK, message)
                 .with("changed", failures_json(changed))
         }
         Refusal::ConditionFailed { failed } => {
-            let message = format!("condition failed: {}", describe(&failed));
+            let message = format!("condition failed: {}", core::describe_failures(&failed));
             ApiError::new(StatusCode::CONFLICT, api::codes::CONDITION_FAILED, message)
                 .with("failed", failures_json(failed))
         }
@@ -387,7 +380,10 @@ pub fn op_error(error: core::OpError) -> ApiError {
         }
         E::CapacityTooLow { used, reserved, .. } => err = err.with("used", used).with("reserved", reserved),
         E::LeaseHeld { holder, expires_at_ms, .. } => {
-            err = err.with("holder", holder).with("expires_at", rfc3339(expires_at_ms)).with("expires_at_ms", expires_at_ms);
+            err = err
+                .with("holder", holder)
+                .with("expires_at", rfc3339(expires_at_ms))
+                .with("expires_at_ms", expires_at_ms);
         }
         E::ReservationExpired { expired_at_ms, .. } => {
             err = err.with("expired_at", rfc3339(expired_at_ms)).with("expired_at_ms", expired_at_ms);
@@ -410,8 +406,12 @@ pub fn op_result_wire(r: core::OpResult) -> api::OpResult {
         core::OpResult::Reserve { reservation, pool, amount, expires_at_ms } => {
             api::OpResult::Reserve { reservation, pool, amount, expires_at: rfc3339(expires_at_ms), expires_at_ms }
         }
-        core::OpResult::Commit { reservation, pool } => api::OpResult::Commit { reservation, pool: pool_counters(pool) },
-        core::OpResult::Release { reservation, pool } => api::OpResult::Release { reservation, pool: pool_counters(pool) },
+        core::OpResult::Commit { reservation, pool } => {
+            api::OpResult::Commit { reservation, pool: pool_counters(pool) }
+        }
+        core::OpResult::Release { reservation, pool } => {
+            api::OpResult::Release { reservation, pool: pool_counters(pool) }
+        }
         core::OpResult::SetCapacity { pool } => api::OpResult::SetCapacity { pool: pool_counters(pool) },
         core::OpResult::Grant { existed } => api::OpResult::Grant { existed },
         core::OpResult::Revoke { existed } => api::OpResult::Revoke { existed },

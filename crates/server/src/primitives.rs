@@ -39,7 +39,12 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    async fn run(self, op: Op, kind: AuditKind, render: impl FnOnce(Outcome, &str) -> Response) -> Result<Response, ApiError> {
+    async fn run(
+        self,
+        op: Op,
+        kind: AuditKind,
+        render: impl FnOnce(Outcome, &str) -> Response,
+    ) -> Result<Response, ApiError> {
         let claim = idempotency(&self.headers, &self.ns, &self.method, &self.uri, &self.raw, self.state)?;
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
@@ -144,9 +149,8 @@ pub(crate) async fn get_pool(
     convert::name(&pool, "pool", limits)?;
     let snap = state.engine.snapshot();
     let key = gapguard_core::NsKey::new(ns.as_str(), primitives::pool_key(&pool));
-    let counters: Pool = primitives::decode(&key, snap.entries.get(&key)).ok_or_else(|| {
-        convert::op_error(gapguard_core::OpError::PoolNotFound { pool: pool.clone() })
-    })?;
+    let counters: Pool = primitives::decode(&key, snap.entries.get(&key))
+        .ok_or_else(|| convert::op_error(gapguard_core::OpError::PoolNotFound { pool: pool.clone() }))?;
     Ok(Json(pool_response(pool, &counters, snap.revision)))
 }
 
@@ -171,7 +175,8 @@ pub(crate) async fn reserve(
         .run(op, AuditKind::Reservation, |outcome, ns| match outcome {
             Outcome::Applied { revision, result: OpResult::Reserve { reservation, pool, amount, expires_at_ms } } => {
                 let expires_at = convert::rfc3339(expires_at_ms);
-                Json(api::ReserveResponse { reservation, pool, amount, expires_at, expires_at_ms, revision }).into_response()
+                Json(api::ReserveResponse { reservation, pool, amount, expires_at, expires_at_ms, revision })
+                    .into_response()
             }
             other => applied(other, ns),
         })
@@ -187,9 +192,10 @@ pub(crate) async fn get_reservation(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::name(&id, "reservation", limits)?;
-    let r: Reservation = state.engine.primitive(&ns, &primitives::reservation_key(&id)).ok_or_else(|| {
-        convert::op_error(gapguard_core::OpError::ReservationNotFound { reservation: id.clone() })
-    })?;
+    let r: Reservation = state
+        .engine
+        .primitive(&ns, &primitives::reservation_key(&id))
+        .ok_or_else(|| convert::op_error(gapguard_core::OpError::ReservationNotFound { reservation: id.clone() }))?;
     let state_name = match r.state {
         ReservationState::Held => "held",
         ReservationState::Committed => "committed",
@@ -442,7 +448,8 @@ fn orphan_item(id: String, o: Orphan) -> api::OrphanItem {
     match o.kind {
         OrphanKind::Reservation { reservation, pool, amount, context } => {
             item.kind = "reservation".into();
-            (item.reservation, item.pool, item.amount, item.context) = (Some(reservation), Some(pool), Some(amount), context);
+            (item.reservation, item.pool, item.amount, item.context) =
+                (Some(reservation), Some(pool), Some(amount), context);
         }
         OrphanKind::Lease { lease, holder, token } => {
             item.kind = "lease".into();
@@ -557,14 +564,15 @@ pub(crate) async fn watch(
     convert::namespace(&ns, limits)?;
     let types: Vec<&'static str> = match &params.types {
         None => WATCH_TYPES.to_vec(),
-        Some(list) => list
-            .split(',')
-            .map(|t| {
-                WATCH_TYPES.iter().find(|known| **known == t.trim()).copied().ok_or_else(|| {
-                    ApiError::invalid("types", format!("{t:?} is not one of {}", WATCH_TYPES.join(",")))
+        Some(list) => {
+            list.split(',')
+                .map(|t| {
+                    WATCH_TYPES.iter().find(|known| **known == t.trim()).copied().ok_or_else(|| {
+                        ApiError::invalid("types", format!("{t:?} is not one of {}", WATCH_TYPES.join(",")))
+                    })
                 })
-            })
-            .collect::<Result<_, _>>()?,
+                .collect::<Result<_, _>>()?
+        }
     };
     let last_event_id = match headers.get("last-event-id") {
         None => None,
@@ -575,10 +583,8 @@ pub(crate) async fn watch(
                 .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be a revision number"))?,
         ),
     };
-    let from = params
-        .from_revision
-        .or(last_event_id.map(|id| id + 1))
-        .unwrap_or_else(|| state.engine.snapshot().revision + 1);
+    let from =
+        params.from_revision.or(last_event_id.map(|id| id + 1)).unwrap_or_else(|| state.engine.snapshot().revision + 1);
     let (prefix, filter_ns) = (params.prefix, ns);
     let filter = move |c: &Change| watch_event(c, &filter_ns, &prefix, &types);
     let events: std::pin::Pin<Box<dyn Stream<Item = Event> + Send>> = match state.engine.watch(from) {

@@ -14,9 +14,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::{IntoParams, OpenApi};
 
 use crate::convert;
-use crate::primitives;
 use crate::error::ApiError;
 use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
+use crate::primitives;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -388,6 +388,7 @@ fn audit_event_wire(e: gapguard_engine::StoredAuditEvent) -> api::AuditEvent {
         api_key_id: e.event.api_key_id,
         correlation_id: e.event.correlation_id,
         flow: e.event.flow,
+        detail: e.event.detail,
         check: e.event.check.map(|c| api::AuditCheck {
             revision: c.revision,
             issued_at_ms: c.issued_at_ms,
@@ -447,11 +448,32 @@ async fn audit_verify(State(state): State<AppState>) -> Result<Json<api::VerifyR
 #[openapi(
     info(title = "gapguard", description = "The guard that closes the gap between time of check and time of use."),
     paths(
-        healthz, put_kv, get_kv, delete_kv, list_kv, check, act, txn, audit, audit_verify,
-        primitives::set_pool, primitives::get_pool, primitives::reserve, primitives::get_reservation,
-        primitives::commit, primitives::release, primitives::acquire, primitives::renew, primitives::release_lease,
-        primitives::get_lease, primitives::grant, primitives::revoke, primitives::list_grants,
-        primitives::list_orphans, primitives::resolve_orphan, primitives::watch
+        healthz,
+        put_kv,
+        get_kv,
+        delete_kv,
+        list_kv,
+        check,
+        act,
+        txn,
+        audit,
+        audit_verify,
+        primitives::set_pool,
+        primitives::get_pool,
+        primitives::reserve,
+        primitives::get_reservation,
+        primitives::commit,
+        primitives::release,
+        primitives::acquire,
+        primitives::renew,
+        primitives::release_lease,
+        primitives::get_lease,
+        primitives::grant,
+        primitives::revoke,
+        primitives::list_grants,
+        primitives::list_orphans,
+        primitives::resolve_orphan,
+        primitives::watch
     )
 )]
 pub struct ApiDoc;

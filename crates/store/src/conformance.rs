@@ -56,6 +56,7 @@ fn events(from_seq: u64, n: u64, prev: [u8; 32]) -> Vec<SealedEvent> {
                 correlation_id: Some(format!("corr-{seq}")),
                 flow: None,
                 check: None,
+                detail: None,
             };
             let sealed = seal(seq, &prev, &event);
             prev = sealed.hash;
