@@ -1,0 +1,222 @@
+//! Black-box tests of the coordination primitives against the real binary: leases and their
+//! fencing tokens (across expiry and `kill -9`), pools under 64 racing reservers, expiry into
+//! orphans, revocation at use, and the watch stream.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{Http, Server};
+
+#[tokio::test]
+async fn leases_are_exclusive_and_tokens_grow_across_expiry_and_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let a = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-a", "ttl_ms": 300})).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let token_a = a.body["token"].as_u64().unwrap();
+    let b = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-b", "ttl_ms": 300})).await;
+    assert_eq!((b.status, b.body["error"].as_str(), b.body["holder"].as_str()), (409, Some("lease_held"), Some("worker-a")));
+    // worker-a pauses past its expiry (a GC pause); worker-b takes over with a greater token.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let b = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-b", "ttl_ms": 60000})).await;
+    assert_eq!(b.status, 200, "{:?}", b.body);
+    let token_b = b.body["token"].as_u64().unwrap();
+    assert!(token_b > token_a);
+    // The stale holder wakes up: its renewal, its release and its fenced write are refused.
+    let renew = http.post("/v1/ns/ops/leases/migrator/renew", json!({"token": token_a})).await;
+    assert_eq!((renew.status, renew.body["error"].as_str()), (409, Some("lease_lost")));
+    let stale_write = json!({"conditions": [{"lease": {"name": "migrator", "token": token_a}}],
+                             "ops": [{"put": {"key": "schema/version", "value": 7}}]});
+    let refused = http.post("/v1/ns/ops/act", stale_write).await;
+    assert_eq!((refused.status, refused.body["error"].as_str()), (409, Some("condition_failed")), "{:?}", refused.body);
+    assert_eq!(http.get("/v1/ns/ops/kv/schema/version").await.status, 404);
+    let fenced = json!({"conditions": [{"lease": {"name": "migrator", "token": token_b}}],
+                        "ops": [{"put": {"key": "schema/version", "value": 8}}]});
+    assert_eq!(http.post("/v1/ns/ops/act", fenced).await.status, 200);
+    // The expired hold of worker-a is an orphan for the cleanup job.
+    let orphans = http.get("/v1/ns/ops/orphans").await;
+    let lease_orphans: Vec<&Value> = orphans.body["items"].as_array().unwrap().iter().filter(|o| o["kind"] == "lease").collect();
+    assert_eq!(lease_orphans.len(), 1, "{:?}", orphans.body);
+    assert_eq!((lease_orphans[0]["holder"].as_str(), lease_orphans[0]["token"].as_u64()), (Some("worker-a"), Some(token_a)));
+    // Tokens keep growing after a crash: release, kill -9, restart, acquire again.
+    assert_eq!(http.post("/v1/ns/ops/leases/migrator/release", json!({"token": token_b})).await.status, 200);
+    let server = server.crash_and_restart();
+    let http = Http::new(&server);
+    let c = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-c", "ttl_ms": 1000})).await;
+    assert_eq!(c.status, 200, "{:?}", c.body);
+    assert!(c.body["token"].as_u64().unwrap() > token_b, "token went back after a restart: {:?}", c.body);
+    let got = http.get("/v1/ns/ops/leases/migrator").await;
+    assert_eq!((got.body["held"].as_bool(), got.body["holder"].as_str()), (Some(true), Some("worker-c")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_reservers_commit_exactly_the_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Arc::new(Http::new(&server));
+    assert_eq!(http.put("/v1/ns/q/pools/vm-quota", json!({"capacity": 100})).await.status, 200);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                let mut committed = 0;
+                loop {
+                    let r = http.post("/v1/ns/q/pools/vm-quota/reserve", json!({"amount": 1, "ttl_ms": 30000, "context": {"vm": i}})).await;
+                    match (r.status, r.body["error"].as_str()) {
+                        (200, _) => {}
+                        (409, Some("insufficient")) => {
+                            assert_eq!(r.body["available"], 0);
+                            return committed;
+                        }
+                        other => panic!("reserve answered {other:?}: {:?}", r.body),
+                    }
+                    let id = r.body["reservation"].as_str().unwrap();
+                    let c = http.send("POST", &format!("/v1/ns/q/reservations/{id}/commit"), None, &[]).await;
+                    assert_eq!(c.status, 200, "{:?}", c.body);
+                    committed += 1;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 100);
+    let pool = http.get("/v1/ns/q/pools/vm-quota").await.body;
+    assert_eq!((pool["used"].as_u64(), pool["reserved"].as_u64(), pool["available"].as_u64()), (Some(100), Some(0), Some(0)));
+    // Capacity cannot drop below what is in use.
+    let shrink = http.put("/v1/ns/q/pools/vm-quota", json!({"capacity": 99})).await;
+    assert_eq!((shrink.status, shrink.body["error"].as_str()), (409, Some("capacity_too_low")));
+}
+
+#[tokio::test]
+async fn an_expired_reservation_returns_to_the_pool_as_an_orphan_and_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    http.put("/v1/ns/q/pools/ips", json!({"capacity": 10})).await;
+    let r = http.post("/v1/ns/q/pools/ips/reserve", json!({"amount": 3, "ttl_ms": 200, "context": {"vm": "v-17", "step": "attach-ip"}})).await;
+    assert_eq!(r.status, 200);
+    let id = r.body["reservation"].as_str().unwrap().to_owned();
+    assert_eq!(http.get("/v1/ns/q/pools/ips").await.body["available"], 7);
+    let deadline = Instant::now() + Duration::from_millis(200 + 2000);
+    loop {
+        if http.get("/v1/ns/q/pools/ips").await.body["available"] == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reservation was not back in the pool within 2 s of its expiry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let orphans = http.get("/v1/ns/q/orphans").await.body;
+    let orphan = &orphans["items"][0];
+    assert_eq!(orphan["reservation"], id.as_str());
+    assert_eq!(orphan["context"], json!({"vm": "v-17", "step": "attach-ip"}));
+    let late = http.send("POST", &format!("/v1/ns/q/reservations/{id}/commit"), None, &[]).await;
+    assert_eq!((late.status, late.body["error"].as_str()), (410, Some("reservation_expired")));
+    let again = http.send("POST", &format!("/v1/ns/q/reservations/{id}/release"), None, &[]).await;
+    assert_eq!(again.status, 410);
+    // The cleanup job compensates and marks it resolved; it leaves the list.
+    let orphan_id = orphan["id"].as_str().unwrap();
+    let resolved = http.post(&format!("/v1/ns/q/orphans/{orphan_id}/resolve"), json!({"note": "ip released"})).await;
+    assert_eq!(resolved.status, 200, "{:?}", resolved.body);
+    assert!(http.get("/v1/ns/q/orphans").await.body["items"].as_array().unwrap().is_empty());
+    let twice = http.post(&format!("/v1/ns/q/orphans/{orphan_id}/resolve"), json!({})).await;
+    assert_eq!((twice.status, twice.body["error"].as_str()), (409, Some("orphan_resolved")));
+    // Resolving each outcome twice answers its own code.
+    let r = http.post("/v1/ns/q/pools/ips/reserve", json!({"amount": 1, "ttl_ms": 60000})).await;
+    let id = r.body["reservation"].as_str().unwrap();
+    assert_eq!(http.send("POST", &format!("/v1/ns/q/reservations/{id}/release"), None, &[]).await.status, 200);
+    let c = http.send("POST", &format!("/v1/ns/q/reservations/{id}/commit"), None, &[]).await;
+    assert_eq!((c.status, c.body["error"].as_str()), (409, Some("reservation_released")));
+}
+
+#[tokio::test]
+async fn a_revocation_between_check_and_act_refuses_the_act_and_is_named_in_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let alice = json!({"subject": "user:alice", "action": "export", "resource": "report:9"});
+    assert_eq!(http.post("/v1/ns/docs/grants", alice.clone()).await.status, 200);
+    let check = http.post("/v1/ns/docs/check", json!({"conditions": [{"permitted": alice}]})).await;
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    let revoke = http.send("POST", "/v1/ns/docs/grants/revoke", Some(&alice), &[("x-correlation-id", "offboarding-77")]).await;
+    assert_eq!(revoke.status, 200);
+    let act = json!({"ticket": check.body["ticket"], "ops": [{"put": {"key": "exports/report-9", "value": "queued"}}]});
+    let refused = http.send("POST", "/v1/ns/docs/act", Some(&act), &[("x-correlation-id", "export-job-5")]).await;
+    assert_eq!((refused.status, refused.body["error"].as_str()), (409, Some("stale_check")), "{:?}", refused.body);
+    assert_eq!(refused.body["changed"][0]["changed_at_revision"], revoke.body["revision"]);
+    assert_eq!(refused.body["changed"][0]["changed_by"], "offboarding-77");
+    let audit = http.get("/v1/ns/docs/audit?correlation_id=export-job-5").await.body;
+    let detail = audit["events"][0]["detail"].as_str().unwrap();
+    let revision = revoke.body["revision"].as_u64().unwrap();
+    assert!(detail.contains(&format!("changed at revision {revision} by offboarding-77")), "{detail}");
+    assert_eq!(http.get("/v1/ns/docs/grants?subject=user:alice").await.body["items"], json!([]));
+}
+
+/// Reads SSE `change` events until `n` arrived (or the deadline passes).
+async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
+    let mut response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, response.chunk()).await.expect("events in time").unwrap().expect("open stream");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut data, mut name) = (None, None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(serde_json::from_str::<Value>(v.trim()).unwrap());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_owned());
+                }
+            }
+            if let Some(data) = data {
+                events.push((id, json!({"event": name, "data": data})));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn watch_sees_later_puts_and_resumes_without_gaps_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let url = format!("{}/v1/ns/w/watch?prefix=cfg/", server.url);
+    let live = tokio::spawn(async move { sse_events(&url, 3).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 1..=3 {
+        http.put(&format!("/v1/ns/w/kv/cfg/{i}"), json!({"value": i})).await;
+        http.put("/v1/ns/w/kv/other", json!({"value": i})).await;
+    }
+    let events = live.await.unwrap();
+    let keys: Vec<&str> = events.iter().map(|(_, e)| e["data"]["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["cfg/1", "cfg/2", "cfg/3"], "only the prefix, in order");
+    let revisions: Vec<u64> = events.iter().map(|(_, e)| e["data"]["revision"].as_u64().unwrap()).collect();
+    assert_eq!(revisions, [1, 3, 5]);
+    // Resume after the first event's revision: exactly the rest, in order, then a new one.
+    let resume = format!("{}/v1/ns/w/watch?from_revision={}", server.url, revisions[0] + 1);
+    let resumed = tokio::spawn(async move { sse_events(&resume, 6).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    http.put("/v1/ns/w/kv/cfg/4", json!({"value": 4})).await;
+    let resumed = resumed.await.unwrap();
+    let seen: Vec<u64> = resumed.iter().map(|(id, _)| id.unwrap()).collect();
+    assert_eq!(seen, [2, 3, 4, 5, 6, 7], "every revision after 1, once, in order: backlog, then live");
+    // Before the server's start, history is compacted.
+    let server = server.crash_and_restart();
+    let old = format!("{}/v1/ns/w/watch?from_revision=1", server.url);
+    let compacted = sse_events(&old, 1).await;
+    assert_eq!(compacted[0].1["event"], "compacted");
+    assert_eq!(compacted[0].1["data"]["first_available_revision"], 8);
+}
