@@ -233,3 +233,38 @@ async fn namespace_correlation_id_and_list_limits() {
         }
     }
 }
+
+#[tokio::test]
+async fn primitive_limits_and_bad_input() {
+    let g = guard();
+    let (status, _) = g.json("PUT", "/v1/ns/n/pools/p", json!({"capacity": 10})).await;
+    assert_eq!(status, StatusCode::OK);
+    for ok in [1u64, 86_400_000] {
+        let (status, body) = g.json("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": ok})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) =
+            g.json("POST", &format!("/v1/ns/n/leases/l{ok}/acquire"), json!({"holder": "h", "ttl_ms": ok})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for bad in [0u64, 86_400_001] {
+        g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": bad}), "ttl_ms").await;
+        g.assert_invalid("POST", "/v1/ns/n/leases/x/acquire", json!({"holder": "h", "ttl_ms": bad}), "ttl_ms").await;
+    }
+    g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 0, "ttl_ms": 5}), "amount").await;
+    g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": 5, "context": [1]}), "context")
+        .await;
+    g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": -1, "ttl_ms": 5}), "amount").await;
+    let at = "h".repeat(512);
+    let (status, body) = g.json("POST", "/v1/ns/n/leases/y/acquire", json!({"holder": at, "ttl_ms": 5})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    g.assert_invalid("POST", "/v1/ns/n/leases/z/acquire", json!({"holder": format!("{at}h"), "ttl_ms": 5}), "holder")
+        .await;
+    let grant = |s: &str| json!({"subject": s, "action": "read", "resource": "doc:1"});
+    let (status, _) = g.json("POST", "/v1/ns/n/grants", grant(&"s".repeat(512))).await;
+    assert_eq!(status, StatusCode::OK);
+    g.assert_invalid("POST", "/v1/ns/n/grants", grant(&"s".repeat(513)), "body.subject").await;
+    g.assert_invalid("POST", "/v1/ns/n/grants", grant("a\u{0}b"), "body.subject").await;
+    let act = json!({"ops": [{"reserve": {"pool": "p", "amount": 1, "ttl_ms": 0}}]});
+    g.assert_invalid("POST", "/v1/ns/n/act", act, "ops[0].reserve.ttl_ms").await;
+    g.assert_invalid("GET", "/v1/ns/n/watch?types=kv,bogus", Value::Null, "types").await;
+}
