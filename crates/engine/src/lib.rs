@@ -259,7 +259,7 @@ impl Engine {
     pub fn primitive<T: serde::de::DeserializeOwned>(&self, ns: &str, internal_key: &str) -> Option<T> {
         let snap = self.inner.snapshot.load();
         let key = NsKey::new(ns, internal_key);
-        primitives::decode(&key, snap.entries.get(&key))
+        primitives::decode(&key, snap.entries.get(&key).map(|e| &**e))
     }
 
     /// Every live primitive of one kind in a namespace (`kind`: `"lease/"`, `"pool/"`,
@@ -271,7 +271,7 @@ impl Engine {
             .range(NsKey::new(ns, prefix.as_str())..)
             .take_while(|(k, _)| k.ns == ns && k.key.starts_with(&prefix))
             .filter_map(|(k, e)| {
-                let value: T = primitives::decode(k, Some(e))?;
+                let value: T = primitives::decode(k, Some(&**e))?;
                 Some((k.key[prefix.len()..].to_owned(), value))
             })
             .take(limit)

@@ -11,12 +11,15 @@ use gapguard_store::IdempotencyKey;
 pub struct Snapshot {
     /// The last committed revision.
     pub revision: Revision,
-    /// Every key's entry (tombstones included).
-    pub entries: imbl::OrdMap<NsKey, Entry>,
+    /// Every key's entry (tombstones included). Keys and entries are behind `Arc`s because
+    /// a persistent map copies the nodes on a write's path, cloning their elements: shared
+    /// pointers make that a reference-count bump instead of a deep copy (measured: the deep
+    /// copies were a third of the writer's time under the reservation benchmark).
+    pub entries: imbl::OrdMap<Arc<NsKey>, Arc<Entry>>,
     /// Used-ticket markers with their ticket's expiry.
     pub used_tickets: imbl::HashMap<TicketId, u64>,
     /// Stored first responses by idempotency key.
-    pub idempotency: imbl::HashMap<IdempotencyKey, Arc<IdempotencyRecord>>,
+    pub idempotency: imbl::HashMap<Arc<IdempotencyKey>, Arc<IdempotencyRecord>>,
 }
 
 impl StateView for Snapshot {
@@ -24,7 +27,7 @@ impl StateView for Snapshot {
         self.revision
     }
     fn entry(&self, key: &NsKey) -> Option<&Entry> {
-        self.entries.get(key)
+        self.entries.get(key).map(|e| &**e)
     }
     fn ticket_used(&self, id: &TicketId) -> bool {
         self.used_tickets.contains_key(id)

@@ -83,14 +83,14 @@ impl Writer {
         let mut idempotency_expiry = BTreeSet::new();
         let deadlines =
             recovered.entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
-        state.entries = recovered.entries.into_iter().collect();
+        state.entries = recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
         for (id, expires) in recovered.used_tickets {
             state.used_tickets.insert(id, expires);
             ticket_expiry.insert((expires, id));
         }
         for (key, record) in recovered.idempotency {
             idempotency_expiry.insert((record.expires_at_ms, key.clone()));
-            state.idempotency.insert(key, Arc::new(record));
+            state.idempotency.insert(Arc::new(key), Arc::new(record));
         }
         let (audit_seq, audit_head) = recovered.audit_head.unwrap_or((0, GENESIS));
         let status = Status::default();
@@ -192,7 +192,7 @@ impl Writer {
                         };
                         draft.idempotency_expiry.push((record.expires_at_ms, claim.key.clone()));
                         draft.batch.idempotency.push((claim.key.clone(), record.clone()));
-                        draft.working.idempotency.insert(claim.key, Arc::new(record));
+                        draft.working.idempotency.insert(Arc::new(claim.key), Arc::new(record));
                     }
                     replies.push((reply, Ok(WriteResult { outcome, replayed: false })));
                 }
@@ -277,7 +277,7 @@ impl Writer {
 
 /// The expiry op for a reservation or lease that is still held past its deadline, if it is.
 fn due(state: &Snapshot, key: &NsKey, now_ms: u64) -> Option<Op> {
-    let entry = state.entries.get(key);
+    let entry = state.entries.get(key).map(|e| &**e);
     let name = key.key.strip_prefix(primitives::INTERNAL)?;
     if let Some(id) = name.strip_prefix("rsv/") {
         let r: Reservation = primitives::decode(key, entry)?;
@@ -346,7 +346,7 @@ impl Draft {
             }
             self.changes.push(Change { revision: meta.revision, key: key.clone(), entry: entry.clone() });
             self.batch.entries.push((key.clone(), entry.clone()));
-            self.working.entries.insert(key, entry);
+            self.working.entries.insert(Arc::new(key), Arc::new(entry));
         }
         if let Some((id, expires)) = applied.used_ticket {
             let fresh = self.working.used_tickets.insert(id, expires).is_none();

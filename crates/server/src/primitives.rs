@@ -149,7 +149,7 @@ pub(crate) async fn get_pool(
     convert::name(&pool, "pool", limits)?;
     let snap = state.engine.snapshot();
     let key = gapguard_core::NsKey::new(ns.as_str(), primitives::pool_key(&pool));
-    let counters: Pool = primitives::decode(&key, snap.entries.get(&key))
+    let counters: Pool = primitives::decode(&key, snap.entries.get(&key).map(|e| &**e))
         .ok_or_else(|| convert::op_error(gapguard_core::OpError::PoolNotFound { pool: pool.clone() }))?;
     Ok(Json(pool_response(pool, &counters, snap.revision)))
 }
@@ -346,7 +346,7 @@ pub(crate) async fn get_lease(
     convert::name(&name, "lease", limits)?;
     let snap = state.engine.snapshot();
     let key = gapguard_core::NsKey::new(ns.as_str(), primitives::lease_key(&name));
-    let lease: Lease = primitives::decode(&key, snap.entries.get(&key)).unwrap_or_default();
+    let lease: Lease = primitives::decode(&key, snap.entries.get(&key).map(|e| &**e)).unwrap_or_default();
     Ok(Json(lease_response(name, &lease, state.engine.now_ms(), snap.revision)))
 }
 
