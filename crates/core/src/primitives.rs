@@ -200,10 +200,8 @@ pub struct Orphan {
 /// bug (only core writes internal keys), so it panics with the key.
 pub fn decode<T: serde::de::DeserializeOwned>(key: &NsKey, entry: Option<&Entry>) -> Option<T> {
     let record = entry?.record.as_ref()?;
-    Some(
-        serde_json::from_value(record.value.clone())
-            .unwrap_or_else(|e| panic!("internal record {key:?} does not decode: {e}")),
-    )
+    // Deserialize from a borrow of the value: no copy of the JSON tree.
+    Some(T::deserialize(&record.value).unwrap_or_else(|e| panic!("internal record {key:?} does not decode: {e}")))
 }
 
 /// Encodes a primitive as a record value.
