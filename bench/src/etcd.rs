@@ -83,7 +83,9 @@ impl Worker for EtcdWorker {
                 self.client.get(STOCK_KEY, None).await?;
                 Ok(Outcome::Done { attempts: 1 })
             }
-            Workload::Decrement | Workload::CheckAct => self.compare_and_decrement().await,
+            // etcd has no reservations: one successful compare-and-decrement stands for
+            // one reserve -> commit pair.
+            Workload::Decrement | Workload::CheckAct | Workload::Reserve => self.compare_and_decrement().await,
         }
     }
 }

@@ -3,11 +3,12 @@
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hyper::{Method, StatusCode, Uri};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::http::HttpConn;
 use crate::runner::{Outcome, Worker};
@@ -24,10 +25,37 @@ const ACT_BODY: &[u8] =
     br#"{"conditions":[{"compare":{"key":"stock","op":">=","value":1}}],"ops":[{"add":{"key":"stock","by":-1}}]}"#;
 /// The act that follows a check: everything after the ticket string.
 const ACT_WITH_TICKET_TAIL: &[u8] = br#","ops":[{"add":{"key":"stock","by":-1}}]}"#;
+/// One reservation of one unit, held for a minute (far longer than any pair takes).
+const RESERVE_BODY: &[u8] = br#"{"amount":1,"ttl_ms":60000}"#;
+/// The body of a commit (it takes none; an empty object is accepted too).
+const COMMIT_BODY: &[u8] = b"{}";
 
 /// A running gapguard server.
 pub struct Gapguard {
     addr: SocketAddr,
+    /// Which hot pool the `reserve` workload uses now: `hot-{n}`. A pool's `used` only
+    /// grows, so each run that sets the stock starts a fresh pool (0 until the first).
+    pool: AtomicU64,
+}
+
+/// A pool as `GET /v1/ns/{ns}/pools/{pool}` shows it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+pub struct PoolLevel {
+    /// Units the pool holds in all.
+    pub capacity: i64,
+    /// Units consumed by committed reservations.
+    pub used: i64,
+    /// Units held by reservations neither committed nor released.
+    pub reserved: i64,
+    /// Units free to reserve.
+    pub available: i64,
+}
+
+/// The part of a 200 answer to a reserve that the bench uses.
+#[derive(Deserialize)]
+struct ReserveOk<'a> {
+    #[serde(borrow)]
+    reservation: Cow<'a, str>,
 }
 
 /// The part of a 200 answer to a check that the bench uses.
@@ -53,7 +81,31 @@ struct Record {
 impl Gapguard {
     /// A handle on the server listening at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        Gapguard { addr }
+        Gapguard { addr, pool: AtomicU64::new(0) }
+    }
+
+    /// The path of the hot pool the `reserve` workload uses now.
+    fn pool_path(&self) -> String {
+        format!("/v1/ns/bench/pools/hot-{}", self.pool.load(Ordering::Relaxed))
+    }
+
+    /// Creates a fresh hot pool of `capacity` units (used 0, reserved 0) for the next run.
+    pub async fn new_pool(&self, capacity: i64) -> Result<()> {
+        self.pool.fetch_add(1, Ordering::Relaxed);
+        let path = self.pool_path();
+        let mut conn = HttpConn::connect(self.addr).await?;
+        let body = Bytes::from(format!(r#"{{"capacity":{capacity}}}"#));
+        let (status, body) = conn.request(Method::PUT, &path.parse()?, Some(body)).await?;
+        expect(status, StatusCode::OK, &body, &format!("PUT {path}"))
+    }
+
+    /// Reads the hot pool.
+    pub async fn read_pool(&self) -> Result<PoolLevel> {
+        let path = self.pool_path();
+        let mut conn = HttpConn::connect(self.addr).await?;
+        let (status, body) = conn.request(Method::GET, &path.parse()?, None).await?;
+        expect(status, StatusCode::OK, &body, &format!("GET {path}"))?;
+        serde_json::from_slice(&body).with_context(|| format!("GET {path}: bad JSON"))
     }
 
     /// Succeeds when `GET /healthz` answers 200.
@@ -83,6 +135,7 @@ impl Gapguard {
     /// Opens `connections` keep-alive connections, each ready to run `workload`.
     pub async fn workers(&self, workload: Workload, connections: usize) -> Result<Vec<GapguardWorker>> {
         let mut workers = Vec::with_capacity(connections);
+        let reserve_uri: Uri = format!("{}/reserve", self.pool_path()).parse()?;
         for index in 0..connections {
             let key_uri: Uri = format!("/v1/ns/bench/kv/k{index}").parse()?;
             workers.push(GapguardWorker {
@@ -91,6 +144,7 @@ impl Gapguard {
                 key_uri,
                 check_uri: Uri::from_static(CHECK_PATH),
                 act_uri: Uri::from_static(ACT_PATH),
+                reserve_uri: reserve_uri.clone(),
                 n: 0,
                 buf: Vec::with_capacity(512),
             });
@@ -106,6 +160,8 @@ pub struct GapguardWorker {
     key_uri: Uri,
     check_uri: Uri,
     act_uri: Uri,
+    /// `POST …/pools/hot-{n}/reserve`.
+    reserve_uri: Uri,
     /// The next value this connection puts.
     n: u64,
     /// Scratch space for request bodies that change.
@@ -119,6 +175,7 @@ impl Worker for GapguardWorker {
             Workload::Checks => self.check_only().await,
             Workload::Decrement => self.conditional_decrement().await,
             Workload::CheckAct => self.check_then_act().await,
+            Workload::Reserve => self.reserve_then_commit().await,
         }
     }
 }
@@ -182,6 +239,45 @@ impl GapguardWorker {
     }
 }
 
+impl GapguardWorker {
+    /// Reserves one unit of the hot pool, then commits that reservation. Nobody releases
+    /// in this workload, so a 409 `insufficient` means the pool is exhausted for good.
+    async fn reserve_then_commit(&mut self) -> Result<Outcome> {
+        let (status, body) =
+            self.conn.request(Method::POST, &self.reserve_uri, Some(Bytes::from_static(RESERVE_BODY))).await?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::CONFLICT if error_code(&body) == Some("insufficient") => {
+                return Ok(Outcome::Exhausted { attempts: 1 })
+            }
+            _ => return unexpected(status, &body, "reserve"),
+        }
+        let ok: ReserveOk<'_> = serde_json::from_slice(&body).context("reserve: bad JSON")?;
+        self.buf.clear();
+        self.buf.extend_from_slice(b"/v1/ns/bench/reservations/");
+        percent_encode_segment(&ok.reservation, &mut self.buf);
+        self.buf.extend_from_slice(b"/commit");
+        let commit_uri =
+            Uri::try_from(self.buf.as_slice()).with_context(|| format!("reservation id {:?}", ok.reservation))?;
+        let (status, body) =
+            self.conn.request(Method::POST, &commit_uri, Some(Bytes::from_static(COMMIT_BODY))).await?;
+        expect(status, StatusCode::OK, &body, "commit")?;
+        Ok(Outcome::Done { attempts: 1 })
+    }
+}
+
+/// Appends `segment` to `out` as one URI path segment: unreserved characters as they
+/// are, every other byte as `%XX`.
+fn percent_encode_segment(segment: &str, out: &mut Vec<u8>) {
+    for &b in segment.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            write!(out, "%{b:02X}").expect("writing to a Vec cannot fail");
+        }
+    }
+}
+
 /// The `error` code of an error answer, if it has one.
 fn error_code(body: &[u8]) -> Option<&str> {
     match serde_json::from_slice::<ErrorBody<'_>>(body).ok()?.error {
@@ -211,4 +307,19 @@ fn expect(status: StatusCode, want: StatusCode, body: &[u8], what: &str) -> Resu
 fn unexpected(status: StatusCode, body: &[u8], what: &str) -> Result<Outcome> {
     let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
     bail!("gapguard {what}: unexpected {status}: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_encode_segment;
+
+    #[test]
+    fn reservation_ids_become_one_path_segment() {
+        let mut out = Vec::new();
+        percent_encode_segment("rsv_AZ09-._~", &mut out);
+        assert_eq!(out, b"rsv_AZ09-._~");
+        out.clear();
+        percent_encode_segment("a/b c%", &mut out);
+        assert_eq!(out, b"a%2Fb%20c%25");
+    }
 }

@@ -1,5 +1,5 @@
-//! `gapguard-bench`: starts gapguard, etcd and Redis on loopback, drives the same workloads
-//! against each with keep-alive connections, and prints figures, ratios and targets.
+//! `gapguard-bench`: starts gapguard, etcd, Redis and PostgreSQL on loopback, drives the same
+//! workloads against each with keep-alive connections, and prints figures, ratios and targets.
 //!
 //! Exit status: 0 when every no-oversell verification passed, 1 when one failed, 2 on an
 //! error that stopped the run, 130 when interrupted. Targets not met do not change it.
@@ -7,6 +7,7 @@
 mod etcd;
 mod gapguard;
 mod http;
+mod postgres;
 mod procs;
 mod redis;
 mod report;
@@ -27,8 +28,9 @@ use crate::report::Report;
 use crate::suite::{Plan, Sut};
 use crate::workload::{System, Workload};
 
-/// Side-by-side benchmark of gapguard against etcd and Redis (appendfsync always), all
-/// started by the bench on loopback in temp dirs and stopped at the end.
+/// Side-by-side benchmark of gapguard against etcd, Redis (appendfsync always) and PostgreSQL
+/// 15 (fsync and synchronous_commit on), all started by the bench on loopback in temp dirs
+/// and stopped at the end.
 #[derive(Debug, Parser)]
 #[command(name = "gapguard-bench", version)]
 struct Cli {
@@ -44,8 +46,9 @@ struct Cli {
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
 
-    /// Systems to run (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "gapguard,etcd,redis")]
+    /// Systems to run (comma-separated). PostgreSQL runs only the `reserve` workload, Redis
+    /// every workload but `reserve`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gapguard,etcd,redis,postgres")]
     systems: Vec<System>,
 
     /// Also write every figure, verification and target as JSON to this file.
@@ -63,6 +66,10 @@ struct Cli {
     /// The redis-server binary.
     #[arg(long, default_value = "redis-server")]
     redis_server: PathBuf,
+
+    /// The directory of PostgreSQL 15's binaries (postgres, initdb, pg_ctl).
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pg_bin: PathBuf,
 
     /// Where the servers' temp dirs go (data and logs; must be a real disk, not tmpfs,
     /// for the durable figures to mean anything) [default: the system temp dir].
@@ -127,9 +134,15 @@ async fn shutdown_signal() -> &'static str {
 /// verification failed.
 async fn run(cli: &Cli) -> Result<bool> {
     let workloads = selected(&cli.only, &Workload::ALL);
-    let systems = selected(&cli.systems, &[System::Gapguard, System::Etcd, System::Redis]);
-    if systems.is_empty() {
+    let chosen = selected(&cli.systems, &System::ALL);
+    if chosen.is_empty() {
         bail!("--systems names no system");
+    }
+    // A system that runs none of the chosen workloads is not even started.
+    let systems: Vec<System> = chosen.iter().copied().filter(|s| workloads.iter().any(|&w| s.supports(w))).collect();
+    if systems.is_empty() {
+        let names: Vec<&str> = chosen.iter().map(|s| s.name()).collect();
+        bail!("none of --systems {} runs any of the chosen workloads", names.join(","));
     }
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the bench; build it with --release");
@@ -166,6 +179,14 @@ async fn run(cli: &Cli) -> Result<bool> {
                 }
                 let server = procs::start_redis(&cli.redis_server, &base).await?;
                 let sut = Sut::Redis(redis::Redis::new(server.addr));
+                (server, sut)
+            }
+            System::Postgres => {
+                let server = procs::start_postgres(&cli.pg_bin, &base).await?;
+                if let Some(v) = procs::version(&cli.pg_bin.join("postgres")) {
+                    versions.insert("postgres", v);
+                }
+                let sut = Sut::Postgres(postgres::Postgres::new(server.addr));
                 (server, sut)
             }
         };
@@ -258,7 +279,7 @@ fn gapguard_binary(arg: Option<&Path>) -> Result<PathBuf> {
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     bail!(
         "no gapguard binary (looked at {}).\n  Build it with `cargo build --release -p gapguard`, \
-         pass --gapguard PATH, or leave it out with --systems etcd,redis",
+         pass --gapguard PATH, or leave it out with --systems etcd,redis,postgres",
         looked.join(", ")
     )
 }

@@ -40,6 +40,16 @@ enum Stop {
     Term,
     /// `SHUTDOWN NOSAVE` sent to the Redis at this address.
     RedisShutdown(SocketAddr),
+    /// `pg_ctl -D <data> -m fast -w stop`, run as `user`; SIGINT (the same fast shutdown)
+    /// if that fails.
+    PgCtl { pg_ctl: PathBuf, data: PathBuf, user: Option<User> },
+}
+
+/// A user id and its primary group id, to run a child as.
+#[derive(Clone, Copy, Debug)]
+struct User {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
 }
 
 /// Owns a child process and stops it when dropped.
@@ -70,11 +80,28 @@ impl Drop for ChildGuard {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        match self.stop {
+        match &self.stop {
             Stop::Term => signal(&self.child, libc::SIGTERM),
             Stop::RedisShutdown(addr) => {
-                if redis_shutdown(addr).is_err() {
+                if redis_shutdown(*addr).is_err() {
                     signal(&self.child, libc::SIGTERM);
+                }
+            }
+            Stop::PgCtl { pg_ctl, data, user } => {
+                let mut cmd = Command::new(pg_ctl);
+                cmd.arg("-D").arg(data).args(["-m", "fast", "-w", "-t", "10", "stop"]).stdin(Stdio::null());
+                if let Some(dir) = data.parent() {
+                    cmd.current_dir(dir);
+                }
+                match append(&self.log).and_then(|log| Ok((log.try_clone()?, log))) {
+                    Ok((out, err)) => cmd.stdout(out).stderr(err),
+                    Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+                };
+                if let Some(user) = user {
+                    cmd.uid(user.uid).gid(user.gid);
+                }
+                if !cmd.status().is_ok_and(|status| status.success()) {
+                    signal(&self.child, libc::SIGINT);
                 }
             }
         }
@@ -113,13 +140,28 @@ fn redis_shutdown(addr: SocketAddr) -> std::io::Result<()> {
 /// which then stops its children in order) and arranges for the kernel to kill the child
 /// if the bench itself dies without cleaning up.
 fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_as(cmd, None)
+}
+
+/// [`spawn`], switching the child to `user` (when given) before it executes.
+fn spawn_as(cmd: &mut Command, user: Option<User>) -> std::io::Result<Child> {
     let parent = std::process::id();
     cmd.stdin(Stdio::null()).process_group(0);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // calls (prctl, getppid, _exit). PR_SET_PDEATHSIG fires when the *thread* that forked
-    // exits: the bench spawns servers from its main thread, which lives until exit.
+    // calls (setgroups, setgid, setuid, prctl, getppid, _exit) in the single-threaded
+    // child. The user switch comes first because changing credentials clears the
+    // parent-death signal. PR_SET_PDEATHSIG fires when the *thread* that forked exits:
+    // the bench spawns servers from its main thread, which lives until exit.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(user) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(user.gid) != 0
+                    || libc::setuid(user.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -308,6 +350,104 @@ pub async fn start_redis(bin: &Path, base: &Path) -> Result<Server> {
         Server { addr, child: ChildGuard { name: "redis", child, stop: Stop::RedisShutdown(addr), log }, _dir: dir };
     wait_ready(&mut server, crate::redis::Redis::probe).await?;
     Ok(server)
+}
+
+/// Starts PostgreSQL 15 from `bin_dir`: `initdb` into a fresh temp dir, then `postgres` on a
+/// free loopback port (its Unix socket in the temp dir), as the `postgres` user when the
+/// bench runs as root (PostgreSQL refuses to run as root). `fsync` and `synchronous_commit`
+/// stay on. Stopped with `pg_ctl -m fast stop`.
+pub async fn start_postgres(bin_dir: &Path, base: &Path) -> Result<Server> {
+    let postgres = bin_dir.join("postgres");
+    let initdb = bin_dir.join("initdb");
+    let pg_ctl = bin_dir.join("pg_ctl");
+    for bin in [&postgres, &initdb, &pg_ctl] {
+        if !bin.is_file() {
+            bail!(
+                "no {} (PostgreSQL 15): install it with `apt-get install -y postgresql`, pass \
+                 --pg-bin DIR, or leave it out with --systems gapguard,etcd,redis",
+                bin.display()
+            );
+        }
+    }
+    let user = postgres_user()?;
+    let dir = temp_dir(base, "postgres")?;
+    if let Some(user) = user {
+        std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))
+            .with_context(|| format!("handing {} to the postgres user", dir.path().display()))?;
+    }
+    let data = dir.path().join("data");
+    let log = dir.path().join("postgres.log");
+
+    let out = append(&log)?;
+    let mut cmd = tokio::process::Command::new(&initdb);
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-U", crate::postgres::USER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    if let Some(user) = user {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    let status = cmd.status().await.with_context(|| format!("running {}", initdb.display()))?;
+    if !status.success() {
+        bail!(
+            "{} failed ({status}; the postgres user must be able to reach {}); last lines of {}:\n{}",
+            initdb.display(),
+            base.display(),
+            log.display(),
+            tail(&log)
+        );
+    }
+
+    let [port] = free_ports()?;
+    let out = append(&log)?;
+    let child = spawn_as(
+        Command::new(&postgres)
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
+            .current_dir(dir.path())
+            .stdout(out.try_clone()?)
+            .stderr(out),
+        user,
+    )
+    .with_context(|| format!("starting {}", postgres.display()))?;
+    let mut server = Server {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        child: ChildGuard { name: "postgres", child, stop: Stop::PgCtl { pg_ctl, data, user }, log },
+        _dir: dir,
+    };
+    wait_ready(&mut server, crate::postgres::Postgres::probe).await?;
+    Ok(server)
+}
+
+/// The `postgres` user to run PostgreSQL as when the bench runs as root; `None` otherwise
+/// (then PostgreSQL runs as the bench's own user).
+fn postgres_user() -> Result<Option<User>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = c"postgres";
+    // SAFETY: a zeroed passwd is a valid out-parameter (plain integers and null pointers).
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, and `buf.len()` is the length of `buf`;
+    // getpwnam_r writes only into `pwd` and `buf`, and `found` points at `pwd` or is null.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        bail!(
+            "the bench runs as root and PostgreSQL refuses to, but there is no `postgres` user to \
+             run it as (`apt-get install -y postgresql` creates one)"
+        );
+    }
+    Ok(Some(User { uid: pwd.pw_uid, gid: pwd.pw_gid }))
 }
 
 /// The first line `bin --version` prints, if it runs.

@@ -100,6 +100,7 @@ impl Worker for RedisWorker {
                 }
             }
             Workload::CheckAct => self.watch_and_decrement().await,
+            Workload::Reserve => bail!("the reserve workload is not run on Redis"),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::gapguard::PoolLevel;
 use crate::runner::Tally;
 use crate::workload::{System, Workload};
 
@@ -102,10 +103,15 @@ pub struct Verification {
     pub kind: &'static str,
     /// Stock at the start.
     pub initial_stock: i64,
-    /// Successful decrements the clients saw.
+    /// Successful decrements (for `reserve`: committed pairs) the clients saw.
     pub successes: u64,
-    /// Stock read back at the end, if it could be read.
+    /// Stock read back at the end, if it could be read (for gapguard's `reserve`: the
+    /// pool's `available`).
     pub final_stock: Option<i64>,
+    /// gapguard's `reserve`: the whole pool read back at the end (`used` must equal
+    /// `successes`, `reserved` must be 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolLevel>,
     /// Whether the check held.
     pub pass: bool,
     /// What was wrong, when it failed.
@@ -209,7 +215,7 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
                 );
             }
         }
-        let ratios: Vec<String> = [System::Etcd, System::Redis]
+        let ratios: Vec<String> = [System::Etcd, System::Redis, System::Postgres]
             .into_iter()
             .filter_map(|peer| {
                 ratio(results, workload, peer, connections).map(|x| format!("gapguard/{} {x:.2}x", peer.name()))
@@ -281,7 +287,24 @@ pub fn targets(results: &[RunResult]) -> Vec<TargetCheck> {
         16,
         1.0,
     );
-    for workload in Workload::ALL {
+    for connections in [16, 64] {
+        against(
+            format!("reserve -> commit x{connections}, pairs/s: gapguard >= 20x etcd (CAS decrement)"),
+            Workload::Reserve,
+            System::Etcd,
+            connections,
+            20.0,
+        );
+        against(
+            format!("reserve -> commit x{connections}, pairs/s: gapguard >= 3x PostgreSQL (UPDATE)"),
+            Workload::Reserve,
+            System::Postgres,
+            connections,
+            3.0,
+        );
+    }
+    // The latency target is per request; a reserve -> commit pair is two, so it has none.
+    for workload in Workload::ALL.into_iter().filter(|&w| w != Workload::Reserve) {
         let run = find(results, workload, System::Gapguard, 16);
         let (measured, met, note) = match run {
             None => (None, None, Some("not measured in this run".to_owned())),
@@ -327,13 +350,15 @@ pub fn print_verifications(verifications: &[Verification]) {
     println!("== no-oversell verification ==");
     for v in verifications {
         let final_stock = v.final_stock.map_or_else(|| "?".to_owned(), |n| n.to_string());
+        let pool = v.pool.map(|p| format!("  pool used {} reserved {}", p.used, p.reserved)).unwrap_or_default();
         println!(
-            "  {:<4} {:<10} {:<9} {:<16} initial {:>10}  decrements {:>10}  final {:>10}{}",
+            "  {:<4} {:<10} {:<9} {:<16} initial {:>10}  {:<10} {:>10}  final {:>10}{pool}{}",
             if v.pass { "PASS" } else { "FAIL" },
             v.workload.name(),
             v.system.name(),
             v.kind,
             v.initial_stock,
+            v.workload.unit(),
             v.successes,
             final_stock,
             v.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::etcd::Etcd;
-use crate::gapguard::Gapguard;
+use crate::gapguard::{Gapguard, PoolLevel};
+use crate::postgres::Postgres;
 use crate::redis::Redis;
 use crate::report::{RunResult, Verification};
 use crate::runner::{self, Tally};
@@ -23,6 +24,22 @@ pub enum Sut {
     Etcd(Etcd),
     /// Redis.
     Redis(Redis),
+    /// PostgreSQL.
+    Postgres(Postgres),
+}
+
+/// The stock read back after a run.
+struct Level {
+    /// What is left: the hot key, row or the pool's `available`.
+    remaining: i64,
+    /// The whole pool, for gapguard's `reserve`.
+    pool: Option<PoolLevel>,
+}
+
+impl Level {
+    fn plain(remaining: i64) -> Self {
+        Level { remaining, pool: None }
+    }
 }
 
 impl Sut {
@@ -32,23 +49,32 @@ impl Sut {
             Sut::Gapguard(_) => System::Gapguard,
             Sut::Etcd(_) => System::Etcd,
             Sut::Redis(_) => System::Redis,
+            Sut::Postgres(_) => System::Postgres,
         }
     }
 
-    async fn set_stock(&self, n: i64) -> Result<()> {
+    /// Sets the stock `workload` draws on to `n` (for gapguard's `reserve`: a fresh pool of
+    /// capacity `n`).
+    async fn set_stock(&self, workload: Workload, n: i64) -> Result<()> {
         match self {
+            Sut::Gapguard(s) if workload == Workload::Reserve => s.new_pool(n).await,
             Sut::Gapguard(s) => s.set_stock(n).await,
             Sut::Etcd(s) => s.set_stock(n).await,
             Sut::Redis(s) => s.set_stock(n).await,
+            Sut::Postgres(s) => s.set_stock(n).await,
         }
         .context("setting stock")
     }
 
-    async fn read_stock(&self) -> Result<i64> {
+    async fn read_stock(&self, workload: Workload) -> Result<Level> {
         match self {
-            Sut::Gapguard(s) => s.read_stock().await,
-            Sut::Etcd(s) => s.read_stock().await,
-            Sut::Redis(s) => s.read_stock().await,
+            Sut::Gapguard(s) if workload == Workload::Reserve => {
+                s.read_pool().await.map(|pool| Level { remaining: pool.available, pool: Some(pool) })
+            }
+            Sut::Gapguard(s) => s.read_stock().await.map(Level::plain),
+            Sut::Etcd(s) => s.read_stock().await.map(Level::plain),
+            Sut::Redis(s) => s.read_stock().await.map(Level::plain),
+            Sut::Postgres(s) => s.read_stock().await.map(Level::plain),
         }
         .context("reading stock")
     }
@@ -74,6 +100,7 @@ impl Sut {
             Sut::Gapguard(s) => go!(s.workers(workload, connections)),
             Sut::Etcd(s) => go!(s.workers(workload, connections)),
             Sut::Redis(s) => go!(s.workers(workload, connections)),
+            Sut::Postgres(s) => go!(s.workers(workload, connections)),
         }
     }
 }
@@ -105,8 +132,9 @@ pub struct Findings {
 pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
     let mut findings = Findings::default();
     for &workload in &plan.workloads {
+        let suts: Vec<&Sut> = suts.iter().filter(|sut| sut.system().supports(workload)).collect();
         for &connections in workload.connections() {
-            for sut in suts {
+            for &sut in &suts {
                 let system = sut.system();
                 eprintln!(
                     "running {} x{connections} on {} ({:.0} s + {:.0} s warm-up)",
@@ -125,7 +153,7 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
             }
         }
         if workload.contended() {
-            for sut in suts {
+            for &sut in &suts {
                 eprintln!(
                     "verifying {} on {}: stock {} until exhausted",
                     workload.name(),
@@ -150,7 +178,7 @@ async fn timed(
 ) -> Result<(RunResult, Option<Verification>)> {
     let uses_stock = workload.contended() || workload == Workload::Checks;
     if uses_stock {
-        sut.set_stock(plan.stock).await?;
+        sut.set_stock(workload, plan.stock).await?;
     }
     let tally = sut.drive(workload, connections, Some((plan.warmup, plan.measure))).await?;
     let result = RunResult::new(workload, sut.system(), connections, &tally);
@@ -158,22 +186,24 @@ async fn timed(
         return Ok((result, None));
     }
     let expected = plan.stock - i64::try_from(tally.all_successes)?;
-    let final_stock = sut.read_stock().await;
-    let detail = match &final_stock {
+    let level = sut.read_stock(workload).await;
+    let detail = match &level {
         Err(e) => Some(format!("{e:#}")),
         Ok(_) if tally.errors > 0 => {
             Some(format!("{} connection(s) failed: outcome of their last request unknown", tally.errors))
         }
-        Ok(n) if *n != expected => Some(format!("expected final stock {expected}")),
-        Ok(_) => None,
+        Ok(level) if level.remaining != expected => Some(format!("expected final stock {expected}")),
+        Ok(level) => level.pool.and_then(|pool| pool_problem(&pool, plan.stock, tally.all_successes)),
     };
+    let level = level.ok();
     let verification = Verification {
         workload,
         system: sut.system(),
         kind: "timed-accounting",
         initial_stock: plan.stock,
         successes: tally.all_successes,
-        final_stock: final_stock.ok(),
+        final_stock: level.as_ref().map(|l| l.remaining),
+        pool: level.and_then(|l| l.pool),
         pass: detail.is_none(),
         detail,
     };
@@ -184,28 +214,28 @@ async fn timed(
 /// the successes equal the stock and the stock ends at zero.
 async fn exhaust(sut: &Sut, workload: Workload, connections: usize, stock: i64) -> Verification {
     let outcome = async {
-        sut.set_stock(stock).await?;
+        sut.set_stock(workload, stock).await?;
         let tally = sut.drive(workload, connections, None).await?;
-        let final_stock = sut.read_stock().await?;
-        anyhow::Ok((tally, final_stock))
+        let level = sut.read_stock(workload).await?;
+        anyhow::Ok((tally, level))
     }
     .await;
-    let (successes, final_stock, detail) = match outcome {
+    let (successes, level, detail) = match outcome {
         Err(e) => (0, None, Some(format!("{e:#}"))),
-        Ok((tally, final_stock)) => {
+        Ok((tally, level)) => {
             let successes = tally.all_successes;
             let detail = if let Some(error) = &tally.first_error {
                 Some(format!("{} connection(s) failed: {error}", tally.errors))
             } else if tally.cut_off > 0 {
                 Some(format!("stock not exhausted within {VERIFY_LIMIT:?}"))
             } else if i64::try_from(successes).ok() != Some(stock) {
-                Some(format!("{successes} decrements of a stock of {stock}"))
-            } else if final_stock != 0 {
-                Some(format!("final stock {final_stock}, expected 0"))
+                Some(format!("{successes} {} of a stock of {stock}", workload.unit()))
+            } else if level.remaining != 0 {
+                Some(format!("final stock {}, expected 0", level.remaining))
             } else {
-                None
+                level.pool.and_then(|pool| pool_problem(&pool, stock, successes))
             };
-            (successes, Some(final_stock), detail)
+            (successes, Some(level), detail)
         }
     };
     Verification {
@@ -214,8 +244,26 @@ async fn exhaust(sut: &Sut, workload: Workload, connections: usize, stock: i64) 
         kind: "exhaust",
         initial_stock: stock,
         successes,
-        final_stock,
+        final_stock: level.as_ref().map(|l| l.remaining),
+        pool: level.and_then(|l| l.pool),
         pass: detail.is_none(),
         detail,
+    }
+}
+
+/// What is wrong with a pool of `capacity` read back after the clients saw `successes`
+/// committed pairs: every commit must show as used, nothing may be left reserved, and the
+/// capacity must be the one set.
+fn pool_problem(pool: &PoolLevel, capacity: i64, successes: u64) -> Option<String> {
+    if pool.capacity != capacity {
+        Some(format!("pool capacity {}, expected {capacity}", pool.capacity))
+    } else if u64::try_from(pool.used).ok() != Some(successes) {
+        Some(format!("pool used {}, expected {successes} (the commits the clients saw)", pool.used))
+    } else if pool.reserved != 0 {
+        Some(format!("pool reserved {}, expected 0", pool.reserved))
+    } else if pool.available != capacity - pool.used - pool.reserved {
+        Some(format!("pool available {}, expected capacity - used - reserved", pool.available))
+    } else {
+        None
     }
 }

@@ -18,11 +18,14 @@ pub enum Workload {
     Decrement,
     /// Check, then act on what was checked, on one hot key.
     CheckAct,
+    /// Reserve one unit of one hot pool, then commit that reservation.
+    Reserve,
 }
 
 impl Workload {
     /// Every workload, in the order they run and print.
-    pub const ALL: [Workload; 4] = [Workload::Puts, Workload::Checks, Workload::Decrement, Workload::CheckAct];
+    pub const ALL: [Workload; 5] =
+        [Workload::Puts, Workload::Checks, Workload::Decrement, Workload::CheckAct, Workload::Reserve];
 
     /// The name used on the command line and in the JSON output.
     pub fn name(self) -> &'static str {
@@ -31,6 +34,7 @@ impl Workload {
             Workload::Checks => "checks",
             Workload::Decrement => "decrement",
             Workload::CheckAct => "check-act",
+            Workload::Reserve => "reserve",
         }
     }
 
@@ -41,6 +45,10 @@ impl Workload {
             Workload::Checks => "checks (peers: plain get, the closest analogue)",
             Workload::Decrement => "single-request conditional decrement, one hot key",
             Workload::CheckAct => "check -> act on one hot key",
+            Workload::Reserve => {
+                "reserve -> commit pairs on one hot pool (etcd: one CAS decrement = one pair; \
+                 PostgreSQL: one UPDATE .. n > 0 = one pair)"
+            }
         }
     }
 
@@ -49,12 +57,22 @@ impl Workload {
         match self {
             Workload::Puts => &[1, 16, 64],
             Workload::Checks | Workload::Decrement | Workload::CheckAct => &[16],
+            Workload::Reserve => &[16, 64],
         }
     }
 
-    /// Whether every connection fights over the one hot key (and stock is verified after).
+    /// Whether every connection fights over the one hot key or pool (and stock is verified
+    /// after).
     pub fn contended(self) -> bool {
-        matches!(self, Workload::Decrement | Workload::CheckAct)
+        matches!(self, Workload::Decrement | Workload::CheckAct | Workload::Reserve)
+    }
+
+    /// What one successful operation of a contended workload is, in the verification table.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::Reserve => "pairs",
+            _ => "decrements",
+        }
     }
 }
 
@@ -68,6 +86,8 @@ pub enum System {
     Etcd,
     /// Redis with `appendfsync always`.
     Redis,
+    /// PostgreSQL 15 (`fsync=on`, `synchronous_commit=on`); runs the `reserve` workload only.
+    Postgres,
 }
 
 impl System {
@@ -77,6 +97,19 @@ impl System {
             System::Gapguard => "gapguard",
             System::Etcd => "etcd",
             System::Redis => "redis",
+            System::Postgres => "postgres",
+        }
+    }
+
+    /// Every system, in the order they start and print.
+    pub const ALL: [System; 4] = [System::Gapguard, System::Etcd, System::Redis, System::Postgres];
+
+    /// Whether the bench drives `workload` on this system.
+    pub fn supports(self, workload: Workload) -> bool {
+        match self {
+            System::Gapguard | System::Etcd => true,
+            System::Redis => workload != Workload::Reserve,
+            System::Postgres => workload == Workload::Reserve,
         }
     }
 
@@ -94,6 +127,10 @@ impl System {
             (System::Redis, Workload::Decrement) => "EVALSHA Lua conditional decrement",
             (System::Gapguard, Workload::CheckAct) => "check, act(ticket) add -1, retry",
             (System::Redis, Workload::CheckAct) => "WATCH GET MULTI SET EXEC, retry",
+            (System::Gapguard, Workload::Reserve) => "POST reserve 1, POST commit",
+            (System::Etcd, Workload::Reserve) => "Range, Txn(mod_revision ==) put n-1, retry",
+            (System::Postgres, Workload::Reserve) => "UPDATE pool SET n=n-1 WHERE id=1 AND n>0",
+            (System::Redis, Workload::Reserve) | (System::Postgres, _) => "(not run)",
         }
     }
 }

@@ -26,21 +26,65 @@
 //! ```
 //!
 //! Calls that write (or may be retried with an `Idempotency-Key`: put, delete, check, act,
-//! txn) take [`RequestOptions`] and return a [`Response`] that says whether the answer was an
-//! idempotent replay. Reads return their value directly. Every error is a [`ClientError`].
-//! Headers every request should carry (an `Authorization` key, a correlation id for a whole
-//! session) go on the `reqwest::Client` given to [`Client::with_http`] as default headers.
+//! txn, and the pool, reservation, lease, grant and orphan changes) take [`RequestOptions`]
+//! and return a [`Response`] that says whether the answer was an idempotent replay. Reads
+//! return their value directly. Every error is a [`ClientError`]: match refusals on
+//! [`ClientError::code`] (`lease_held`, `insufficient`, `reservation_expired`…). Headers every
+//! request should carry (an `Authorization` key, a correlation id for a whole session) go on
+//! the `reqwest::Client` given to [`Client::with_http`] as default headers.
+//!
+//! Leases, pools and reservations:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gapguard_client::ClientError> {
+//! use gapguard_api::{AcquireRequest, PoolRequest, ReserveRequest};
+//! use gapguard_client::{Client, RequestOptions};
+//!
+//! let client = Client::new("http://127.0.0.1:7700")?;
+//! let none = RequestOptions::default();
+//! let lease = client.acquire_lease("ops", "migrator", &AcquireRequest { holder: "host-1".into(), ttl_ms: 10_000 }, &none).await?;
+//! println!("fencing token {}", lease.value.token);
+//!
+//! client.set_pool("cloud", "vm-quota", &PoolRequest { capacity: 100 }, &none).await?;
+//! let held = client.reserve("cloud", "vm-quota", &ReserveRequest { amount: 4, ttl_ms: 60_000, context: None }, &none).await?;
+//! // ... build the VMs; if this process dies, the reservation expires into an orphan ...
+//! client.commit_reservation("cloud", &held.value.reservation, &none).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Watching changes ([`Client::watch`]):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gapguard_client::ClientError> {
+//! use gapguard_client::{Client, WatchMessage, WatchQuery};
+//!
+//! let client = Client::new("http://127.0.0.1:7700")?;
+//! let query = WatchQuery { prefix: Some("orders/".into()), ..WatchQuery::default() };
+//! let mut watch = client.watch("shop", &query).await?;
+//! while let Some(message) = watch.next().await {
+//!     match message? {
+//!         WatchMessage::Change(change) => println!("{} {} at {}", change.kind, change.key, change.revision),
+//!         WatchMessage::Compacted { first_available_revision } => println!("history starts at {first_available_revision}"),
+//!         WatchMessage::Lagged { resume_from_revision } => println!("too slow; resume from {resume_from_revision}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 mod error;
 mod path;
+mod sse;
+mod watch;
 
 use std::time::Duration;
 
 use gapguard_api::{
-    ActRequest, ActResponse, AuditResponse, CheckRequest, CheckResponse, DeleteResponse, ErrorBody, HealthResponse,
-    KeyValue, ListResponse, PutRequest, PutResponse, TxnRequest, TxnResponse, VerifyResponse,
+    AcquireRequest, ActRequest, ActResponse, AppliedResponse, AuditResponse, CheckRequest, CheckResponse,
+    DeleteResponse, ErrorBody, GrantTuple, GrantsResponse, HealthResponse, KeyValue, LeaseReleaseRequest,
+    LeaseResponse, ListResponse, OrphansResponse, PoolRequest, PoolResponse, PutRequest, PutResponse, RenewRequest,
+    ReservationResponse, ReserveRequest, ReserveResponse, ResolveRequest, TxnRequest, TxnResponse, VerifyResponse,
 };
-use reqwest::header::HeaderValue;
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -49,6 +93,7 @@ use serde_json::Value;
 pub use error::ClientError;
 /// The reqwest this client is built on, for [`Client::with_http`].
 pub use reqwest;
+pub use watch::{WatchMessage, WatchQuery, WatchStream, WATCH_TYPES};
 
 /// The header that carries an idempotency key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -163,6 +208,25 @@ pub struct AuditQuery {
     /// The newest matching events instead of the oldest (still returned oldest first).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub newest: bool,
+}
+
+/// Filters of a grant listing (`GET /v1/ns/{ns}/grants`); `Default` lists every grant of
+/// the namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GrantsQuery {
+    /// Only grants to this subject (e.g. `user:alice`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Only grants on this resource (e.g. `doc:9`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+/// Query of an orphan listing.
+#[derive(Serialize)]
+struct OrphansQuery {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    all: bool,
 }
 
 /// Query of a listing.
@@ -296,6 +360,193 @@ impl Client {
         self.send(&url, options.apply(self.http.post(&url).json(request))?).await
     }
 
+    /// `PUT /v1/ns/{ns}/pools/{pool}`: creates a pool or sets its capacity; `409
+    /// capacity_too_low` below what is used and reserved.
+    pub async fn set_pool(
+        &self,
+        ns: &str,
+        pool: &str,
+        request: &PoolRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<PoolResponse>, ClientError> {
+        let url = self.pool_url(ns, pool, "")?;
+        self.send(&url, options.apply(self.http.put(&url).json(request))?).await
+    }
+
+    /// `GET /v1/ns/{ns}/pools/{pool}`: a pool's counters; `404 pool_not_found`.
+    pub async fn get_pool(&self, ns: &str, pool: &str) -> Result<PoolResponse, ClientError> {
+        let url = self.pool_url(ns, pool, "")?;
+        Ok(self.send(&url, self.http.get(&url)).await?.value)
+    }
+
+    /// `POST /v1/ns/{ns}/pools/{pool}/reserve`: holds an amount of a pool for a TTL. Refusals:
+    /// `409 insufficient` (with `available` in the details), `404 pool_not_found`.
+    pub async fn reserve(
+        &self,
+        ns: &str,
+        pool: &str,
+        request: &ReserveRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<ReserveResponse>, ClientError> {
+        let url = self.pool_url(ns, pool, "/reserve")?;
+        self.send(&url, options.apply(self.http.post(&url).json(request))?).await
+    }
+
+    /// `GET /v1/ns/{ns}/reservations/{id}`: a reservation and its state; `404
+    /// reservation_not_found`.
+    pub async fn get_reservation(&self, ns: &str, id: &str) -> Result<ReservationResponse, ClientError> {
+        let url = self.reservation_url(ns, id, "")?;
+        Ok(self.send(&url, self.http.get(&url)).await?.value)
+    }
+
+    /// `POST /v1/ns/{ns}/reservations/{id}/commit`: consumes a held reservation (the result
+    /// is [`OpResult::Commit`](gapguard_api::OpResult::Commit)). Refusals: `410
+    /// reservation_expired`, `409 reservation_released` / `reservation_committed`, `404`.
+    pub async fn commit_reservation(
+        &self,
+        ns: &str,
+        id: &str,
+        options: &RequestOptions,
+    ) -> Result<Response<AppliedResponse>, ClientError> {
+        let url = self.reservation_url(ns, id, "/commit")?;
+        self.send(&url, options.apply(self.http.post(&url))?).await
+    }
+
+    /// `POST /v1/ns/{ns}/reservations/{id}/release`: gives a held reservation back (the
+    /// result is [`OpResult::Release`](gapguard_api::OpResult::Release)). Refusals as for
+    /// [`Client::commit_reservation`].
+    pub async fn release_reservation(
+        &self,
+        ns: &str,
+        id: &str,
+        options: &RequestOptions,
+    ) -> Result<Response<AppliedResponse>, ClientError> {
+        let url = self.reservation_url(ns, id, "/release")?;
+        self.send(&url, options.apply(self.http.post(&url))?).await
+    }
+
+    /// `POST /v1/ns/{ns}/leases/{name}/acquire`: takes a lease with a new, larger fencing
+    /// token; `409 lease_held` (with `holder` and `expires_at_ms`) while another holds it.
+    pub async fn acquire_lease(
+        &self,
+        ns: &str,
+        name: &str,
+        request: &AcquireRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<LeaseResponse>, ClientError> {
+        let url = self.lease_url(ns, name, "/acquire")?;
+        self.send(&url, options.apply(self.http.post(&url).json(request))?).await
+    }
+
+    /// `POST /v1/ns/{ns}/leases/{name}/renew`: extends the hold of `token`; `409 lease_lost`
+    /// if it expired or another holds the lease now.
+    pub async fn renew_lease(
+        &self,
+        ns: &str,
+        name: &str,
+        request: &RenewRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<LeaseResponse>, ClientError> {
+        let url = self.lease_url(ns, name, "/renew")?;
+        self.send(&url, options.apply(self.http.post(&url).json(request))?).await
+    }
+
+    /// `POST /v1/ns/{ns}/leases/{name}/release`: ends the hold of `token` (the answer has
+    /// `held: false`); `409 lease_lost` if it is not the current hold.
+    pub async fn release_lease(
+        &self,
+        ns: &str,
+        name: &str,
+        request: &LeaseReleaseRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<LeaseResponse>, ClientError> {
+        let url = self.lease_url(ns, name, "/release")?;
+        self.send(&url, options.apply(self.http.post(&url).json(request))?).await
+    }
+
+    /// `GET /v1/ns/{ns}/leases/{name}`: a lease's holder and token (token 0, `held: false` if
+    /// it was never acquired).
+    pub async fn get_lease(&self, ns: &str, name: &str) -> Result<LeaseResponse, ClientError> {
+        let url = self.lease_url(ns, name, "")?;
+        Ok(self.send(&url, self.http.get(&url)).await?.value)
+    }
+
+    /// `POST /v1/ns/{ns}/grants`: grants a permission (the result is
+    /// [`OpResult::Grant`](gapguard_api::OpResult::Grant), `existed` if it was there already).
+    pub async fn grant(
+        &self,
+        ns: &str,
+        grant: &GrantTuple,
+        options: &RequestOptions,
+    ) -> Result<Response<AppliedResponse>, ClientError> {
+        let url = self.ns_url(ns, "/grants")?;
+        self.send(&url, options.apply(self.http.post(&url).json(grant))?).await
+    }
+
+    /// `POST /v1/ns/{ns}/grants/revoke`: revokes a permission; every act after it is refused
+    /// a `permitted` condition on it, even one whose check passed before.
+    pub async fn revoke(
+        &self,
+        ns: &str,
+        grant: &GrantTuple,
+        options: &RequestOptions,
+    ) -> Result<Response<AppliedResponse>, ClientError> {
+        let url = self.ns_url(ns, "/grants/revoke")?;
+        self.send(&url, options.apply(self.http.post(&url).json(grant))?).await
+    }
+
+    /// `GET /v1/ns/{ns}/grants?subject=&resource=`: the grants of a namespace.
+    pub async fn list_grants(&self, ns: &str, query: &GrantsQuery) -> Result<GrantsResponse, ClientError> {
+        let url = self.ns_url(ns, "/grants")?;
+        Ok(self.send(&url, self.http.get(&url).query(query)).await?.value)
+    }
+
+    /// `GET /v1/ns/{ns}/orphans?all=`: reservations and leases that expired unfinished, oldest
+    /// first; only the unresolved ones unless `all`.
+    pub async fn list_orphans(&self, ns: &str, all: bool) -> Result<OrphansResponse, ClientError> {
+        let url = self.ns_url(ns, "/orphans")?;
+        Ok(self.send(&url, self.http.get(&url).query(&OrphansQuery { all })).await?.value)
+    }
+
+    /// `POST /v1/ns/{ns}/orphans/{id}/resolve`: marks an orphan compensated, with an optional
+    /// note. Refusals: `404 orphan_not_found`, `409 orphan_resolved`.
+    pub async fn resolve_orphan(
+        &self,
+        ns: &str,
+        id: &str,
+        request: &ResolveRequest,
+        options: &RequestOptions,
+    ) -> Result<Response<AppliedResponse>, ClientError> {
+        let url = self.ns_url(ns, &format!("/orphans/{}/resolve", path::segment("orphan id", id)?))?;
+        self.send(&url, options.apply(self.http.post(&url).json(request))?).await
+    }
+
+    /// `GET /v1/ns/{ns}/watch`: opens a watch of the namespace's changes (Server-Sent
+    /// Events). An error status (`400 invalid_request` for an unknown type…) is an error
+    /// here; what comes after the `200` comes from [`WatchStream::next`].
+    pub async fn watch(&self, ns: &str, query: &WatchQuery) -> Result<WatchStream, ClientError> {
+        let url = self.ns_url(ns, "/watch")?;
+        let request = self.http.get(&url).query(&query.params()).header(ACCEPT, "text/event-stream");
+        let response = request.send().await.map_err(|e| ClientError::transport(&url, e))?;
+        let event_stream = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        if response.status().is_success() && event_stream {
+            return Ok(WatchStream::new(url, response));
+        }
+        let (status, bytes) = read(&url, response).await?;
+        if !status.is_success() {
+            return Err(error_from(&url, status, &bytes));
+        }
+        Err(ClientError::Decode {
+            url,
+            status: status.as_u16(),
+            message: format!("not an event stream (text/event-stream): {}", quote(&bytes)),
+        })
+    }
+
     /// `GET /v1/ns/{ns}/audit`: audit events of a namespace, oldest first.
     pub async fn audit(&self, ns: &str, query: &AuditQuery) -> Result<AuditResponse, ClientError> {
         let url = self.ns_url(ns, "/audit")?;
@@ -321,6 +572,18 @@ impl Client {
 
     fn ns_url(&self, ns: &str, rest: &str) -> Result<String, ClientError> {
         Ok(format!("{}/v1/ns/{}{rest}", self.base, path::namespace_segment(ns)?))
+    }
+
+    fn pool_url(&self, ns: &str, pool: &str, rest: &str) -> Result<String, ClientError> {
+        self.ns_url(ns, &format!("/pools/{}{rest}", path::segment("pool", pool)?))
+    }
+
+    fn reservation_url(&self, ns: &str, id: &str, rest: &str) -> Result<String, ClientError> {
+        self.ns_url(ns, &format!("/reservations/{}{rest}", path::segment("reservation id", id)?))
+    }
+
+    fn lease_url(&self, ns: &str, name: &str, rest: &str) -> Result<String, ClientError> {
+        self.ns_url(ns, &format!("/leases/{}{rest}", path::segment("lease", name)?))
     }
 
     fn kv_url(&self, ns: &str, key: &str) -> Result<String, ClientError> {
@@ -371,7 +634,7 @@ fn error_from(url: &str, status: StatusCode, bytes: &[u8]) -> ClientError {
 }
 
 /// The start of a body, for a person.
-fn quote(bytes: &[u8]) -> String {
+pub(crate) fn quote(bytes: &[u8]) -> String {
     if bytes.is_empty() {
         return "(empty)".into();
     }

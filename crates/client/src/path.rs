@@ -24,15 +24,22 @@ fn dot_segment(segment: &str) -> bool {
 
 /// The encoded path segment of a namespace (a `/` in it is encoded, not a separator).
 pub(crate) fn namespace_segment(ns: &str) -> Result<String, ClientError> {
-    if ns.is_empty() {
-        return Err(ClientError::InvalidArgument { message: "namespace is empty".into() });
+    segment("namespace", ns)
+}
+
+/// The encoded path segment of a name that is one segment of a route (a namespace, pool,
+/// lease, reservation or orphan id): a `/` in it is encoded, not a separator. `what` names
+/// it in the error.
+pub(crate) fn segment(what: &str, name: &str) -> Result<String, ClientError> {
+    if name.is_empty() {
+        return Err(ClientError::InvalidArgument { message: format!("{what} is empty") });
     }
-    if dot_segment(ns) {
+    if dot_segment(name) {
         return Err(ClientError::InvalidArgument {
-            message: format!("namespace {ns:?} cannot be sent in a URL path (it is a dot segment)"),
+            message: format!("{what} {name:?} cannot be sent in a URL path (it is a dot segment)"),
         });
     }
-    Ok(encode_segment(ns))
+    Ok(encode_segment(name))
 }
 
 /// The encoded path of a key for `/v1/ns/{ns}/kv/{*key}`: each `/`-separated segment is
@@ -94,5 +101,15 @@ mod tests {
         assert_eq!(namespace_segment("a/b").unwrap(), "a%2Fb");
         assert!(namespace_segment("").is_err());
         assert!(namespace_segment("..").is_err());
+    }
+
+    #[test]
+    fn names_are_one_segment_and_their_errors_say_what_they_are() {
+        assert_eq!(segment("pool", "vm quota/eu").unwrap(), "vm%20quota%2Feu");
+        assert_eq!(segment("lease", "...").unwrap(), "...");
+        let Err(ClientError::InvalidArgument { message }) = segment("pool", "") else { panic!("accepted") };
+        assert_eq!(message, "pool is empty");
+        let Err(ClientError::InvalidArgument { message }) = segment("lease", ".") else { panic!("accepted") };
+        assert!(message.starts_with("lease \".\" cannot"), "{message}");
     }
 }

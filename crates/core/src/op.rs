@@ -285,7 +285,7 @@ pub enum OpError {
         key: String,
     },
     /// No such pool.
-    #[error("no pool {pool:?}; create it with PUT /v1/ns/{{ns}}/pools/{pool}")]
+    #[error("no pool {pool:?} (a pool exists once its capacity is set)")]
     PoolNotFound {
         /// The pool.
         pool: String,

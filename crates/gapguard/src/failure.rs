@@ -7,8 +7,8 @@
 //! | 0 | ok |
 //! | 1 | cannot reach the server, or an unexpected error |
 //! | 2 | usage error, or the server refused the request as invalid (400, 413, 422) |
-//! | 3 | not found (404) |
-//! | 4 | refused: a condition failed, the check is stale, the ticket is used or expired (409, 410, 412) |
+//! | 3 | not found (404): a key, pool, reservation or orphan (`not_found`, `*_not_found`) |
+//! | 4 | refused (409, 410, 412): a condition failed, the check is stale, the ticket is used or expired; a lease is held by another or lost (`lease_held`, `lease_lost`); a pool has too little (`insufficient`, `capacity_too_low`); a reservation expired, was released or committed (`reservation_*`); an orphan is already resolved; `watch`: the history asked for is compacted |
 //! | 5 | unauthorized or forbidden (401, 403) |
 //! | 6 | the server is unavailable (503) |
 //! | 7 | `audit verify`: the audit chain does not verify |
@@ -27,7 +27,8 @@ pub const UNEXPECTED: u8 = 1;
 pub const USAGE: u8 = 2;
 /// Not found (404).
 pub const NOT_FOUND: u8 = 3;
-/// Refused (409, 410, 412): condition failed, stale check, ticket used or expired.
+/// Refused (409, 410, 412): condition failed, stale check, ticket used or expired, lease held
+/// or lost, pool insufficient, reservation expired, released or committed; a compacted watch.
 pub const REFUSED: u8 = 4;
 /// Unauthorized or forbidden (401, 403).
 pub const FORBIDDEN: u8 = 5;
@@ -42,13 +43,16 @@ Exit codes:
   0  ok
   1  cannot reach the server, or an unexpected error
   2  usage error, or the server refused the request as invalid (400, 413, 422)
-  3  not found (404)
-  4  refused (409, 410, 412): condition failed, stale check, ticket used or expired, check failed
+  3  not found (404): key, pool, reservation or orphan
+  4  refused (409, 410, 412): condition failed, stale check, ticket used or expired, check failed,
+     lease held or lost, pool insufficient or capacity too low, reservation expired, released or
+     committed, orphan already resolved; watch: history compacted
   5  unauthorized or forbidden (401, 403)
   6  server unavailable (503)
   7  audit verify: the audit chain does not verify
 
-Output is JSON on stdout (pretty, or one line with --compact); errors go to stderr.";
+Output is JSON on stdout (pretty, or one line with --compact; `watch` prints one line per change);
+errors go to stderr.";
 
 /// A command that ends with its own exit code and message (not an error of the client).
 #[derive(Debug)]

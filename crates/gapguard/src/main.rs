@@ -6,14 +6,35 @@
 //! and exits with a code scripts can use (see [`failure`]: 0 ok, 1 cannot reach the server,
 //! 2 usage or invalid request, 3 not found, 4 refused, 5 forbidden, 6 unavailable, 7 audit
 //! chain broken).
+//!
+//! | command | what it does |
+//! |---|---|
+//! | `serve` | runs the server |
+//! | `kv get\|put\|delete\|list` | reads and writes keys |
+//! | `check`, `act`, `txn` | guarded writes: a ticket now, the write later only if it still holds |
+//! | `lease acquire\|renew\|release\|get NS NAME` | leases with fencing tokens ([`lease`]) |
+//! | `pool set\|get NS POOL` | counted resources ([`pool`]) |
+//! | `reserve NS POOL --amount N --ttl-ms T` | holds an amount; prints the reservation id |
+//! | `reservation get\|commit\|release NS ID` | reads, consumes or gives back a reservation |
+//! | `grant add\|revoke NS SUBJECT ACTION RESOURCE`, `grant list NS` | permissions ([`grant`]) |
+//! | `orphans list\|resolve NS` | what expired unfinished, for the user's cleanup job |
+//! | `watch NS` | changes as they are committed, one JSON line each, until Ctrl-C ([`watch`]) |
+//! | `audit tail\|verify`, `health`, `openapi` | the audit log and the server |
+//!
+//! A reservation is made by the verb `reserve` and then addressed as a noun, `reservation
+//! commit NS ID`: the id is what `reserve` printed, and the pool is not needed again.
 
 mod audit;
 mod failure;
+mod grant;
 mod guard;
 mod info;
 mod kv;
+mod lease;
 mod output;
+mod pool;
 mod serve;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +44,11 @@ use clap::{Args, Parser, Subcommand};
 use gapguard_api::{Condition, Op};
 use gapguard_client::Client;
 
+use crate::grant::{GrantCommand, OrphansCommand};
+use crate::lease::LeaseCommand;
 use crate::output::Printer;
+use crate::pool::{PoolCommand, ReservationCommand, ReserveArgs};
+use crate::watch::WatchArgs;
 
 /// Where client commands look for the server unless told otherwise.
 const DEFAULT_URL: &str = "http://127.0.0.1:7700";
@@ -55,6 +80,25 @@ enum Command {
     Act(ActArgs),
     /// etcd-style transaction: if every condition holds run `--then`, else `--else`.
     Txn(TxnArgs),
+    /// Take, renew and release leases: exclusive, TTL-bound rights with fencing tokens.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Create pools (quota, stock, funds) and read their counters.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Hold an amount of a pool for a TTL; prints the reservation (then `reservation commit|release NS ID`).
+    Reserve(ReserveArgs),
+    /// Read, commit or release a reservation made by `reserve`.
+    #[command(subcommand)]
+    Reservation(ReservationCommand),
+    /// Grant, revoke and list permissions (subject, action, resource).
+    #[command(subcommand)]
+    Grant(GrantCommand),
+    /// List and resolve reservations and leases that expired unfinished.
+    #[command(subcommand)]
+    Orphans(OrphansCommand),
+    /// Print changes as they are committed, one JSON line each, until Ctrl-C (exit 4 if history is compacted).
+    Watch(WatchArgs),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -291,6 +335,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Check(args) => guard::check(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
         Command::Act(args) => guard::act(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
         Command::Txn(args) => guard::txn(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
+        Command::Lease(command) => lease::run(&Ctx::new(cli, command.correlation_id())?, command).await,
+        Command::Pool(command) => pool::pool(&Ctx::new(cli, command.correlation_id())?, command).await,
+        Command::Reserve(args) => pool::reserve(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
+        Command::Reservation(command) => pool::reservation(&Ctx::new(cli, command.correlation_id())?, command).await,
+        Command::Grant(command) => grant::grant(&Ctx::new(cli, command.correlation_id())?, command).await,
+        Command::Orphans(command) => grant::orphans(&Ctx::new(cli, command.correlation_id())?, command).await,
+        Command::Watch(args) => watch::run(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args).await,
         Command::Audit(AuditCommand::Tail(args)) => audit::tail(&Ctx::new(cli, None)?, args).await,
         Command::Audit(AuditCommand::Verify(args)) => {
             audit::verify(&Ctx::new(cli, args.correlation_id.as_deref())?).await
@@ -464,6 +515,131 @@ mod tests {
         };
         assert_eq!((args.lines, args.follow), (20, false));
         assert!(matches!(parse(&["audit", "verify"]).unwrap().command, Command::Audit(AuditCommand::Verify(_))));
+    }
+
+    #[test]
+    fn lease_commands_take_name_holder_ttl_and_token() {
+        let cli =
+            parse(&["lease", "acquire", "ops", "migrator", "--holder", "host-1", "--ttl-ms", "5000", "--token-only"])
+                .unwrap();
+        let Command::Lease(LeaseCommand::Acquire { ns, name, holder, ttl_ms, token_only, .. }) = cli.command else {
+            panic!("not lease acquire")
+        };
+        assert_eq!(
+            (ns.as_str(), name.as_str(), holder.as_str(), ttl_ms, token_only),
+            ("ops", "migrator", "host-1", 5000, true)
+        );
+        let err = parse(&["lease", "acquire", "ops", "m", "--ttl-ms", "5"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        let cli = parse(&["lease", "renew", "ops", "m", "--token", "7", "--idempotency-key", "r1"]).unwrap();
+        let Command::Lease(LeaseCommand::Renew { token, ttl_ms, request, .. }) = cli.command else {
+            panic!("not renew")
+        };
+        assert_eq!((token, ttl_ms, request.idempotency_key.as_deref()), (7, None, Some("r1")));
+        let cli = parse(&["lease", "release", "ops", "m", "--token", "7"]).unwrap();
+        assert!(matches!(cli.command, Command::Lease(LeaseCommand::Release { token: 7, .. })));
+        let cli = parse(&["lease", "get", "ops", "m", "--correlation-id", "c"]).unwrap();
+        let Command::Lease(command) = cli.command else { panic!("not lease") };
+        assert_eq!(command.correlation_id(), Some("c"));
+        assert_eq!(parse(&["lease", "renew", "ops", "m"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn pool_reserve_and_reservation_commands() {
+        let cli = parse(&["pool", "set", "cloud", "vm-quota", "--capacity", "100"]).unwrap();
+        assert!(matches!(cli.command, Command::Pool(PoolCommand::Set { capacity: 100, .. })));
+        assert!(matches!(
+            parse(&["pool", "get", "cloud", "vm-quota"]).unwrap().command,
+            Command::Pool(PoolCommand::Get { .. })
+        ));
+        let cli = parse(&[
+            "reserve",
+            "cloud",
+            "vm-quota",
+            "--amount",
+            "4",
+            "--ttl-ms",
+            "60000",
+            "--context",
+            r#"{"vm": "v-1"}"#,
+            "--id-only",
+        ])
+        .unwrap();
+        let Command::Reserve(args) = cli.command else { panic!("not reserve") };
+        assert_eq!((args.pool.as_str(), args.amount, args.ttl_ms, args.id_only), ("vm-quota", 4, 60000, true));
+        assert_eq!(args.context, Some(serde_json::json!({"vm": "v-1"})));
+        let err = parse(&["reserve", "cloud", "p", "--amount", "1", "--ttl-ms", "1", "--context", "{vm"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(
+            parse(&["reserve", "cloud", "p", "--amount", "1"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        for (verb, check) in [
+            (
+                "get",
+                (|c: &ReservationCommand| matches!(c, ReservationCommand::Get { .. }))
+                    as fn(&ReservationCommand) -> bool,
+            ),
+            ("commit", |c| matches!(c, ReservationCommand::Commit { .. })),
+            ("release", |c| matches!(c, ReservationCommand::Release { .. })),
+        ] {
+            let Command::Reservation(command) = parse(&["reservation", verb, "cloud", "rsv_1"]).unwrap().command else {
+                panic!("not reservation {verb}")
+            };
+            assert!(check(&command), "{verb}: {command:?}");
+        }
+    }
+
+    #[test]
+    fn grant_commands_take_the_tuple_as_positionals_and_list_takes_filters() {
+        let cli = parse(&["grant", "add", "docs", "user:alice", "read", "doc:9"]).unwrap();
+        let Command::Grant(GrantCommand::Add { ns, tuple, .. }) = cli.command else { panic!("not grant add") };
+        assert_eq!(
+            (ns.as_str(), tuple.subject.as_str(), tuple.action.as_str(), tuple.resource.as_str()),
+            ("docs", "user:alice", "read", "doc:9")
+        );
+        assert!(matches!(
+            parse(&["grant", "revoke", "docs", "u", "a", "r"]).unwrap().command,
+            Command::Grant(GrantCommand::Revoke { .. })
+        ));
+        assert_eq!(parse(&["grant", "add", "docs", "u", "a"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+        let cli = parse(&["grant", "list", "docs", "--subject", "user:alice"]).unwrap();
+        let Command::Grant(GrantCommand::List { subject, resource, .. }) = cli.command else {
+            panic!("not grant list")
+        };
+        assert_eq!((subject.as_deref(), resource), (Some("user:alice"), None));
+    }
+
+    #[test]
+    fn orphans_commands() {
+        let cli = parse(&["orphans", "list", "cloud", "--all"]).unwrap();
+        assert!(matches!(cli.command, Command::Orphans(OrphansCommand::List { all: true, .. })));
+        let cli = parse(&["orphans", "resolve", "cloud", "orp_1", "--note", "deleted the VM"]).unwrap();
+        let Command::Orphans(OrphansCommand::Resolve { id, note, .. }) = cli.command else { panic!("not resolve") };
+        assert_eq!((id.as_str(), note.as_deref()), ("orp_1", Some("deleted the VM")));
+    }
+
+    #[test]
+    fn watch_takes_prefix_revision_and_known_types() {
+        let cli = parse(&[
+            "watch",
+            "shop",
+            "--prefix",
+            "orders/",
+            "--from-revision",
+            "12",
+            "--types",
+            "kv,lease",
+            "--types",
+            "grant",
+        ])
+        .unwrap();
+        let Command::Watch(args) = cli.command else { panic!("not watch") };
+        assert_eq!((args.prefix.as_deref(), args.from_revision), (Some("orders/"), Some(12)));
+        assert_eq!(args.types, ["kv", "lease", "grant"]);
+        let Command::Watch(args) = parse(&["watch", "shop"]).unwrap().command else { panic!("not watch") };
+        assert!(args.prefix.is_none() && args.from_revision.is_none() && args.types.is_empty());
+        assert_eq!(parse(&["watch", "shop", "--types", "kv,keys"]).unwrap_err().kind(), ErrorKind::InvalidValue);
     }
 
     #[test]

@@ -19,7 +19,10 @@ async fn leases_are_exclusive_and_tokens_grow_across_expiry_and_kill_9() {
     assert_eq!(a.status, 200, "{:?}", a.body);
     let token_a = a.body["token"].as_u64().unwrap();
     let b = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-b", "ttl_ms": 300})).await;
-    assert_eq!((b.status, b.body["error"].as_str(), b.body["holder"].as_str()), (409, Some("lease_held"), Some("worker-a")));
+    assert_eq!(
+        (b.status, b.body["error"].as_str(), b.body["holder"].as_str()),
+        (409, Some("lease_held"), Some("worker-a"))
+    );
     // worker-a pauses past its expiry (a GC pause); worker-b takes over with a greater token.
     tokio::time::sleep(Duration::from_millis(350)).await;
     let b = http.post("/v1/ns/ops/leases/migrator/acquire", json!({"holder": "worker-b", "ttl_ms": 60000})).await;
@@ -39,9 +42,13 @@ async fn leases_are_exclusive_and_tokens_grow_across_expiry_and_kill_9() {
     assert_eq!(http.post("/v1/ns/ops/act", fenced).await.status, 200);
     // The expired hold of worker-a is an orphan for the cleanup job.
     let orphans = http.get("/v1/ns/ops/orphans").await;
-    let lease_orphans: Vec<&Value> = orphans.body["items"].as_array().unwrap().iter().filter(|o| o["kind"] == "lease").collect();
+    let lease_orphans: Vec<&Value> =
+        orphans.body["items"].as_array().unwrap().iter().filter(|o| o["kind"] == "lease").collect();
     assert_eq!(lease_orphans.len(), 1, "{:?}", orphans.body);
-    assert_eq!((lease_orphans[0]["holder"].as_str(), lease_orphans[0]["token"].as_u64()), (Some("worker-a"), Some(token_a)));
+    assert_eq!(
+        (lease_orphans[0]["holder"].as_str(), lease_orphans[0]["token"].as_u64()),
+        (Some("worker-a"), Some(token_a))
+    );
     // Tokens keep growing after a crash: release, kill -9, restart, acquire again.
     assert_eq!(http.post("/v1/ns/ops/leases/migrator/release", json!({"token": token_b})).await.status, 200);
     let server = server.crash_and_restart();
@@ -65,7 +72,12 @@ async fn sixty_four_reservers_commit_exactly_the_capacity() {
             tokio::spawn(async move {
                 let mut committed = 0;
                 loop {
-                    let r = http.post("/v1/ns/q/pools/vm-quota/reserve", json!({"amount": 1, "ttl_ms": 30000, "context": {"vm": i}})).await;
+                    let r = http
+                        .post(
+                            "/v1/ns/q/pools/vm-quota/reserve",
+                            json!({"amount": 1, "ttl_ms": 30000, "context": {"vm": i}}),
+                        )
+                        .await;
                     match (r.status, r.body["error"].as_str()) {
                         (200, _) => {}
                         (409, Some("insufficient")) => {
@@ -88,7 +100,10 @@ async fn sixty_four_reservers_commit_exactly_the_capacity() {
     }
     assert_eq!(total, 100);
     let pool = http.get("/v1/ns/q/pools/vm-quota").await.body;
-    assert_eq!((pool["used"].as_u64(), pool["reserved"].as_u64(), pool["available"].as_u64()), (Some(100), Some(0), Some(0)));
+    assert_eq!(
+        (pool["used"].as_u64(), pool["reserved"].as_u64(), pool["available"].as_u64()),
+        (Some(100), Some(0), Some(0))
+    );
     // Capacity cannot drop below what is in use.
     let shrink = http.put("/v1/ns/q/pools/vm-quota", json!({"capacity": 99})).await;
     assert_eq!((shrink.status, shrink.body["error"].as_str()), (409, Some("capacity_too_low")));
@@ -100,7 +115,12 @@ async fn an_expired_reservation_returns_to_the_pool_as_an_orphan_and_cannot_comm
     let server = Server::start(dir.path());
     let http = Http::new(&server);
     http.put("/v1/ns/q/pools/ips", json!({"capacity": 10})).await;
-    let r = http.post("/v1/ns/q/pools/ips/reserve", json!({"amount": 3, "ttl_ms": 200, "context": {"vm": "v-17", "step": "attach-ip"}})).await;
+    let r = http
+        .post(
+            "/v1/ns/q/pools/ips/reserve",
+            json!({"amount": 3, "ttl_ms": 200, "context": {"vm": "v-17", "step": "attach-ip"}}),
+        )
+        .await;
     assert_eq!(r.status, 200);
     let id = r.body["reservation"].as_str().unwrap().to_owned();
     assert_eq!(http.get("/v1/ns/q/pools/ips").await.body["available"], 7);
@@ -144,7 +164,8 @@ async fn a_revocation_between_check_and_act_refuses_the_act_and_is_named_in_the_
     assert_eq!(http.post("/v1/ns/docs/grants", alice.clone()).await.status, 200);
     let check = http.post("/v1/ns/docs/check", json!({"conditions": [{"permitted": alice}]})).await;
     assert_eq!(check.status, 200, "{:?}", check.body);
-    let revoke = http.send("POST", "/v1/ns/docs/grants/revoke", Some(&alice), &[("x-correlation-id", "offboarding-77")]).await;
+    let revoke =
+        http.send("POST", "/v1/ns/docs/grants/revoke", Some(&alice), &[("x-correlation-id", "offboarding-77")]).await;
     assert_eq!(revoke.status, 200);
     let act = json!({"ticket": check.body["ticket"], "ops": [{"put": {"key": "exports/report-9", "value": "queued"}}]});
     let refused = http.send("POST", "/v1/ns/docs/act", Some(&act), &[("x-correlation-id", "export-job-5")]).await;
@@ -166,7 +187,8 @@ async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while events.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        let chunk = tokio::time::timeout(left, response.chunk()).await.expect("events in time").unwrap().expect("open stream");
+        let chunk =
+            tokio::time::timeout(left, response.chunk()).await.expect("events in time").unwrap().expect("open stream");
         buf.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = buf.find("\n\n") {
             let block: String = buf.drain(..end + 2).collect();
@@ -219,4 +241,18 @@ async fn watch_sees_later_puts_and_resumes_without_gaps_or_duplicates() {
     let compacted = sse_events(&old, 1).await;
     assert_eq!(compacted[0].1["event"], "compacted");
     assert_eq!(compacted[0].1["data"]["first_available_revision"], 8);
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_even_with_a_watch_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let url = format!("{}/v1/ns/w/watch", server.url);
+    let mut response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let status = tokio::task::spawn_blocking(move || server.terminate_within(Duration::from_secs(5))).await.unwrap();
+    assert!(status.success(), "the server exited with {status}");
+    // The stream ended cleanly with the server.
+    let end = tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = response.chunk().await {} });
+    end.await.expect("the watch stream ended");
 }

@@ -367,7 +367,17 @@ pub fn refusal(refusal: Refusal, ns: &str) -> ApiError {
 pub fn op_error(error: core::OpError) -> ApiError {
     use core::OpError as E;
     let code = error.code();
-    let message = error.to_string();
+    // Instants in messages are for people: RFC 3339, not epoch milliseconds.
+    let message = match &error {
+        E::LeaseHeld { name, holder, expires_at_ms } => {
+            format!("lease {name:?} is held by {holder:?} until {}", rfc3339(*expires_at_ms))
+        }
+        E::ReservationExpired { reservation, expired_at_ms } => format!(
+            "reservation {reservation:?} expired at its deadline {}; its amount is back in the pool",
+            rfc3339(*expired_at_ms)
+        ),
+        other => other.to_string(),
+    };
     let status = match &error {
         E::PoolNotFound { .. } | E::ReservationNotFound { .. } | E::OrphanNotFound { .. } => StatusCode::NOT_FOUND,
         E::ReservationExpired { .. } => StatusCode::GONE,

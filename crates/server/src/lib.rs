@@ -64,7 +64,14 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(engine.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
+    let router = routes::app_with_shutdown(engine.clone(), streams_stop);
+    let signal = async move {
+        shutdown_signal().await;
+        // End the watch streams, or graceful shutdown would wait for them forever.
+        let _ = stop_streams.send(true);
+    };
+    axum::serve(listener, router).with_graceful_shutdown(signal).await?;
     tracing::info!("stopped accepting requests; closing the store");
     drop(engine);
     Ok(())

@@ -49,6 +49,10 @@ impl Call<'_> {
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
         write_with(self.state, request, self.correlation, claim, |outcome| match outcome {
+            // One op: its position means nothing to the caller.
+            Outcome::Refused(gapguard_core::Refusal::OpFailed { error, .. }) => {
+                convert::op_error(error).into_response()
+            }
             Outcome::Refused(_) => convert::outcome(outcome, &ns, ""),
             other => render(other, &ns),
         })
@@ -602,6 +606,14 @@ pub(crate) async fn watch(
             Box::pin(live_events(backlog, sub.live, last, filter))
         }
     };
+    let mut shutdown = state.shutdown.clone();
+    let stopped = async move {
+        if shutdown.wait_for(|stop| *stop).await.is_err() {
+            // No one can signal a shutdown any more (a router without a server).
+            std::future::pending::<()>().await;
+        }
+    };
+    let events = events.take_until(stopped);
     Ok(Sse::new(events.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

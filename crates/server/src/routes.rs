@@ -23,11 +23,21 @@ use crate::primitives;
 pub struct AppState {
     /// The guard engine.
     pub engine: Engine,
+    /// Becomes true when the server shuts down: long-lived responses (watch streams) end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The router of API v1 over an engine (tests drive it without a socket).
 pub fn app(engine: Engine) -> Router {
-    let state = AppState { engine };
+    // Nothing will signal it: the sender is dropped, which watchers read as "never".
+    let (_, shutdown) = tokio::sync::watch::channel(false);
+    app_with_shutdown(engine, shutdown)
+}
+
+/// The router, with a signal that ends long-lived responses (watch streams) so that a
+/// graceful shutdown does not wait for watchers forever.
+pub fn app_with_shutdown(engine: Engine, shutdown: tokio::sync::watch::Receiver<bool>) -> Router {
+    let state = AppState { engine, shutdown };
     let body_limit = state.engine.limits().max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))

@@ -54,6 +54,21 @@ impl Server {
         self.child.wait().expect("reap");
     }
 
+    /// SIGTERM, then waits for the process to exit; panics if it takes longer than `limit`.
+    pub fn terminate_within(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the server did not stop within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the server hard and starts it again on the same data directory.
     pub fn crash_and_restart(self) -> Self {
         let data = self.data.clone();
