@@ -354,6 +354,16 @@ pub(crate) async fn get_lease(
     Ok(Json(lease_response(name, &lease, state.engine.now_ms(), snap.revision)))
 }
 
+/// A grant or a revocation: one op on the grant's key.
+async fn grant_op(call: Call<'_>, g: api::GrantTuple, revoke: bool) -> Result<Response, ApiError> {
+    let limits = call.state.engine.limits();
+    convert::namespace(&call.ns, limits)?;
+    convert::grant(&g, "body", limits)?;
+    let api::GrantTuple { subject, action, resource } = g;
+    let op = if revoke { Op::Revoke { subject, action, resource } } else { Op::Grant { subject, action, resource } };
+    call.run(op, AuditKind::Grant, applied).await
+}
+
 #[utoipa::path(post, path = "/v1/ns/{ns}/grants", request_body = api::GrantTuple,
     params(("ns" = String, Path), ("Idempotency-Key" = Option<String>, Header)), responses((status = 200, body = api::AppliedResponse)))]
 pub(crate) async fn grant(
@@ -365,12 +375,7 @@ pub(crate) async fn grant(
     headers: HeaderMap,
     body: JsonBody<api::GrantTuple>,
 ) -> Result<Response, ApiError> {
-    let limits = state.engine.limits();
-    convert::namespace(&ns, limits)?;
-    convert::grant(&body.value, "body", limits)?;
-    let g = body.value;
-    let op = Op::Grant { subject: g.subject, action: g.action, resource: g.resource };
-    call!(state, ns, correlation, method, uri, headers, body.raw).run(op, AuditKind::Grant, applied).await
+    grant_op(call!(state, ns, correlation, method, uri, headers, body.raw), body.value, false).await
 }
 
 #[utoipa::path(post, path = "/v1/ns/{ns}/grants/revoke", request_body = api::GrantTuple,
@@ -384,12 +389,7 @@ pub(crate) async fn revoke(
     headers: HeaderMap,
     body: JsonBody<api::GrantTuple>,
 ) -> Result<Response, ApiError> {
-    let limits = state.engine.limits();
-    convert::namespace(&ns, limits)?;
-    convert::grant(&body.value, "body", limits)?;
-    let g = body.value;
-    let op = Op::Revoke { subject: g.subject, action: g.action, resource: g.resource };
-    call!(state, ns, correlation, method, uri, headers, body.raw).run(op, AuditKind::Grant, applied).await
+    grant_op(call!(state, ns, correlation, method, uri, headers, body.raw), body.value, true).await
 }
 
 /// Query of a grant listing.
