@@ -24,6 +24,44 @@ pub struct Config {
     pub limits: Limits,
     /// Flows named in the config (they get their own metrics label).
     pub flows: Vec<FlowConfig>,
+    /// API keys; with none, the server serves without authentication, and only on loopback.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// PEM certificate chain for TLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
+    /// Most requests served at once; past it, `503` with `Retry-After`.
+    pub max_in_flight: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout_ms: u64,
+    /// How long a request may take as a whole, body included (watch streams excepted).
+    pub request_timeout_ms: u64,
+}
+
+/// Who may call, where, and what: one `[[api_key]]` of the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for the key (recorded in every audit event it causes).
+    pub id: String,
+    /// Lowercase hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_sha256: String,
+    /// Namespaces it may use (`"*"`: all).
+    pub namespaces: Vec<String>,
+    /// `read`, `write` or `admin`.
+    pub role: Role,
+}
+
+/// What a key may do; each role includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads, checks, watch, audit.
+    Read,
+    /// Plus acts, txns, puts, deletes, reservations, leases.
+    Write,
+    /// Plus grants, pool capacities, orphan resolution, audit verification.
+    Admin,
 }
 
 impl Default for Config {
@@ -34,6 +72,12 @@ impl Default for Config {
             fsync: true,
             limits: Limits::default(),
             flows: Vec::new(),
+            api_keys: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            max_in_flight: 1024,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
         }
     }
 }
@@ -61,6 +105,13 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     flow: Vec<FlowConfig>,
+    #[serde(default)]
+    api_key: Vec<ApiKeyConfig>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_in_flight: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -156,6 +207,41 @@ impl Config {
             return Err(ConfigError::Invalid("limits: sizes and counts must be at least 1".into()));
         }
         config.flows = file.flow;
+        for key in &file.api_key {
+            let hex_ok = key.secret_sha256.len() == 64 && key.secret_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex_ok {
+                return Err(ConfigError::Invalid(format!(
+                    "api_key {:?}: secret_sha256 must be 64 hex digits (gapguard keys new prints one)",
+                    key.id
+                )));
+            }
+            if key.id.is_empty() || key.namespaces.is_empty() {
+                return Err(ConfigError::Invalid("api_key: id and namespaces must not be empty".into()));
+            }
+        }
+        let mut ids: Vec<&str> = file.api_key.iter().map(|k| k.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(dup) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!("api_key id {:?} appears twice", dup[0])));
+        }
+        config.api_keys = file.api_key;
+        if file.tls_cert.is_some() != file.tls_key.is_some() {
+            return Err(ConfigError::Invalid("tls_cert and tls_key go together".into()));
+        }
+        config.tls_cert = file.tls_cert;
+        config.tls_key = file.tls_key;
+        if let Some(n) = file.max_in_flight {
+            if n == 0 {
+                return Err(ConfigError::Invalid("max_in_flight must be at least 1".into()));
+            }
+            config.max_in_flight = n;
+        }
+        if let Some(ms) = file.header_read_timeout_ms {
+            config.header_read_timeout_ms = ms.max(1);
+        }
+        if let Some(ms) = file.request_timeout_ms {
+            config.request_timeout_ms = ms.max(1);
+        }
         Ok(config)
     }
 }

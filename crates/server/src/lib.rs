@@ -17,7 +17,7 @@ use gapguard_store::EmbeddedStore;
 
 pub use routes::{app, ApiDoc};
 
-pub use config::{Config, ConfigError, FlowConfig};
+pub use config::{ApiKeyConfig, Config, ConfigError, FlowConfig, Role};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
