@@ -796,8 +796,11 @@ pub mod codes {
     pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
     /// A request with this idempotency key is still being processed.
     pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
-    /// The store cannot accept writes now.
+    /// The server cannot take the request now: the store cannot accept writes, too many
+    /// requests are in flight, or the request ran out of time (answered with `Retry-After`).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The client did not send the whole request (its body) within the request timeout.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The method is not allowed on this route.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// A bug on our side (logged).

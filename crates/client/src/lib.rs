@@ -29,9 +29,21 @@
 //! txn, and the pool, reservation, lease, grant and orphan changes) take [`RequestOptions`]
 //! and return a [`Response`] that says whether the answer was an idempotent replay. Reads
 //! return their value directly. Every error is a [`ClientError`]: match refusals on
-//! [`ClientError::code`] (`lease_held`, `insufficient`, `reservation_expired`…). Headers every
-//! request should carry (an `Authorization` key, a correlation id for a whole session) go on
-//! the `reqwest::Client` given to [`Client::with_http`] as default headers.
+//! [`ClientError::code`] (`lease_held`, `insufficient`, `reservation_expired`…).
+//!
+//! An API key, a private CA for `https://` URLs, and headers every request should carry (a
+//! correlation id for a whole session) are set with [`Client::builder`]:
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), gapguard_client::ClientError> {
+//! use gapguard_client::Client;
+//!
+//! let client = Client::builder("https://gapguard.internal:7700")
+//!     .api_key(std::env::var("GAPGUARD_API_KEY").unwrap_or_default())
+//!     .ca_file("/etc/gapguard/ca.pem")
+//!     .build()?;
+//! # drop(client); Ok(()) }
+//! ```
 //!
 //! Leases, pools and reservations:
 //!
@@ -76,6 +88,7 @@ mod path;
 mod sse;
 mod watch;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gapguard_api::{
@@ -84,7 +97,7 @@ use gapguard_api::{
     LeaseResponse, ListResponse, OrphansResponse, PoolRequest, PoolResponse, PutRequest, PutResponse, RenewRequest,
     ReservationResponse, ReserveRequest, ReserveResponse, ResolveRequest, TxnRequest, TxnResponse, VerifyResponse,
 };
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -102,7 +115,7 @@ pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 /// The response header that marks an idempotent replay (`true`).
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 
-/// How long [`Client::new`] waits for a TCP connection before giving up.
+/// How long [`Client::new`] and [`ClientBuilder`] wait for a TCP connection before giving up.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
 /// Bytes of an undecodable body quoted in a [`ClientError::Decode`].
@@ -185,6 +198,124 @@ impl<T> Response<T> {
     }
 }
 
+/// Where [`ClientBuilder`] takes the CAs it trusts from.
+#[derive(Clone, Debug)]
+enum CaSource {
+    Pem(Vec<u8>),
+    File(PathBuf),
+}
+
+/// Builds a [`Client`]: an API key, the CAs to trust for `https://`, default headers.
+///
+/// ```
+/// let client = gapguard_client::Client::builder("http://127.0.0.1:7700")
+///     .api_key("my-secret")
+///     .header("x-correlation-id", "session-7")
+///     .build()
+///     .unwrap();
+/// assert_eq!(client.base_url(), "http://127.0.0.1:7700");
+/// assert!(!format!("{client:?}").contains("my-secret"), "the key is never printed");
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct ClientBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    ca: Option<CaSource>,
+    headers: Vec<(String, String)>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("headers", &self.headers)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// Sends `secret` as `Authorization: Bearer <secret>` on every request (marked sensitive,
+    /// so it is not logged by reqwest).
+    pub fn api_key(mut self, secret: impl Into<String>) -> Self {
+        self.api_key = Some(secret.into());
+        self
+    }
+
+    /// Trusts the CA certificates of `pem` (one or more PEM certificates) for `https://`, and
+    /// only them: the built-in public roots are not used, as with `curl --cacert`.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca = Some(CaSource::Pem(pem.into()));
+        self
+    }
+
+    /// As [`ClientBuilder::ca_pem`], reading the PEM file at `path` when the client is built.
+    pub fn ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca = Some(CaSource::File(path.as_ref().to_owned()));
+        self
+    }
+
+    /// Sends a header on every request (e.g. `x-correlation-id` for a whole session).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// How long to wait for a TCP connection (default [`CONNECT_TIMEOUT_MS`]).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The client. Fails with [`ClientError::InvalidArgument`] on a malformed base URL, a
+    /// header or key that cannot be sent, or a CA file that cannot be read or holds no
+    /// certificate.
+    pub fn build(self) -> Result<Client, ClientError> {
+        let invalid = |message: String| ClientError::InvalidArgument { message };
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let header = HeaderName::from_bytes(name.as_bytes()).ok().zip(HeaderValue::from_str(value).ok());
+            let (name, value) = header.ok_or_else(|| invalid(format!("header {name}: {value:?} cannot be sent")))?;
+            headers.insert(name, value);
+        }
+        if let Some(secret) = &self.api_key {
+            // Never quote the secret in an error.
+            let mut value = HeaderValue::from_str(&format!("Bearer {secret}"))
+                .ok()
+                .filter(|_| !secret.is_empty() && secret.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| invalid("the API key must be printable ASCII without spaces".into()))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let mut http = reqwest::Client::builder().connect_timeout(self.connect_timeout).default_headers(headers);
+        if let Some(ca) = &self.ca {
+            let (pem, origin) = match ca {
+                CaSource::Pem(pem) => (pem.clone(), "the CA PEM".to_owned()),
+                CaSource::File(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| invalid(format!("cannot read CA file {}: {e}", path.display())))?;
+                    (pem, format!("CA file {}", path.display()))
+                }
+            };
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid(format!("{origin} is not a PEM certificate bundle ({e})")))?;
+            if certificates.is_empty() {
+                return Err(invalid(format!("{origin} holds no `-----BEGIN CERTIFICATE-----` block")));
+            }
+            http = http.tls_built_in_root_certs(false);
+            for certificate in certificates {
+                http = http.add_root_certificate(certificate);
+            }
+        }
+        let http = http.build().map_err(|e| ClientError::transport(&self.base_url, e))?;
+        Client::with_http(http, &self.base_url)
+    }
+}
+
 /// Filters of an audit query (`GET /v1/ns/{ns}/audit`). Every field set narrows the result;
 /// `Default` asks for the oldest events of the namespace, up to the server's default limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -243,15 +374,23 @@ impl Client {
     /// kept, a trailing `/` is not), with a connect timeout of [`CONNECT_TIMEOUT_MS`] and no
     /// overall timeout.
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .build()
-            .map_err(|e| ClientError::transport(base_url, e))?;
-        Self::with_http(http, base_url)
+        Self::builder(base_url).build()
     }
 
-    /// A client that sends its requests with `http`: use it for timeouts, proxies, TLS or
-    /// default headers (e.g. `Authorization`).
+    /// A client of the server at `base_url` with an API key, a CA or default headers; see
+    /// [`ClientBuilder`].
+    pub fn builder(base_url: &str) -> ClientBuilder {
+        ClientBuilder {
+            base_url: base_url.to_owned(),
+            api_key: None,
+            ca: None,
+            headers: Vec::new(),
+            connect_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS),
+        }
+    }
+
+    /// A client that sends its requests with `http`: use it for what [`ClientBuilder`] does
+    /// not cover (proxies, client certificates, timeouts per request).
     pub fn with_http(http: reqwest::Client, base_url: &str) -> Result<Self, ClientError> {
         let invalid = |why: String| ClientError::InvalidArgument { message: format!("base URL {base_url:?} {why}") };
         let url = reqwest::Url::parse(base_url).map_err(|e| invalid(format!("is not a URL ({e})")))?;

@@ -589,3 +589,33 @@ async fn last_revision_counts_only_revisions_returned_whole() {
     let expected = [("a", None), ("b", Some(5)), ("c", Some(5)), ("d", Some(6))];
     assert_eq!(seen, expected.map(|(k, r)| (k.to_owned(), r)));
 }
+
+#[tokio::test]
+async fn the_builder_sends_the_api_key_as_a_bearer_token_and_default_headers_on_every_request() {
+    let ok = ("200 OK", vec![("content-type", "application/json")], r#"{"status":"ok","revision":3}"#);
+    let (base, seen) = canned(vec![ok.clone(), ok]).await;
+    let client = Client::builder(&base).api_key("s3cret-key").header("x-correlation-id", "session-7").build().unwrap();
+    client.health().await.unwrap();
+    client.health().await.unwrap();
+    let seen = seen.lock().unwrap();
+    for request in seen.iter() {
+        assert_eq!(request.header("authorization"), Some("Bearer s3cret-key"));
+        assert_eq!(request.header("x-correlation-id"), Some("session-7"));
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn the_builder_refuses_unsendable_keys_and_unusable_ca_files_without_quoting_the_key() {
+    let err = Client::builder("http://127.0.0.1:1").api_key("two words\n").build().unwrap_err();
+    assert!(matches!(err, ClientError::InvalidArgument { .. }), "{err:?}");
+    assert!(!err.to_string().contains("two words"), "{err}");
+    assert!(!format!("{:?}", Client::builder("http://h").api_key("s3cret-key")).contains("s3cret-key"));
+
+    let err = Client::builder("https://h").ca_file("/nonexistent/ca.pem").build().unwrap_err();
+    assert!(err.to_string().contains("cannot read CA file /nonexistent/ca.pem"), "{err}");
+    let err = Client::builder("https://h").ca_pem("not a certificate").build().unwrap_err();
+    assert!(err.to_string().contains("holds no `-----BEGIN CERTIFICATE-----` block"), "{err}");
+    let err = Client::builder("ftp://h").build().unwrap_err();
+    assert!(err.to_string().contains("must start with http:// or https://"), "{err}");
+}

@@ -113,6 +113,18 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
+/// What to try when a connection fails, from the root cause's words (rustls names a
+/// certificate it cannot verify, and a non-TLS answer as an invalid content type).
+fn connect_hint(reason: &str) -> &'static str {
+    if reason.contains("certificate") {
+        "pass the CA that signed the server's certificate with --ca-file (env GAPGUARD_CA_FILE)"
+    } else if reason.contains("InvalidContentType") {
+        "the server does not speak TLS there: use an http:// URL"
+    } else {
+        "is `gapguard serve` running?"
+    }
+}
+
 /// What to print on stderr: `error: …`, then indented details. `base_url` is the server the
 /// command talked to (`--url`).
 pub fn report(error: &anyhow::Error, base_url: &str) -> String {
@@ -131,7 +143,7 @@ pub fn report(error: &anyhow::Error, base_url: &str) -> String {
             out
         }
         ClientError::Transport { reason, .. } if client_error.is_connect() => {
-            format!("error: cannot reach gapguard at {base_url}: {reason}; is `gapguard serve` running?")
+            format!("error: cannot reach gapguard at {base_url}: {reason}; {}", connect_hint(reason))
         }
         ClientError::Transport { url, reason, .. } => format!("error: request to {url} failed: {reason}"),
         ClientError::Decode { .. } => format!("error: {client_error} (is {base_url} a gapguard server?)"),

@@ -1,29 +1,27 @@
 //! `gapguard health` and `gapguard openapi`, and the client every client command uses.
 
-use std::time::Duration;
-
-use gapguard_client::reqwest;
-use gapguard_client::{Client, ClientError, CONNECT_TIMEOUT_MS, CORRELATION_ID_HEADER};
-use reqwest::header::{HeaderMap, HeaderValue};
+use gapguard_client::{Client, ClientError, CORRELATION_ID_HEADER};
 
 use crate::failure::{self, Failure};
-use crate::Ctx;
+use crate::{Cli, Ctx};
 
-/// A client of `url` that sends `correlation_id` (if any) as `X-Correlation-Id` on every
-/// request, reads included.
-pub fn client(url: &str, correlation_id: Option<&str>) -> anyhow::Result<Client> {
-    let mut headers = HeaderMap::new();
+/// A client of `--url` with `--api-key` and `--ca-file` (or their environment variables),
+/// that sends `correlation_id` (if any) as `X-Correlation-Id` on every request, reads
+/// included.
+pub fn client(cli: &Cli, correlation_id: Option<&str>) -> anyhow::Result<Client> {
+    let mut builder = Client::builder(&cli.url);
     if let Some(id) = correlation_id {
-        let value = HeaderValue::from_str(id)
-            .map_err(|_| Failure::usage(format!("--correlation-id {id:?} is not a valid header value")))?;
-        headers.insert(CORRELATION_ID_HEADER, value);
+        builder = builder.header(CORRELATION_ID_HEADER, id);
     }
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .default_headers(headers)
-        .build()?;
-    Client::with_http(http, url).map_err(|e| match e {
-        ClientError::InvalidArgument { message } => Failure::usage(format!("--url: {message}")).into(),
+    if let Some(secret) = &cli.api_key {
+        builder = builder.api_key(secret);
+    }
+    if let Some(path) = &cli.ca_file {
+        builder = builder.ca_file(path);
+    }
+    builder.build().map_err(|e| match e {
+        // The message names what is wrong: the base URL, the CA file, the key or the header.
+        ClientError::InvalidArgument { message } => Failure::usage(message).into(),
         other => other.into(),
     })
 }

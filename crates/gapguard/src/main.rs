@@ -20,6 +20,10 @@
 //! | `orphans list\|resolve NS` | what expired unfinished, for the user's cleanup job |
 //! | `watch NS` | changes as they are committed, one JSON line each, until Ctrl-C ([`watch`]) |
 //! | `audit tail\|verify`, `health`, `openapi` | the audit log and the server |
+//! | `keys new --id ID --namespaces a,b --role R` | a new API key: its secret once, and the config block ([`keys`]) |
+//!
+//! Client commands send `--api-key` (env `GAPGUARD_API_KEY`) as `Authorization: Bearer`, and
+//! trust the CAs of `--ca-file` (env `GAPGUARD_CA_FILE`) for an `https://` URL.
 //!
 //! A reservation is made by the verb `reserve` and then addressed as a noun, `reservation
 //! commit NS ID`: the id is what `reserve` printed, and the pool is not needed again.
@@ -29,6 +33,7 @@ mod failure;
 mod grant;
 mod guard;
 mod info;
+mod keys;
 mod kv;
 mod lease;
 mod output;
@@ -45,6 +50,7 @@ use gapguard_api::{Condition, Op};
 use gapguard_client::Client;
 
 use crate::grant::{GrantCommand, OrphansCommand};
+use crate::keys::KeysCommand;
 use crate::lease::LeaseCommand;
 use crate::output::Printer;
 use crate::pool::{PoolCommand, ReservationCommand, ReserveArgs};
@@ -60,6 +66,14 @@ struct Cli {
     /// Base URL of the gapguard server (client commands).
     #[arg(long, global = true, env = "GAPGUARD_URL", default_value = DEFAULT_URL, value_name = "URL")]
     url: String,
+    /// API key, sent as `Authorization: Bearer KEY` (client commands). Prefer the environment
+    /// variable: a flag's value is visible to other users in the process list.
+    #[arg(long, global = true, env = "GAPGUARD_API_KEY", hide_env_values = true, value_name = "KEY")]
+    api_key: Option<String>,
+    /// PEM file of the CA certificates to trust for an https:// URL, instead of the built-in
+    /// public roots (client commands).
+    #[arg(long, global = true, env = "GAPGUARD_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Print JSON on one line instead of pretty-printed.
     #[arg(long, global = true)]
     compact: bool,
@@ -106,6 +120,9 @@ enum Command {
     Health(ReadArgs),
     /// Print the server's OpenAPI document.
     Openapi(ReadArgs),
+    /// Make API keys for the server's config file.
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 /// `gapguard serve`.
@@ -305,7 +322,7 @@ struct Ctx {
 impl Ctx {
     /// A client of `--url` that sends `correlation_id` (if any) on every request.
     fn new(cli: &Cli, correlation_id: Option<&str>) -> anyhow::Result<Self> {
-        Ok(Self { client: info::client(&cli.url, correlation_id)?, out: Printer { compact: cli.compact } })
+        Ok(Self { client: info::client(cli, correlation_id)?, out: Printer { compact: cli.compact } })
     }
 }
 
@@ -348,6 +365,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Health(args) => info::health(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
         Command::Openapi(args) => info::openapi(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
+        Command::Keys(KeysCommand::New(args)) => keys::new(args),
     }
 }
 
@@ -357,6 +375,7 @@ mod tests {
     use clap::error::ErrorKind;
     use clap::CommandFactory;
     use gapguard_api::{AddOp, CompareCondition, CompareOp};
+    use std::path::Path;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("gapguard").chain(args.iter().copied()))
@@ -386,6 +405,30 @@ mod tests {
         assert!(cli.compact);
         let Command::Kv(KvCommand::Get { ns, key, .. }) = cli.command else { panic!("not kv get") };
         assert_eq!((ns.as_str(), key.as_str()), ("ns", "a/b"));
+    }
+
+    #[test]
+    fn api_key_and_ca_file_are_global_flags() {
+        let cli = parse(&["kv", "get", "ns", "k", "--api-key", "s3cret", "--ca-file", "/etc/ca.pem"]).unwrap();
+        assert_eq!((cli.api_key.as_deref(), cli.ca_file.as_deref()), (Some("s3cret"), Some(Path::new("/etc/ca.pem"))));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("GAPGUARD_API_KEY") && help.contains("GAPGUARD_CA_FILE"), "{help}");
+    }
+
+    #[test]
+    fn keys_new_takes_id_namespaces_and_role() {
+        let cli =
+            parse(&["keys", "new", "--id", "checkout-svc", "--namespaces", "shop,cart", "--role", "write"]).unwrap();
+        let Command::Keys(KeysCommand::New(args)) = cli.command else { panic!("not keys new") };
+        assert_eq!(
+            (args.id.as_str(), args.namespaces.clone()),
+            ("checkout-svc", vec!["shop".to_owned(), "cart".into()])
+        );
+        assert_eq!(args.role, keys::Role::Write);
+        let err = parse(&["keys", "new", "--id", "x", "--namespaces", "a", "--role", "root"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue);
+        let err = parse(&["keys", "new", "--id", "x", "--role", "read"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
     }
 
     #[test]

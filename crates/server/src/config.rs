@@ -155,6 +155,20 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The safe default: without API keys, anyone who can connect can do anything, so the
+    /// server only binds loopback. Returns why not otherwise.
+    pub fn check_safe_bind(&self) -> Result<(), String> {
+        if self.api_keys.is_empty() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on {} without API keys: anyone who can reach it could read and write \
+                 everything. Add [[api_key]] entries to the config (gapguard keys new prints one), or listen \
+                 on a loopback address such as 127.0.0.1",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads a config file; `None` gives the defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let Some(path) = path else { return Ok(Self::default()) };

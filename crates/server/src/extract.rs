@@ -71,7 +71,12 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
 /// The request's correlation id: `X-Correlation-Id` if given, else the trace id of a valid
 /// W3C `traceparent`, else a fresh random id. Echoed on the response.
 #[derive(Clone, Debug)]
-pub struct Correlation(pub String);
+pub struct Correlation {
+    /// The correlation id.
+    pub id: String,
+    /// The API key that made the request (set by the auth middleware).
+    pub api_key: Option<String>,
+}
 
 const CORRELATION_HEADER: &str = "x-correlation-id";
 
@@ -83,7 +88,7 @@ pub async fn correlation(State(state): State<AppState>, mut req: Request, next: 
         Err(e) => return e.into_response(),
     };
     let traceparent = req.headers().get("traceparent").cloned();
-    req.extensions_mut().insert(Correlation(id.clone()));
+    req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None });
     let mut response = next.run(req).await;
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {

@@ -1,23 +1,29 @@
 //! gapguard's HTTP server (API v1): axum routes over the engine, request decoding and limits,
-//! idempotency and correlation headers, and the OpenAPI document.
+//! idempotency and correlation headers, the OpenAPI document, and `serve`: the accept loop
+//! (`accept`), TLS (`tls`) and the limits under load (`load`).
 
+mod accept;
+mod auth;
 pub mod config;
 mod convert;
 pub mod error;
 mod extract;
+mod load;
 mod primitives;
 pub mod routes;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use gapguard_engine::{Engine, EngineConfig, SystemClock};
 use gapguard_store::EmbeddedStore;
 
 pub use routes::{app, ApiDoc};
 
 pub use config::{ApiKeyConfig, Config, ConfigError, FlowConfig, Role};
+pub use tls::TlsError;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +45,27 @@ pub enum ServeError {
         /// Why.
         message: String,
     },
+    /// Asked to serve without API keys on an address other than loopback.
+    #[error("{0}")]
+    Insecure(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     /// The HTTP server failed.
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Opens the store, binds `config.listen`, calls `on_bound` with the bound address (before
-/// serving), and serves until SIGINT or SIGTERM.
+/// Loads the TLS files (if configured), opens the store, binds `config.listen`, calls
+/// `on_bound` with the bound address (before serving), and serves until SIGINT or SIGTERM,
+/// over HTTPS when `tls_cert` and `tls_key` are set, within the config's in-flight bound and
+/// timeouts.
 pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> Result<(), ServeError> {
+    config.check_safe_bind().map_err(ServeError::Insecure)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let store_error = |message: String| ServeError::Store { dir: config.data.clone(), message };
     let store = EmbeddedStore::open_with(&config.data, config.fsync).map_err(|e| store_error(e.to_string()))?;
     if !config.fsync {
@@ -60,18 +79,21 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr()?;
     on_bound(addr);
-    tracing::info!(%addr, data = %config.data.display(), "serving");
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving");
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
-    let router = routes::app_with_shutdown(engine.clone(), streams_stop);
+    let router = routes::app_with_shutdown(engine.clone(), auth::Keys::new(&config.api_keys), streams_stop);
     let signal = async move {
         shutdown_signal().await;
         // End the watch streams, or graceful shutdown would wait for them forever.
         let _ = stop_streams.send(true);
     };
-    axum::serve(listener, router).with_graceful_shutdown(signal).await?;
+    let limits = load::LoadLimits {
+        max_in_flight: config.max_in_flight,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+    };
+    let connections =
+        accept::ConnectionConfig { tls, header_read_timeout: Duration::from_millis(config.header_read_timeout_ms) };
+    accept::serve(listener, load::layer(router, limits), connections, signal).await?;
     tracing::info!("stopped accepting requests; closing the store");
     drop(engine);
     Ok(())

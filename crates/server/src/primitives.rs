@@ -45,7 +45,8 @@ impl Call<'_> {
         kind: AuditKind,
         render: impl FnOnce(Outcome, &str) -> Response,
     ) -> Result<Response, ApiError> {
-        let claim = idempotency(&self.headers, &self.ns, &self.method, &self.uri, &self.raw, self.state)?;
+        let claim =
+            idempotency(&self.correlation, &self.headers, &self.ns, &self.method, &self.uri, &self.raw, self.state)?;
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
         write_with(self.state, request, self.correlation, claim, |outcome| match outcome {

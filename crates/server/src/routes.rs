@@ -13,6 +13,9 @@ use serde::Deserialize;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::{IntoParams, OpenApi};
 
+use std::sync::Arc;
+
+use crate::auth::{self, Keys};
 use crate::convert;
 use crate::error::ApiError;
 use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
@@ -23,6 +26,8 @@ use crate::primitives;
 pub struct AppState {
     /// The guard engine.
     pub engine: Engine,
+    /// The API keys (none: authentication off).
+    pub keys: Arc<Keys>,
     /// Becomes true when the server shuts down: long-lived responses (watch streams) end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -31,13 +36,13 @@ pub struct AppState {
 pub fn app(engine: Engine) -> Router {
     // Nothing will signal it: the sender is dropped, which watchers read as "never".
     let (_, shutdown) = tokio::sync::watch::channel(false);
-    app_with_shutdown(engine, shutdown)
+    app_with_shutdown(engine, Keys::default(), shutdown)
 }
 
 /// The router, with a signal that ends long-lived responses (watch streams) so that a
 /// graceful shutdown does not wait for watchers forever.
-pub fn app_with_shutdown(engine: Engine, shutdown: tokio::sync::watch::Receiver<bool>) -> Router {
-    let state = AppState { engine, shutdown };
+pub fn app_with_shutdown(engine: Engine, keys: Keys, shutdown: tokio::sync::watch::Receiver<bool>) -> Router {
+    let state = AppState { engine, keys: Arc::new(keys), shutdown };
     let body_limit = state.engine.limits().max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
@@ -63,6 +68,7 @@ pub fn app_with_shutdown(engine: Engine, shutdown: tokio::sync::watch::Receiver<
         .route("/v1/ns/{ns}/orphans", get(primitives::list_orphans))
         .route("/v1/ns/{ns}/orphans/{id}/resolve", post(primitives::resolve_orphan))
         .route("/v1/ns/{ns}/watch", get(primitives::watch))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
@@ -103,11 +109,12 @@ pub(crate) fn engine_error(e: EngineError) -> ApiError {
 }
 
 pub(crate) fn context(correlation: Correlation) -> RequestContext {
-    RequestContext { correlation_id: Some(correlation.0), api_key_id: None }
+    RequestContext { correlation_id: Some(correlation.id), api_key_id: correlation.api_key }
 }
 
 /// The `Idempotency-Key` of a mutating request, bound to the request's fingerprint.
 pub(crate) fn idempotency(
+    correlation: &Correlation,
     headers: &HeaderMap,
     ns: &str,
     method: &Method,
@@ -130,7 +137,12 @@ pub(crate) fn idempotency(
     let mut hasher = blake3::Hasher::new();
     hasher.update(method.as_str().as_bytes()).update(b"\n").update(uri.path().as_bytes()).update(b"\n").update(raw);
     Ok(Some(IdempotencyClaim {
-        key: IdempotencyKey { ns: ns.to_owned(), scope: String::new(), key: key.to_owned() },
+        // Scoped to the API key: one tenant cannot replay another's key to read its response.
+        key: IdempotencyKey {
+            ns: ns.to_owned(),
+            scope: correlation.api_key.clone().unwrap_or_default(),
+            key: key.to_owned(),
+        },
         fingerprint: *hasher.finalize().as_bytes(),
     }))
 }
@@ -196,7 +208,7 @@ async fn put_kv(
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
     convert::value(&body.value.value, "value", body.raw.len(), limits)?;
-    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Put { ns, key: key.clone(), value: body.value.value };
     write(&state, request, correlation, claim, &key).await
 }
@@ -236,7 +248,7 @@ async fn delete_kv(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
-    let claim = idempotency(&headers, &ns, &method, &uri, b"", &state)?;
+    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, b"", &state)?;
     let request = WriteRequest::Delete { ns, key: key.clone() };
     write(&state, request, correlation, claim, &key).await
 }
@@ -334,7 +346,7 @@ async fn act(
         })?),
         None => None,
     };
-    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Act(Act { ns, ticket, conditions, ops, flow: request.flow });
     write(&state, request, correlation, claim, "").await
 }
@@ -359,7 +371,7 @@ async fn txn(
     let compare = convert::conditions(request.compare, "if", 0, raw_len, limits)?;
     let success = convert::ops(request.success, "then", 0, raw_len, limits)?;
     let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
-    let claim = idempotency(&headers, &ns, &method, &uri, &body.raw, &state)?;
+    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     write(&state, WriteRequest::Txn(Txn { ns, compare, success, failure }), correlation, claim, "").await
 }
 

@@ -13,10 +13,12 @@ use serde_json::Value;
 /// A running `gapguard serve`.
 pub struct Server {
     child: Child,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when started with [`Server::start_tls`]).
     pub url: String,
     /// Its data directory.
     pub data: PathBuf,
+    /// The config file written by [`Server::start_with_config`], deleted with the server.
+    config: Option<tempfile::TempPath>,
 }
 
 impl Server {
@@ -45,7 +47,60 @@ impl Server {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
             .to_owned();
-        Self { child, url: format!("http://{addr}"), data: data.to_owned() }
+        Self { child, url: format!("http://{addr}"), data: data.to_owned(), config: None }
+    }
+
+    /// Starts the binary with `config_toml` as its `--config` file (a temporary file); the
+    /// flags still pick a free loopback port and `data`.
+    pub fn start_with_config(data: &Path, config_toml: &str) -> Self {
+        let config = write_config(config_toml);
+        let mut server = Self::start_with(data, &["--config", config.to_str().expect("a UTF-8 temp path")]);
+        server.config = Some(config);
+        server
+    }
+
+    /// As [`Server::start_with_config`], for a config that sets `tls_cert` and `tls_key`: the
+    /// URL is `https://127.0.0.1:PORT` (the test certificate names that IP address).
+    pub fn start_tls(data: &Path, config_toml: &str) -> Self {
+        let mut server = Self::start_with_config(data, config_toml);
+        server.url = server.url.replacen("http://", "https://", 1);
+        server
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the URL")
+    }
+
+    /// Runs `gapguard serve` with `config_toml`, expecting it to refuse to start: returns its
+    /// stderr once it exited non-zero (panics if it starts serving or takes over 30 s).
+    pub fn refused_start(data: &Path, config_toml: &str) -> String {
+        let config = write_config(config_toml);
+        let child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .arg("--config")
+            .arg(&*config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the gapguard binary");
+        let pid = child.id();
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        let Ok(output) = outcome.recv_timeout(Duration::from_secs(30)) else {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("gapguard serve neither started nor exited within 30 s");
+        };
+        let output = output.expect("wait for gapguard serve");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!output.status.success(), "gapguard serve started: stdout {stdout:?}");
+        assert!(!stdout.contains("listening on"), "gapguard serve listened: {stdout:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -84,6 +139,14 @@ impl Drop for Server {
     }
 }
 
+/// Writes a config file that lives as long as the returned path.
+fn write_config(config_toml: &str) -> tempfile::TempPath {
+    use std::io::Write as _;
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().expect("create a temp config file");
+    file.write_all(config_toml.as_bytes()).expect("write the config file");
+    file.into_temp_path()
+}
+
 /// A response as a test sees it.
 #[derive(Debug)]
 pub struct Reply {
@@ -109,6 +172,11 @@ pub struct Http {
 impl Http {
     pub fn new(server: &Server) -> Self {
         Self { client: reqwest::Client::new(), base: server.url.clone(), tolerant: false }
+    }
+
+    /// A helper that sends with `client` (e.g. one that trusts a test CA) to `base`.
+    pub fn with_client(client: reqwest::Client, base: &str) -> Self {
+        Self { client, base: base.to_owned(), tolerant: false }
     }
 
     /// Connection failures become `status: 0` replies.

@@ -1,0 +1,190 @@
+//! API keys against the real binary: every route refuses a missing or unknown key (401), a
+//! key of another namespace or with too low a role (403), with no effect on state; tickets and
+//! idempotency keys do not cross tenants; and without keys the server binds loopback only.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use support::{Http, Reply, Server};
+
+const ADMIN: &str = "admin-secret-0123456789";
+const WRITER: &str = "writer-secret-0123456789";
+const READER: &str = "reader-secret-0123456789";
+const OTHER_NS: &str = "other-ns-secret-0123456789";
+const BOTH_ADMIN: &str = "both-admin-secret-0123456789";
+
+fn sha(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn config() -> String {
+    let key = |id: &str, secret: &str, ns: &str, role: &str| {
+        format!(
+            "[[api_key]]\nid = \"{id}\"\nsecret_sha256 = \"{}\"\nnamespaces = [{ns}]\nrole = \"{role}\"\n\n",
+            sha(secret)
+        )
+    };
+    [
+        key("admin", ADMIN, "\"shop\"", "admin"),
+        key("writer", WRITER, "\"shop\"", "write"),
+        key("reader", READER, "\"shop\"", "read"),
+        key("elsewhere", OTHER_NS, "\"other\"", "admin"),
+        key("both", BOTH_ADMIN, "\"shop\", \"other\"", "admin"),
+    ]
+    .concat()
+}
+
+fn start() -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gapguard.toml");
+    std::fs::write(&path, config()).unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--config", path.to_str().unwrap()]);
+    (server, dir)
+}
+
+async fn call(http: &Http, method: &str, path: &str, body: Option<&Value>, secret: Option<&str>) -> Reply {
+    let auth = secret.map(|s| format!("Bearer {s}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    http.send(method, path, body, &headers).await
+}
+
+/// Every route of the API with the role it needs: (method, path, body, role).
+fn routes() -> Vec<(&'static str, &'static str, Option<Value>, &'static str)> {
+    vec![
+        ("GET", "/v1/ns/shop/kv/a", None, "read"),
+        ("GET", "/v1/ns/shop/kv?prefix=", None, "read"),
+        ("POST", "/v1/ns/shop/check", Some(json!({"conditions": [{"absent": "z"}]})), "read"),
+        ("GET", "/v1/ns/shop/audit", None, "read"),
+        ("GET", "/v1/ns/shop/pools/p", None, "read"),
+        ("GET", "/v1/ns/shop/reservations/rsv_1_0", None, "read"),
+        ("GET", "/v1/ns/shop/leases/l", None, "read"),
+        ("GET", "/v1/ns/shop/grants", None, "read"),
+        ("GET", "/v1/ns/shop/orphans", None, "read"),
+        ("PUT", "/v1/ns/shop/kv/a", Some(json!({"value": 1})), "write"),
+        ("DELETE", "/v1/ns/shop/kv/a", None, "write"),
+        ("POST", "/v1/ns/shop/act", Some(json!({"ops": [{"put": {"key": "b", "value": 1}}]})), "write"),
+        ("POST", "/v1/ns/shop/txn", Some(json!({"then": [{"put": {"key": "c", "value": 1}}]})), "write"),
+        ("POST", "/v1/ns/shop/pools/p/reserve", Some(json!({"amount": 1, "ttl_ms": 1000})), "write"),
+        ("POST", "/v1/ns/shop/reservations/rsv_1_0/commit", None, "write"),
+        ("POST", "/v1/ns/shop/reservations/rsv_1_0/release", None, "write"),
+        ("POST", "/v1/ns/shop/leases/l/acquire", Some(json!({"holder": "h", "ttl_ms": 1000})), "write"),
+        ("POST", "/v1/ns/shop/leases/l/renew", Some(json!({"token": 1})), "write"),
+        ("POST", "/v1/ns/shop/leases/l/release", Some(json!({"token": 1})), "write"),
+        ("PUT", "/v1/ns/shop/pools/p", Some(json!({"capacity": 5})), "admin"),
+        ("POST", "/v1/ns/shop/grants", Some(json!({"subject": "s", "action": "a", "resource": "r"})), "admin"),
+        ("POST", "/v1/ns/shop/grants/revoke", Some(json!({"subject": "s", "action": "a", "resource": "r"})), "admin"),
+        ("POST", "/v1/ns/shop/orphans/orph_1_0/resolve", None, "admin"),
+        ("GET", "/v1/audit/verify", None, "admin"),
+    ]
+}
+
+async fn revision(http: &Http) -> u64 {
+    call(http, "GET", "/v1/ns/shop/kv?prefix=", None, Some(ADMIN)).await.body["revision"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn every_route_refuses_callers_without_the_right_key_and_changes_nothing() {
+    let (server, _dir) = start();
+    let http = Http::new(&server);
+    let before = revision(&http).await;
+    for (method, path, body, role) in routes() {
+        let body = body.as_ref();
+        let r = call(&http, method, path, body, None).await;
+        assert_eq!((r.status, r.body["error"].as_str()), (401, Some("unauthorized")), "{method} {path} without a key");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = call(&http, method, path, body, Some("not-a-key")).await;
+        assert_eq!(r.status, 401, "{method} {path} with an unknown key");
+        if !path.starts_with("/v1/audit") {
+            let r = call(&http, method, path, body, Some(OTHER_NS)).await;
+            assert_eq!(
+                (r.status, r.body["error"].as_str()),
+                (403, Some("forbidden")),
+                "{method} {path} from another namespace"
+            );
+            assert!(r.body["message"].as_str().unwrap().contains("namespace"), "{:?}", r.body);
+        }
+        let too_low = match role {
+            "write" => Some(READER),
+            "admin" => Some(WRITER),
+            _ => None,
+        };
+        if let Some(secret) = too_low {
+            let r = call(&http, method, path, body, Some(secret)).await;
+            assert_eq!(
+                (r.status, r.body["error"].as_str()),
+                (403, Some("forbidden")),
+                "{method} {path} with too low a role"
+            );
+            assert!(r.body["message"].as_str().unwrap().contains(role), "{:?}", r.body);
+        }
+    }
+    assert_eq!(revision(&http).await, before, "a refused request changed state");
+    // /healthz needs no key.
+    assert_eq!(call(&http, "GET", "/healthz", None, None).await.status, 200);
+    // The right keys get through, and the audit log names them.
+    let put = call(&http, "PUT", "/v1/ns/shop/kv/a", Some(&json!({"value": 1})), Some(WRITER)).await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let read = call(&http, "GET", "/v1/ns/shop/kv/a", None, Some(READER)).await;
+    assert_eq!(read.body["value"], 1);
+    let audit = call(&http, "GET", "/v1/ns/shop/audit?key=a", None, Some(READER)).await;
+    assert_eq!(audit.body["events"][0]["api_key_id"], "writer");
+    assert_eq!(call(&http, "GET", "/v1/audit/verify", None, Some(ADMIN)).await.body["ok"], true);
+}
+
+#[tokio::test]
+async fn a_ticket_from_one_namespace_is_refused_in_another_even_for_an_admin_of_both() {
+    let (server, _dir) = start();
+    let http = Http::new(&server);
+    let check =
+        call(&http, "POST", "/v1/ns/shop/check", Some(&json!({"conditions": [{"absent": "x"}]})), Some(BOTH_ADMIN))
+            .await;
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    let act = json!({"ticket": check.body["ticket"], "ops": [{"put": {"key": "x", "value": 1}}]});
+    let r = call(&http, "POST", "/v1/ns/other/act", Some(&act), Some(BOTH_ADMIN)).await;
+    assert_eq!((r.status, r.body["error"].as_str()), (400, Some("invalid_ticket")));
+    assert_eq!(call(&http, "GET", "/v1/ns/other/kv/x", None, Some(BOTH_ADMIN)).await.status, 404);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_does_not_replay_another_api_keys_response() {
+    let (server, _dir) = start();
+    let http = Http::new(&server);
+    let body = json!({"ops": [{"add": {"key": "charged", "by": 10}}]});
+    let with = |secret: &'static str| {
+        let auth = format!("Bearer {secret}");
+        (auth, body.clone())
+    };
+    let (auth, b) = with(WRITER);
+    let first =
+        http.send("POST", "/v1/ns/shop/act", Some(&b), &[("authorization", &auth), ("idempotency-key", "k-1")]).await;
+    assert_eq!(first.status, 200);
+    let (auth, b) = with(ADMIN);
+    let other =
+        http.send("POST", "/v1/ns/shop/act", Some(&b), &[("authorization", &auth), ("idempotency-key", "k-1")]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("idempotent-replayed"), None, "another key's response was replayed");
+    assert_ne!(other.body["revision"], first.body["revision"]);
+    let (auth, b) = with(WRITER);
+    let replay =
+        http.send("POST", "/v1/ns/shop/act", Some(&b), &[("authorization", &auth), ("idempotency-key", "k-1")]).await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.body, first.body);
+}
+
+#[test]
+fn without_keys_the_server_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without API keys") && stderr.contains("loopback"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+}

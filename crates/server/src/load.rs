@@ -1,0 +1,216 @@
+//! Limits under load, as layers around the router: a bound on requests in flight (load
+//! shedding: past it, `503` with `Retry-After` at once, never a queue) and a deadline for each
+//! request as a whole, body included.
+//!
+//! `/healthz` is exempt from the bound, so that a load balancer still sees a loaded server
+//! as alive. Watch streams are exempt from the deadline (they live as long as the watcher
+//! wants) and hold their slot only until the stream is opened.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::Bytes;
+use gapguard_api::codes;
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::sync::Semaphore;
+
+use crate::error::ApiError;
+
+/// The route exempt from the in-flight bound.
+const HEALTH_PATH: &str = "/healthz";
+/// The route exempt from the request deadline (Server-Sent Events, long-lived).
+const WATCH_ROUTE: &str = "/v1/ns/{ns}/watch";
+
+/// The limits [`layer`] enforces.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoadLimits {
+    /// Most requests served at once (`/healthz` not counted).
+    pub max_in_flight: usize,
+    /// How long a request may take as a whole, its body included.
+    pub request_timeout: Duration,
+}
+
+/// Wraps `router` in the in-flight bound (outermost: a shed request costs nothing more) and
+/// the request deadline.
+pub(crate) fn layer(router: Router, limits: LoadLimits) -> Router {
+    assert!(limits.max_in_flight > 0, "max_in_flight must be at least 1");
+    // Past Tokio's maximum the bound could never be reached anyway.
+    let max = limits.max_in_flight.min(Semaphore::MAX_PERMITS);
+    let slots = Slots { semaphore: Arc::new(Semaphore::new(max)), max };
+    router.layer(from_fn_with_state(limits.request_timeout, deadline)).layer(from_fn_with_state(slots, shed))
+}
+
+/// The in-flight bound.
+#[derive(Clone)]
+struct Slots {
+    semaphore: Arc<Semaphore>,
+    max: usize,
+}
+
+/// Serves the request if a slot is free, else answers `503 unavailable` with `Retry-After`.
+async fn shed(State(slots): State<Slots>, request: Request, next: Next) -> Response {
+    if request.uri().path() == HEALTH_PATH {
+        return next.run(request).await;
+    }
+    let Ok(_slot) = slots.semaphore.try_acquire() else {
+        return ApiError::unavailable(format!(
+            "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
+            slots.max
+        ))
+        .into_response();
+    };
+    next.run(request).await
+}
+
+/// Gives the request `timeout` to complete. Past it: `408 request_timeout` if the client had
+/// not finished sending the body (nothing was done), else `503 unavailable` (the request may
+/// or may not have taken effect: retry it with the same `Idempotency-Key`).
+async fn deadline(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    let is_watch = request.method() == Method::GET
+        && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str() == WATCH_ROUTE);
+    if is_watch {
+        return next.run(request).await;
+    }
+    let body_read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+    let request = request.map(|inner| Body::new(TrackedBody { inner, read: Arc::clone(&body_read) }));
+    let Ok(response) = tokio::time::timeout(timeout, next.run(request)).await else {
+        let timeout_ms = timeout.as_millis();
+        if !body_read.load(Ordering::Acquire) {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {timeout_ms} ms; nothing was done"),
+            )
+            .into_response();
+            // The rest of the body may still be on its way: this connection is done.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+        return ApiError::unavailable(format!(
+            "the request did not complete within {timeout_ms} ms; it may or may not have taken effect: \
+             retry it with the same Idempotency-Key"
+        ))
+        .into_response();
+    };
+    response
+}
+
+/// A request body that records when it has been read to the end.
+struct TrackedBody {
+    inner: Body,
+    read: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tower::ServiceExt as _;
+
+    fn router(limits: LoadLimits, gate: Arc<tokio::sync::Notify>) -> Router {
+        let slow = move || {
+            let gate = Arc::clone(&gate);
+            async move {
+                gate.notified().await;
+                "done"
+            }
+        };
+        let routes = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/slow", get(slow.clone()))
+            .route(WATCH_ROUTE, get(slow))
+            .route("/echo", post(|body: Bytes| async move { body }));
+        layer(routes, limits)
+    }
+
+    async fn status_and_body(response: Response) -> (StatusCode, Option<&'static str>, serde_json::Value) {
+        let status = response.status();
+        let retry = response.headers().get(header::RETRY_AFTER).map(|v| if v == "1" { "1" } else { "other" });
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, retry, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_requests_are_shed_at_once_and_healthz_still_answers() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let limits = LoadLimits { max_in_flight: 2, request_timeout: Duration::from_secs(30) };
+        let app = router(limits, Arc::clone(&gate));
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        let held: Vec<_> = (0..2).map(|_| tokio::spawn(app.clone().oneshot(get("/slow")))).collect();
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let (status, retry, body) = status_and_body(app.clone().oneshot(get("/slow")).await.unwrap()).await;
+        assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        assert_eq!(body["error"], "unavailable", "{body}");
+        let (status, ..) = status_and_body(app.clone().oneshot(get("/healthz")).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+
+        gate.notify_waiters();
+        for held in held {
+            assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+        let after = app.clone().oneshot(get("/echo"));
+        assert_eq!(after.await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED, "a slot is free again");
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_is_503_a_slow_body_is_408_and_a_watch_has_no_deadline() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let limits = LoadLimits { max_in_flight: 8, request_timeout: Duration::from_millis(100) };
+        let app = router(limits, Arc::clone(&gate));
+
+        let response = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
+        let (status, retry, body) = status_and_body(response).await;
+        assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        assert!(body["message"].as_str().unwrap().contains("Idempotency-Key"), "{body}");
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        tx.send(Ok(Bytes::from_static(b"{\"half\":"))).await.unwrap();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let request = Request::post("/echo").body(Body::from_stream(stream)).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers().get(header::CONNECTION).unwrap(), "close");
+        let (status, retry, body) = status_and_body(response).await;
+        assert_eq!((status, retry), (StatusCode::REQUEST_TIMEOUT, None));
+        assert_eq!(body["error"], codes::REQUEST_TIMEOUT, "{body}");
+        drop(tx);
+
+        let watch = tokio::spawn(app.clone().oneshot(Request::get("/v1/ns/shop/watch").body(Body::empty()).unwrap()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gate.notify_waiters();
+        assert_eq!(watch.await.unwrap().unwrap().status(), StatusCode::OK, "outlived the deadline");
+    }
+}
