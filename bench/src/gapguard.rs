@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use hyper::{Method, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::http::HttpConn;
 use crate::runner::{Outcome, Worker};
@@ -30,9 +32,57 @@ const RESERVE_BODY: &[u8] = br#"{"amount":1,"ttl_ms":60000}"#;
 /// The body of a commit (it takes none; an empty object is accepted too).
 const COMMIT_BODY: &[u8] = b"{}";
 
+/// The API key the bench presents when gapguard runs with authentication: id `bench`, a
+/// random secret, admin of namespace `bench` (admin because the bench sets pool capacities).
+#[derive(Clone)]
+pub struct ApiKey {
+    /// SHA-256 of the secret, lowercase hex, as the config holds it.
+    secret_sha256: String,
+    /// `Bearer <secret>`, built once and marked sensitive.
+    header: HeaderValue,
+}
+
+impl ApiKey {
+    /// The key's id, recorded in gapguard's audit events.
+    pub const ID: &'static str = "bench";
+
+    /// A key with a fresh random secret (256 bits).
+    pub fn random() -> Self {
+        let secret = format!("ggbench_{}", hex(&rand::random::<[u8; 32]>()));
+        let secret_sha256 = hex(&Sha256::digest(secret.as_bytes()));
+        // Leaked once per server, so that the header every request clones is a pointer to
+        // static bytes (no allocation, no reference count).
+        let value: &'static str = Box::leak(format!("Bearer {secret}").into_boxed_str());
+        let mut header = HeaderValue::from_static(value);
+        header.set_sensitive(true);
+        ApiKey { secret_sha256, header }
+    }
+
+    /// The config file that makes gapguard require this key.
+    pub fn config_toml(&self) -> String {
+        format!(
+            "[[api_key]]\nid = \"{}\"\nsecret_sha256 = \"{}\"\nnamespaces = [\"bench\"]\nrole = \"admin\"\n",
+            Self::ID,
+            self.secret_sha256
+        )
+    }
+
+    /// The `Authorization` header value.
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+}
+
+/// `bytes` as lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A running gapguard server.
 pub struct Gapguard {
     addr: SocketAddr,
+    /// `Authorization` of every request, when the server runs with an API key.
+    auth: Option<HeaderValue>,
     /// Which hot pool the `reserve` workload uses now: `hot-{n}`. A pool's `used` only
     /// grows, so each run that sets the stock starts a fresh pool (0 until the first).
     pool: AtomicU64,
@@ -79,9 +129,14 @@ struct Record {
 }
 
 impl Gapguard {
-    /// A handle on the server listening at `addr`.
-    pub fn new(addr: SocketAddr) -> Self {
-        Gapguard { addr, pool: AtomicU64::new(0) }
+    /// A handle on the server listening at `addr`; every request presents `key`, when given.
+    pub fn new(addr: SocketAddr, key: Option<&ApiKey>) -> Self {
+        Gapguard { addr, auth: key.map(|k| k.header().clone()), pool: AtomicU64::new(0) }
+    }
+
+    /// Opens a connection whose requests carry this server's API key, if any.
+    async fn connect(&self) -> Result<HttpConn> {
+        HttpConn::connect(self.addr, self.auth.clone()).await
     }
 
     /// The path of the hot pool the `reserve` workload uses now.
@@ -93,7 +148,7 @@ impl Gapguard {
     pub async fn new_pool(&self, capacity: i64) -> Result<()> {
         self.pool.fetch_add(1, Ordering::Relaxed);
         let path = self.pool_path();
-        let mut conn = HttpConn::connect(self.addr).await?;
+        let mut conn = self.connect().await?;
         let body = Bytes::from(format!(r#"{{"capacity":{capacity}}}"#));
         let (status, body) = conn.request(Method::PUT, &path.parse()?, Some(body)).await?;
         expect(status, StatusCode::OK, &body, &format!("PUT {path}"))
@@ -102,7 +157,7 @@ impl Gapguard {
     /// Reads the hot pool.
     pub async fn read_pool(&self) -> Result<PoolLevel> {
         let path = self.pool_path();
-        let mut conn = HttpConn::connect(self.addr).await?;
+        let mut conn = self.connect().await?;
         let (status, body) = conn.request(Method::GET, &path.parse()?, None).await?;
         expect(status, StatusCode::OK, &body, &format!("GET {path}"))?;
         serde_json::from_slice(&body).with_context(|| format!("GET {path}: bad JSON"))
@@ -110,14 +165,30 @@ impl Gapguard {
 
     /// Succeeds when `GET /healthz` answers 200.
     pub async fn probe(addr: SocketAddr) -> Result<()> {
-        let mut conn = HttpConn::connect(addr).await?;
+        let mut conn = HttpConn::connect(addr, None).await?;
         let (status, body) = conn.request(Method::GET, &Uri::from_static("/healthz"), None).await?;
         expect(status, StatusCode::OK, &body, "GET /healthz")
     }
 
+    /// Fails unless the server at `addr` refuses a request without a key (`401`) and
+    /// serves it with `key`: proof that the runs "with auth" really authenticate.
+    pub async fn check_auth(addr: SocketAddr, key: &ApiKey) -> Result<()> {
+        let uri = Uri::from_static(STOCK_PATH);
+        let mut conn = HttpConn::connect(addr, None).await?;
+        let (status, body) = conn.request(Method::GET, &uri, None).await?;
+        expect(status, StatusCode::UNAUTHORIZED, &body, "GET stock without an API key")?;
+        let mut conn = HttpConn::connect(addr, Some(key.header().clone())).await?;
+        let (status, body) = conn.request(Method::GET, &uri, None).await?;
+        if status == StatusCode::OK || status == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            unexpected(status, &body, "GET stock with the bench's API key").map(|_| ())
+        }
+    }
+
     /// Sets the hot key `stock` to `n`.
     pub async fn set_stock(&self, n: i64) -> Result<()> {
-        let mut conn = HttpConn::connect(self.addr).await?;
+        let mut conn = self.connect().await?;
         let body = Bytes::from(format!(r#"{{"value":{n}}}"#));
         let (status, body) = conn.request(Method::PUT, &Uri::from_static(STOCK_PATH), Some(body)).await?;
         expect(status, StatusCode::OK, &body, "PUT stock")
@@ -125,7 +196,7 @@ impl Gapguard {
 
     /// Reads the hot key `stock`.
     pub async fn read_stock(&self) -> Result<i64> {
-        let mut conn = HttpConn::connect(self.addr).await?;
+        let mut conn = self.connect().await?;
         let (status, body) = conn.request(Method::GET, &Uri::from_static(STOCK_PATH), None).await?;
         expect(status, StatusCode::OK, &body, "GET stock")?;
         let record: Record = serde_json::from_slice(&body).context("GET stock: bad JSON")?;
@@ -139,7 +210,7 @@ impl Gapguard {
         for index in 0..connections {
             let key_uri: Uri = format!("/v1/ns/bench/kv/k{index}").parse()?;
             workers.push(GapguardWorker {
-                conn: HttpConn::connect(self.addr).await?,
+                conn: self.connect().await?,
                 workload,
                 key_uri,
                 check_uri: Uri::from_static(CHECK_PATH),
@@ -311,7 +382,21 @@ fn unexpected(status: StatusCode, body: &[u8], what: &str) -> Result<Outcome> {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_encode_segment;
+    use super::{hex, percent_encode_segment, ApiKey};
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn the_config_holds_the_hash_of_the_secret_the_header_presents() {
+        let key = ApiKey::random();
+        let header = key.header().to_str().unwrap();
+        let secret = header.strip_prefix("Bearer ").unwrap();
+        assert!(key.header().is_sensitive());
+        let config = key.config_toml();
+        assert!(config.contains(&format!("secret_sha256 = \"{}\"\n", hex(&Sha256::digest(secret.as_bytes())))));
+        assert!(config.contains("id = \"bench\"\n") && config.contains("role = \"admin\"\n"));
+        assert!(config.contains("namespaces = [\"bench\"]\n"));
+        assert_ne!(ApiKey::random().secret_sha256, key.secret_sha256);
+    }
 
     #[test]
     fn reservation_ids_become_one_path_segment() {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -16,12 +16,16 @@ use tokio::net::TcpStream;
 pub struct HttpConn {
     sender: SendRequest<Full<Bytes>>,
     host: HeaderValue,
+    /// `Authorization` sent with every request, when the server needs an API key (built
+    /// once; cloning it copies a pointer to static bytes).
+    auth: Option<HeaderValue>,
 }
 
 impl HttpConn {
     /// Opens a connection to `addr` (with `TCP_NODELAY`) and spawns its driver task, which
-    /// ends when this value is dropped.
-    pub async fn connect(addr: SocketAddr) -> Result<Self> {
+    /// ends when this value is dropped. Every request carries `auth`, when given, as its
+    /// `Authorization` header.
+    pub async fn connect(addr: SocketAddr, auth: Option<HeaderValue>) -> Result<Self> {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.context("HTTP handshake")?;
@@ -31,7 +35,7 @@ impl HttpConn {
             let _ = conn.await;
         });
         let host = HeaderValue::from_str(&addr.to_string()).context("host header")?;
-        Ok(HttpConn { sender, host })
+        Ok(HttpConn { sender, host, auth })
     }
 
     /// Sends one request and reads the whole response. `body`, when given, is sent as JSON.
@@ -42,6 +46,9 @@ impl HttpConn {
         *req.uri_mut() = uri.clone();
         let headers = req.headers_mut();
         headers.insert(HOST, self.host.clone());
+        if let Some(auth) = &self.auth {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
         if has_body {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }

@@ -7,6 +7,7 @@
 mod etcd;
 mod gapguard;
 mod http;
+mod overhead;
 mod postgres;
 mod procs;
 mod redis;
@@ -83,6 +84,18 @@ struct Cli {
     /// Stock of the no-oversell verification runs, which go until it is exhausted.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
     verify_stock: i64,
+
+    /// Run gapguard with authentication: a config with one API key (id `bench`, a random
+    /// secret, admin of namespace `bench`), presented by every request.
+    #[arg(long)]
+    auth: bool,
+
+    /// Instead of the comparison, measure what authentication costs gapguard: durable puts
+    /// (x16, x64) and checks (x16) on a server without API keys and on one with a key, each
+    /// case in the order no auth, auth, auth, no auth; prints each variant's ops/s and the
+    /// overhead against the target (under 5 %).
+    #[arg(long, conflicts_with_all = ["auth", "only", "systems"])]
+    auth_overhead: bool,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +146,9 @@ async fn shutdown_signal() -> &'static str {
 /// Starts the servers, runs the plan, prints and writes the report. `Ok(false)` when a
 /// verification failed.
 async fn run(cli: &Cli) -> Result<bool> {
+    if cli.auth_overhead {
+        return run_auth_overhead(cli).await;
+    }
     let workloads = selected(&cli.only, &Workload::ALL);
     let chosen = selected(&cli.systems, &System::ALL);
     if chosen.is_empty() {
@@ -161,8 +177,9 @@ async fn run(cli: &Cli) -> Result<bool> {
         let (server, sut) = match system {
             System::Gapguard => {
                 let bin = gapguard_bin.as_deref().context("gapguard binary")?;
-                let server = procs::start_gapguard(bin, &base).await?;
-                let sut = Sut::Gapguard(gapguard::Gapguard::new(server.addr));
+                let key = cli.auth.then(gapguard::ApiKey::random);
+                let server = procs::start_gapguard(bin, &base, key.as_ref()).await?;
+                let sut = Sut::Gapguard(gapguard::Gapguard::new(server.addr, key.as_ref()));
                 (server, sut)
             }
             System::Etcd => {
@@ -212,6 +229,9 @@ async fn run(cli: &Cli) -> Result<bool> {
     drop(servers);
 
     println!("gapguard-bench: {} s per run after {} ms warm-up", cli.seconds, cli.warmup_ms);
+    if cli.auth && systems.contains(&System::Gapguard) {
+        println!("  gapguard: with authentication (API key {:?}, role admin, namespace bench)", gapguard::ApiKey::ID);
+    }
     for (name, version) in &versions {
         println!("  {name}: {version}");
     }
@@ -231,6 +251,7 @@ async fn run(cli: &Cli) -> Result<bool> {
         let report = Report {
             seconds: plan.measure.as_secs_f64(),
             warmup_seconds: plan.warmup.as_secs_f64(),
+            gapguard_auth: cli.auth && systems.contains(&System::Gapguard),
             versions,
             results: &findings.results,
             verifications: &findings.verifications,
@@ -243,6 +264,57 @@ async fn run(cli: &Cli) -> Result<bool> {
         eprintln!("wrote {}", path.display());
     }
     Ok(passed)
+}
+
+/// `--auth-overhead`: starts gapguard without and with an API key, runs the cases on both,
+/// prints and writes the overhead. A target not met, like a run with errors, does not fail it.
+async fn run_auth_overhead(cli: &Cli) -> Result<bool> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build of the bench; build it with --release");
+    }
+    let bin = gapguard_binary(cli.gapguard.as_deref())?;
+    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
+    let plan = Plan {
+        workloads: vec![Workload::Puts, Workload::Checks],
+        warmup: Duration::from_millis(cli.warmup_ms),
+        measure: Duration::from_secs(cli.seconds),
+        stock: cli.stock,
+        verify_stock: cli.verify_stock,
+    };
+    let mut servers = overhead::Servers::start(&bin, &base).await?;
+    let cases = overhead::run(&servers, &plan).await;
+    servers.check_alive();
+    eprintln!("stopping the servers");
+    drop(servers);
+
+    println!(
+        "gapguard-bench --auth-overhead: {} s per run after {} ms warm-up, {} runs per case",
+        cli.seconds,
+        cli.warmup_ms,
+        overhead::ORDER.len()
+    );
+    if let Some(version) = procs::version(&bin) {
+        println!("  gapguard: {version}");
+    }
+    overhead::print(&cases);
+    let targets = overhead::targets(&cases);
+    report::print_targets(&targets);
+
+    if let Some(path) = &cli.json {
+        let report = overhead::Report {
+            seconds: plan.measure.as_secs_f64(),
+            warmup_seconds: plan.warmup.as_secs_f64(),
+            order: overhead::ORDER,
+            api_key_id: gapguard::ApiKey::ID,
+            cases: &cases,
+            targets: &targets,
+        };
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(true)
 }
 
 /// The chosen items in canonical order, without duplicates; all of `all` when none chosen.

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
+
+use crate::gapguard::ApiKey;
 
 /// How long a server may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -244,23 +247,30 @@ where
 }
 
 /// Starts `gapguard serve --data <tempdir>/data --listen 127.0.0.1:0` and reads the bound
-/// address from the first line of its stdout.
-pub async fn start_gapguard(bin: &Path, base: &Path) -> Result<Server> {
+/// address from the first line of its stdout. With `key`, it also writes a config file
+/// holding that one `[[api_key]]` (mode 0600, in the temp dir), adds `--config <file>`, and
+/// checks once ready that the server refuses a request without the key.
+pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
     let data = dir.path().join("data");
     std::fs::create_dir(&data)?;
     let log = dir.path().join("gapguard.log");
     let stderr = append(&log)?;
-    let mut child = spawn(
-        Command::new(bin)
-            .arg("serve")
-            .arg("--data")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(stderr),
-    )
-    .with_context(|| format!("starting {}", bin.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]);
+    if let Some(key) = key {
+        let config = dir.path().join("gapguard.toml");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&config)
+            .with_context(|| format!("creating {}", config.display()))?;
+        file.write_all(key.config_toml().as_bytes()).with_context(|| format!("writing {}", config.display()))?;
+        cmd.arg("--config").arg(&config);
+    }
+    let mut child =
+        spawn(cmd.stdout(Stdio::piped()).stderr(stderr)).with_context(|| format!("starting {}", bin.display()))?;
 
     // A thread hands over the first stdout line, then appends the rest to the log so
     // that the child never blocks on a full pipe.
@@ -292,6 +302,11 @@ pub async fn start_gapguard(bin: &Path, base: &Path) -> Result<Server> {
     };
     let mut server = Server { addr, child: guard, _dir: dir };
     wait_ready(&mut server, crate::gapguard::Gapguard::probe).await?;
+    if let Some(key) = key {
+        crate::gapguard::Gapguard::check_auth(server.addr, key)
+            .await
+            .context("gapguard was started with an API key but does not enforce it")?;
+    }
     Ok(server)
 }
 

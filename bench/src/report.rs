@@ -123,9 +123,10 @@ pub struct Verification {
 pub struct TargetCheck {
     /// What the target says.
     pub target: String,
-    /// The measured ratio (`x`) or latency (`ms`), when both sides were measured.
+    /// The measured ratio (`x`), latency (`ms`) or overhead (`%`), when both sides were
+    /// measured.
     pub measured: Option<f64>,
-    /// `x` for a ratio, `ms` for a latency.
+    /// `x` for a ratio, `ms` for a latency, `%` for an overhead.
     pub unit: &'static str,
     /// Whether it was met; `None` when not measured, or when a run it rests on had errors.
     pub met: Option<bool>,
@@ -140,6 +141,9 @@ pub struct Report<'a> {
     pub seconds: f64,
     /// Warm-up seconds before each measured window.
     pub warmup_seconds: f64,
+    /// Whether gapguard ran with authentication (`--auth`: one API key, presented by
+    /// every request).
+    pub gapguard_auth: bool,
     /// `--version` of each system's binary, where it answers.
     pub versions: BTreeMap<&'static str, String>,
     /// Every timed run.
@@ -329,6 +333,7 @@ pub fn print_targets(targets: &[TargetCheck]) {
     for t in targets {
         let measured = match (t.measured, t.unit) {
             (Some(v), "ms") => format!("{v:.3} ms"),
+            (Some(v), "%") => format!("{v:.1} %"),
             (Some(v), _) => format!("{v:.2}x"),
             (None, _) => "-".to_owned(),
         };
@@ -367,7 +372,7 @@ pub fn print_verifications(verifications: &[Verification]) {
 }
 
 /// `12345.6` as `12,346`.
-fn thousands(value: f64) -> String {
+pub fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {

@@ -176,11 +176,7 @@ async fn timed(
     connections: usize,
     plan: &Plan,
 ) -> Result<(RunResult, Option<Verification>)> {
-    let uses_stock = workload.contended() || workload == Workload::Checks;
-    if uses_stock {
-        sut.set_stock(workload, plan.stock).await?;
-    }
-    let tally = sut.drive(workload, connections, Some((plan.warmup, plan.measure))).await?;
+    let tally = timed_tally(sut, workload, connections, plan).await?;
     let result = RunResult::new(workload, sut.system(), connections, &tally);
     if !workload.contended() {
         return Ok((result, None));
@@ -208,6 +204,15 @@ async fn timed(
         detail,
     };
     Ok((result, Some(verification)))
+}
+
+/// One timed run (warm-up, then the measured window), after setting the stock to
+/// `plan.stock` when `workload` draws on it; its raw tally.
+pub async fn timed_tally(sut: &Sut, workload: Workload, connections: usize, plan: &Plan) -> Result<Tally> {
+    if workload.contended() || workload == Workload::Checks {
+        sut.set_stock(workload, plan.stock).await?;
+    }
+    sut.drive(workload, connections, Some((plan.warmup, plan.measure))).await
 }
 
 /// Sets a small stock, runs until every connection has seen it exhausted, and checks that

@@ -63,6 +63,7 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>, &'static str)> {
         ("GET", "/v1/ns/shop/leases/l", None, "read"),
         ("GET", "/v1/ns/shop/grants", None, "read"),
         ("GET", "/v1/ns/shop/orphans", None, "read"),
+        ("GET", "/v1/ns/shop/watch", None, "read"),
         ("PUT", "/v1/ns/shop/kv/a", Some(json!({"value": 1})), "write"),
         ("DELETE", "/v1/ns/shop/kv/a", None, "write"),
         ("POST", "/v1/ns/shop/act", Some(json!({"ops": [{"put": {"key": "b", "value": 1}}]})), "write"),
@@ -122,8 +123,10 @@ async fn every_route_refuses_callers_without_the_right_key_and_changes_nothing()
         }
     }
     assert_eq!(revision(&http).await, before, "a refused request changed state");
-    // /healthz needs no key.
+    // /healthz needs no key; the OpenAPI document needs any valid one.
     assert_eq!(call(&http, "GET", "/healthz", None, None).await.status, 200);
+    assert_eq!(call(&http, "GET", "/v1/openapi.json", None, None).await.status, 401);
+    assert_eq!(call(&http, "GET", "/v1/openapi.json", None, Some(OTHER_NS)).await.status, 200);
     // The right keys get through, and the audit log names them.
     let put = call(&http, "PUT", "/v1/ns/shop/kv/a", Some(&json!({"value": 1})), Some(WRITER)).await;
     assert_eq!(put.status, 200, "{:?}", put.body);
