@@ -53,10 +53,26 @@ pub fn kind_prefix(kind: &str) -> String {
 /// keys as `lease:NAME`, `pool:NAME`, `reservation:ID`, `grant:SUBJECT|ACTION|RESOURCE` or
 /// `orphan:ID`.
 pub fn display_key(key: &str) -> std::borrow::Cow<'_, str> {
-    let Some(rest) = key.strip_prefix(INTERNAL) else { return key.into() };
-    let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
-    let kind = if kind == "rsv" { "reservation" } else { kind };
-    format!("{kind}:{}", name.replace('\u{0}', "|")).into()
+    match describe_internal(key) {
+        Some((kind, name)) => format!("{kind}:{name}").into(),
+        None => key.into(),
+    }
+}
+
+/// The kind (`lease`, `pool`, `reservation`, `grant` or `orphan`) and the name of an internal
+/// key, as users see them (a grant's parts joined by `|`); `None` for a user key.
+pub fn describe_internal(key: &str) -> Option<(&'static str, String)> {
+    let rest = key.strip_prefix(INTERNAL)?;
+    let (kind, name) = rest.split_once('/')?;
+    let kind = match kind {
+        "lease" => "lease",
+        "pool" => "pool",
+        "rsv" => "reservation",
+        "grant" => "grant",
+        "orphan" => "orphan",
+        _ => return None,
+    };
+    Some((kind, name.replace('\u{0}', "|")))
 }
 
 /// The id of the `idx`-th object a request creates at `revision`: unique, deterministic.
@@ -207,4 +223,20 @@ pub fn decode<T: serde::de::DeserializeOwned>(key: &NsKey, entry: Option<&Entry>
 /// Encodes a primitive as a record value.
 pub fn encode<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("primitives always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_keys_are_shown_by_kind_and_name() {
+        assert_eq!(display_key(&lease_key("migrator")), "lease:migrator");
+        assert_eq!(display_key(&reservation_key("rsv_a_0")), "reservation:rsv_a_0");
+        assert_eq!(display_key(&grant_key("user:alice", "read", "doc:9")), "grant:user:alice|read|doc:9");
+        assert_eq!(display_key("orders/42"), "orders/42");
+        assert_eq!(describe_internal(&pool_key("vms")), Some(("pool", "vms".to_owned())));
+        assert_eq!(describe_internal("\u{1}unknown/x"), None);
+        assert!(is_internal(&orphan_key("o")) && !is_internal("o"));
+    }
 }

@@ -529,13 +529,10 @@ fn watch_event(change: &Change, ns: &str, prefix: &str, types: &[&str]) -> Optio
     if change.key.ns != ns {
         return None;
     }
-    let (kind, key) = match change.key.key.strip_prefix(primitives::INTERNAL) {
+    let (kind, key) = match primitives::describe_internal(&change.key.key) {
+        Some(internal) => internal,
+        None if primitives::is_internal(&change.key.key) => return None,
         None => ("kv", change.key.key.clone()),
-        Some(rest) => {
-            let (kind, name) = rest.split_once('/')?;
-            let kind = if kind == "rsv" { "reservation" } else { kind };
-            (kind, name.replace('\u{0}', "|"))
-        }
     };
     if !types.contains(&kind) || !key.starts_with(prefix) {
         return None;
