@@ -15,13 +15,14 @@ use crate::{Batch, IdempotencyKey, Storage};
 
 /// Runs every check of the suite, each on a fresh directory.
 pub fn run_all<S: Storage>(open: impl Fn(&Path) -> S) {
-    let checks: [(&str, Check<S>); 7] = [
+    let checks: [(&str, Check<S>); 8] = [
         ("new store recovers empty", new_store_is_empty),
         ("a committed batch is recovered whole after reopening", batch_survives_reopen),
         ("load_keys returns exactly the named keys", load_keys_is_exact),
         ("tombstones and pruning", tombstones_and_pruning),
         ("audit range pages in sequence order", audit_pages_in_order),
         ("audit range over many events", audit_range_over_many_events),
+        ("forgotten keys are gone, and may be written again", forgotten_keys_are_gone),
         ("a batch that breaks the audit sequence is refused whole", broken_batch_changes_nothing),
     ];
     for (name, check) in checks {
@@ -195,6 +196,30 @@ fn audit_range_over_many_events<S: Storage>(open: &dyn Fn(&Path) -> S) {
         verifier.push(&e).expect("chain verifies");
     }
     assert_eq!(verifier.events(), 601);
+}
+
+fn forgotten_keys_are_gone<S: Storage>(open: &dyn Fn(&Path) -> S) {
+    let dir = temp();
+    let (a, b) = (NsKey::new("ns", "a"), NsKey::new("ns", "b"));
+    {
+        let store = open(dir.path());
+        let entries = vec![(a.clone(), entry(json!(1), 1)), (b.clone(), entry(json!(2), 1))];
+        store.commit(Batch { revision: 1, entries, ..Batch::default() }).expect("commit");
+        store.commit(Batch { revision: 1, forget_entries: vec![a.clone()], ..Batch::default() }).expect("commit");
+        let keys: BTreeSet<NsKey> = [a.clone(), b.clone()].into();
+        assert_eq!(store.load_keys(&keys).expect("load").keys().cloned().collect::<Vec<_>>(), vec![b.clone()]);
+        // Forgotten, then written again in one batch: the write wins.
+        let again = Batch {
+            revision: 2,
+            forget_entries: vec![b.clone()],
+            entries: vec![(b.clone(), entry(json!(3), 2))],
+            ..Batch::default()
+        };
+        store.commit(again).expect("commit");
+    }
+    let store = open(dir.path());
+    let r = store.recover().expect("recover");
+    assert_eq!(r.entries, vec![(b, entry(json!(3), 2))]);
 }
 
 fn broken_batch_changes_nothing<S: Storage>(open: &dyn Fn(&Path) -> S) {

@@ -61,6 +61,9 @@ pub struct Batch {
     pub prune_tickets: Vec<TicketId>,
     /// Expired idempotency records to drop.
     pub prune_idempotency: Vec<IdempotencyKey>,
+    /// Keys to forget entirely (compaction of old tombstones and resolved primitives). Applied
+    /// before the batch's `entries`.
+    pub forget_entries: Vec<NsKey>,
     /// The ticket key, when it is first generated.
     pub ticket_key: Option<Vec<u8>>,
 }

@@ -9,7 +9,7 @@ use gapguard_core::{Entry, IdempotencyRecord, NsKey, SealedEvent};
 use crate::{Batch, IdempotencyKey, StoreError};
 
 /// The record format; bumped on any change.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -69,6 +69,11 @@ pub(crate) fn encode(lsn: u64, batch: &Batch, out: &mut Vec<u8>) {
     put_count(out, batch.prune_idempotency.len());
     for k in &batch.prune_idempotency {
         put_idem_key(out, k);
+    }
+    put_count(out, batch.forget_entries.len());
+    for k in &batch.forget_entries {
+        put_bytes(out, k.ns.as_bytes());
+        put_bytes(out, k.key.as_bytes());
     }
 }
 
@@ -165,6 +170,9 @@ pub(crate) fn decode(buf: &[u8]) -> Result<(u64, Batch), StoreError> {
     }
     for _ in 0..r.count()? {
         batch.prune_idempotency.push(r.idem_key()?);
+    }
+    for _ in 0..r.count()? {
+        batch.forget_entries.push(NsKey { ns: r.string()?, key: r.string()? });
     }
     if !r.buf.is_empty() {
         return Err(bad(format!("{} bytes after the record", r.buf.len())));

@@ -225,7 +225,8 @@ fn decode_chunk(first_seq: u64, mut bytes: &[u8]) -> Result<Vec<SealedEvent>, St
 struct Fold {
     revision: u64,
     ticket_key: Option<Vec<u8>>,
-    entries: BTreeMap<NsKey, Entry>,
+    /// `None`: forget the key.
+    entries: BTreeMap<NsKey, Option<Entry>>,
     audit: Vec<SealedEvent>,
     tickets: HashMap<TicketId, Option<u64>>,
     idempotency: BTreeMap<IdempotencyKey, Option<IdempotencyRecord>>,
@@ -243,8 +244,11 @@ impl Fold {
         for k in &b.prune_idempotency {
             self.idempotency.insert(k.clone(), None);
         }
+        for k in &b.forget_entries {
+            self.entries.insert(k.clone(), None);
+        }
         for (k, e) in &b.entries {
-            self.entries.insert(k.clone(), e.clone());
+            self.entries.insert(k.clone(), Some(e.clone()));
         }
         self.audit.extend(b.audit.iter().cloned());
         for (id, expires) in &b.used_tickets {
@@ -299,7 +303,12 @@ impl Shared {
         for (_, b) in &pending {
             fold.add(b);
         }
-        entries.extend(fold.entries);
+        for (k, change) in fold.entries {
+            match change {
+                Some(e) => entries.insert(k, e),
+                None => entries.remove(&k),
+            };
+        }
         for (id, change) in fold.tickets {
             match change {
                 Some(expires) => tickets.insert(id, expires),
@@ -345,9 +354,16 @@ impl Shared {
                 meta.insert("ticket_key", key.as_slice()).map_err(engine)?;
             }
             let mut entries = tx.open_table(ENTRIES).map_err(engine)?;
-            for (k, e) in &fold.entries {
-                let bytes = serde_json::to_vec(e).expect("entries always serialize");
-                entries.insert((k.ns.as_str(), k.key.as_str()), bytes.as_slice()).map_err(engine)?;
+            for (k, change) in &fold.entries {
+                let key = (k.ns.as_str(), k.key.as_str());
+                match change {
+                    Some(e) => {
+                        let bytes = serde_json::to_vec(e).expect("entries always serialize");
+                        entries.insert(key, bytes.as_slice()).map(drop)
+                    }
+                    None => entries.remove(key).map(drop),
+                }
+                .map_err(engine)?;
             }
             let mut audit = tx.open_table(AUDIT).map_err(engine)?;
             for chunk in fold.audit.chunks(AUDIT_CHUNK_EVENTS) {
@@ -460,6 +476,9 @@ impl Storage for EmbeddedStore {
             }
         }
         for (_, b) in &pending {
+            for k in &b.forget_entries {
+                out.remove(k);
+            }
             for (k, e) in &b.entries {
                 if keys.contains(k) {
                     out.insert(k.clone(), e.clone());
