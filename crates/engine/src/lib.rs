@@ -9,6 +9,7 @@
 mod audit;
 mod clock;
 mod feed;
+mod observe;
 mod snapshot;
 mod writer;
 
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use audit::{AuditPage, AuditQuery, AuditVerification, StoredAuditEvent};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use feed::{Change, Compacted, Subscription, FEED_WINDOW_CHANGES};
+pub use observe::{NoObserver, Observer};
 pub use snapshot::Snapshot;
 use writer::{Job, Writer};
 
@@ -42,12 +44,28 @@ pub struct EngineConfig {
     /// How often the reconciler runs: expiring reservations and leases past their deadline,
     /// pruning used-ticket markers and idempotency records past theirs.
     pub prune_interval: Duration,
+    /// Told about checks, writes and commits (the server's metrics).
+    pub observer: Arc<dyn Observer>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { limits: Limits::default(), max_batch: 1024, prune_interval: Duration::from_millis(250) }
+        Self {
+            limits: Limits::default(),
+            max_batch: 1024,
+            prune_interval: Duration::from_millis(250),
+            observer: Arc::new(NoObserver),
+        }
     }
+}
+
+/// Unresolved orphans, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrphanCounts {
+    /// Reservations that expired while held.
+    pub reservations: u64,
+    /// Leases that expired while held.
+    pub leases: u64,
 }
 
 /// Who is asking, for the audit log.
@@ -278,6 +296,35 @@ impl Engine {
             .collect()
     }
 
+    /// Counts the unresolved orphans of every namespace. Seeks from one namespace's orphans
+    /// to the next, so it costs a lookup per namespace plus one step per orphan, not a scan of
+    /// every key.
+    pub fn orphan_counts(&self) -> OrphanCounts {
+        let snap = self.inner.snapshot.load();
+        let prefix = primitives::kind_prefix("orphan/");
+        let mut counts = OrphanCounts::default();
+        let mut next_ns = String::new();
+        while let Some((first, _)) = snap.entries.range(NsKey::new(next_ns.as_str(), "")..).next() {
+            let ns = first.ns.clone();
+            let orphans = snap
+                .entries
+                .range(NsKey::new(ns.as_str(), prefix.as_str())..)
+                .take_while(|(k, _)| k.ns == ns && k.key.starts_with(&prefix));
+            for (key, entry) in orphans {
+                match primitives::decode::<primitives::Orphan>(key, Some(&**entry)) {
+                    Some(o) if !o.resolved => match o.kind {
+                        primitives::OrphanKind::Reservation { .. } => counts.reservations += 1,
+                        primitives::OrphanKind::Lease { .. } => counts.leases += 1,
+                    },
+                    _ => {}
+                }
+            }
+            // The least namespace after `ns`: `ns` followed by the least character.
+            next_ns = format!("{ns}\u{0}");
+        }
+        counts
+    }
+
     /// Starts a watch from `from_revision` (inclusive): the changes since, then live ones.
     pub fn watch(&self, from_revision: Revision) -> Result<Subscription, Compacted> {
         self.inner.feed.subscribe(from_revision)
@@ -302,7 +349,13 @@ impl Engine {
             correlation_id: ctx.correlation_id.clone(),
             api_key_id: ctx.api_key_id.clone(),
         };
-        match gapguard_core::check(&**snap, &request, &meta) {
+        let outcome = gapguard_core::check(&**snap, &request, &meta);
+        let failed: &[ConditionFailure] = match &outcome {
+            CheckOutcome::Passed(_) => &[],
+            CheckOutcome::Denied { failed, .. } => failed,
+        };
+        self.inner.config.observer.checked(ns, request.flow.as_deref(), failed);
+        match outcome {
             CheckOutcome::Passed(claims) => Ok(IssuedTicket {
                 ticket: sign(&self.inner.ticket_key, &claims),
                 revision: claims.revision,
@@ -335,9 +388,13 @@ impl Engine {
                 let now_ms = self.inner.clock.now_ms();
                 match idempotency::decide(snap.idempotency.get(&claim.key).map(|r| &**r), &claim.fingerprint, now_ms) {
                     IdempotencyDecision::Replay(outcome) => {
+                        self.inner.config.observer.replayed();
                         return Ok(WriteResult { outcome: outcome.clone(), replayed: true });
                     }
-                    IdempotencyDecision::Conflict => return Err(EngineError::IdempotencyConflict),
+                    IdempotencyDecision::Conflict => {
+                        self.inner.config.observer.idempotency_conflict();
+                        return Err(EngineError::IdempotencyConflict);
+                    }
                     IdempotencyDecision::Execute => {}
                 }
                 let mut set = self.inner.in_flight.lock().expect("in-flight set lock");

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use gapguard_core::audit::{seal, GENESIS};
@@ -163,6 +164,7 @@ impl Writer {
             idempotency_expiry: Vec::new(),
             deadlines: Vec::new(),
             changes: Vec::new(),
+            written: Vec::new(),
         };
         let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
         for job in jobs.drain(..) {
@@ -172,18 +174,20 @@ impl Writer {
                         let stored = draft.working.idempotency.get(&claim.key).map(|r| &**r);
                         match idempotency::decide(stored, &claim.fingerprint, now_ms) {
                             IdempotencyDecision::Replay(outcome) => {
+                                self.config.observer.replayed();
                                 let result = WriteResult { outcome: outcome.clone(), replayed: true };
                                 replies.push((reply, Ok(result)));
                                 continue;
                             }
                             IdempotencyDecision::Conflict => {
+                                self.config.observer.idempotency_conflict();
                                 replies.push((reply, Err(EngineError::IdempotencyConflict)));
                                 continue;
                             }
                             IdempotencyDecision::Execute => {}
                         }
                     }
-                    let outcome = draft.apply(&request, ctx, now_ms);
+                    let outcome = draft.apply(request, ctx, now_ms);
                     if let Some(claim) = claim {
                         let record = IdempotencyRecord {
                             fingerprint: claim.fingerprint,
@@ -215,6 +219,7 @@ impl Writer {
         }
         assert!(draft.working.revision >= self.state.revision, "revisions never go back");
         draft.batch.revision = draft.working.revision;
+        let started = Instant::now();
         if let Err(e) = self.store.commit(draft.batch) {
             let failure = e.to_string();
             for (reply, _) in replies {
@@ -222,6 +227,8 @@ impl Writer {
             }
             return Err(failure);
         }
+        let observer = &self.config.observer;
+        observer.committed(draft.written.len(), started.elapsed());
         // Durable: publish, then answer, so that a reader that starts after an answer sees it.
         self.audit_seq = draft.seq;
         self.audit_head = draft.head;
@@ -234,6 +241,9 @@ impl Writer {
         self.feed.publish(draft.changes);
         for (reply, result) in replies {
             let _ = reply.send(result);
+        }
+        for (request, outcome) in &draft.written {
+            observer.written(request, outcome, now_ms);
         }
         Ok(())
     }
@@ -270,7 +280,7 @@ impl Writer {
             let Some(op) = due(&draft.working, &key, now_ms) else { continue };
             let ctx = RequestContext { correlation_id: Some("reconciler".into()), api_key_id: None };
             let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
-            draft.apply(&request, ctx, now_ms);
+            draft.apply(request, ctx, now_ms);
         }
     }
 }
@@ -317,6 +327,8 @@ struct Draft {
     idempotency_expiry: Vec<(u64, IdempotencyKey)>,
     deadlines: Vec<(u64, NsKey)>,
     changes: Vec<Change>,
+    /// Each request applied and its outcome, for the observer once the batch is durable.
+    written: Vec<(WriteRequest, Outcome)>,
 }
 
 impl Draft {
@@ -328,14 +340,14 @@ impl Draft {
     }
 
     /// Applies one request on the working state and records everything it produced.
-    fn apply(&mut self, request: &WriteRequest, ctx: RequestContext, now_ms: u64) -> Outcome {
+    fn apply(&mut self, request: WriteRequest, ctx: RequestContext, now_ms: u64) -> Outcome {
         let meta = Meta {
             now_ms,
             revision: self.working.revision + 1,
             correlation_id: ctx.correlation_id,
             api_key_id: ctx.api_key_id,
         };
-        let applied = gapguard_core::apply(&self.working, request, &meta);
+        let applied = gapguard_core::apply(&self.working, &request, &meta);
         if applied.committed {
             assert!(meta.revision > self.working.revision, "revisions strictly increase");
             self.working.revision = meta.revision;
@@ -355,6 +367,7 @@ impl Draft {
             self.ticket_expiry.push((expires, id));
         }
         self.seal(&applied.audit);
+        self.written.push((request, applied.outcome.clone()));
         applied.outcome
     }
 }

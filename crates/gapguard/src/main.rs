@@ -21,6 +21,7 @@
 //! | `watch NS` | changes as they are committed, one JSON line each, until Ctrl-C ([`watch`]) |
 //! | `audit tail\|verify`, `health`, `openapi` | the audit log and the server |
 //! | `keys new --id ID --namespaces a,b --role R` | a new API key: its secret once, and the config block ([`keys`]) |
+//! | `rules --config FILE --out DIR` | Prometheus SLO rules and Grafana dashboards for the config's flows ([`rules`]) |
 //!
 //! Client commands send `--api-key` (env `GAPGUARD_API_KEY`) as `Authorization: Bearer`, and
 //! trust the CAs of `--ca-file` (env `GAPGUARD_CA_FILE`) for an `https://` URL.
@@ -38,6 +39,7 @@ mod kv;
 mod lease;
 mod output;
 mod pool;
+mod rules;
 mod serve;
 mod watch;
 
@@ -123,6 +125,8 @@ enum Command {
     /// Make API keys for the server's config file.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Write Prometheus rules (SLO recordings, burn-rate alerts) and Grafana dashboards for the config's flows.
+    Rules(rules::RulesArgs),
 }
 
 /// `gapguard serve`.
@@ -366,6 +370,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Health(args) => info::health(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
         Command::Openapi(args) => info::openapi(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
         Command::Keys(KeysCommand::New(args)) => keys::new(args),
+        Command::Rules(args) => rules::run(args),
     }
 }
 

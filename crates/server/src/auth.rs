@@ -117,7 +117,7 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Middleware on every matched route but `/healthz`: authenticates the caller, checks the
+/// Middleware on every matched route but `/healthz` and `/metrics`: authenticates the caller, checks the
 /// route's role and the namespace, and records the key id for the audit log and the scope of
 /// idempotency keys. A no-op when no keys are configured.
 pub async fn authorize(
@@ -131,7 +131,7 @@ pub async fn authorize(
         return next.run(req).await;
     }
     let route = matched.map(|p| p.as_str().to_owned()).unwrap_or_default();
-    if route == "/healthz" {
+    if route == "/healthz" || route == "/metrics" {
         return next.run(req).await;
     }
     let presented = req

@@ -24,6 +24,9 @@ pub struct Config {
     pub limits: Limits,
     /// Flows named in the config (they get their own metrics label).
     pub flows: Vec<FlowConfig>,
+    /// Namespaces that get their own `namespace` label in the metrics; every other one is
+    /// `other` (bounded cardinality).
+    pub metrics_namespaces: Vec<String>,
     /// API keys; with none, the server serves without authentication, and only on loopback.
     pub api_keys: Vec<ApiKeyConfig>,
     /// PEM certificate chain for TLS (with `tls_key`).
@@ -72,6 +75,7 @@ impl Default for Config {
             fsync: true,
             limits: Limits::default(),
             flows: Vec::new(),
+            metrics_namespaces: Vec::new(),
             api_keys: Vec::new(),
             tls_cert: None,
             tls_key: None,
@@ -105,6 +109,8 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     flow: Vec<FlowConfig>,
+    #[serde(default)]
+    metrics_namespaces: Vec<String>,
     #[serde(default)]
     api_key: Vec<ApiKeyConfig>,
     tls_cert: Option<PathBuf>,
@@ -221,6 +227,7 @@ impl Config {
             return Err(ConfigError::Invalid("limits: sizes and counts must be at least 1".into()));
         }
         config.flows = file.flow;
+        config.metrics_namespaces = file.metrics_namespaces;
         for key in &file.api_key {
             let hex_ok = key.secret_sha256.len() == 64 && key.secret_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !hex_ok {

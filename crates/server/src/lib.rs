@@ -9,8 +9,10 @@ mod convert;
 pub mod error;
 mod extract;
 mod load;
+pub mod metrics;
 mod primitives;
 pub mod routes;
+pub mod rules;
 mod tls;
 
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use std::time::Duration;
 use gapguard_engine::{Engine, EngineConfig, SystemClock};
 use gapguard_store::EmbeddedStore;
 
+pub use metrics::{LabelNames, Metrics};
 pub use routes::{app, ApiDoc};
 
 pub use config::{ApiKeyConfig, Config, ConfigError, FlowConfig, Role};
@@ -71,7 +74,14 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     if !config.fsync {
         tracing::warn!("fsync is off: acknowledged writes can be lost in a crash");
     }
-    let engine_config = EngineConfig { limits: config.limits.clone(), ..EngineConfig::default() };
+    let metrics = Arc::new(Metrics::new(LabelNames {
+        namespaces: config.metrics_namespaces.iter().cloned().collect(),
+        flows: config.flows.iter().map(|f| f.name.clone()).collect(),
+        // Every flow's latency objective is a bucket boundary, so its SLI can be read exactly.
+        check_to_use_buckets: rules::check_to_use_buckets_seconds(&config.flows),
+    }));
+    let engine_config =
+        EngineConfig { limits: config.limits.clone(), observer: metrics.clone(), ..EngineConfig::default() };
     let engine = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), engine_config)
         .map_err(|e| store_error(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -81,7 +91,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     on_bound(addr);
     tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving");
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
-    let router = routes::app_with_shutdown(engine.clone(), auth::Keys::new(&config.api_keys), streams_stop);
+    let router = routes::app_with_shutdown(engine.clone(), auth::Keys::new(&config.api_keys), metrics, streams_stop);
     let signal = async move {
         shutdown_signal().await;
         // End the watch streams, or graceful shutdown would wait for them forever.

@@ -19,6 +19,7 @@ use crate::auth::{self, Keys};
 use crate::convert;
 use crate::error::ApiError;
 use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
+use crate::metrics::{self, LabelNames, Metrics};
 use crate::primitives;
 
 /// What every handler shares.
@@ -28,24 +29,34 @@ pub struct AppState {
     pub engine: Engine,
     /// The API keys (none: authentication off).
     pub keys: Arc<Keys>,
+    /// The Prometheus metrics (also the engine's observer, when the server opened it).
+    pub metrics: Arc<Metrics>,
     /// Becomes true when the server shuts down: long-lived responses (watch streams) end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The router of API v1 over an engine (tests drive it without a socket).
+/// The router of API v1 over an engine (tests drive it without a socket). Its `/metrics`
+/// has the HTTP metrics only: the engine's are there when the engine was opened with the
+/// router's [`Metrics`] as its observer, as [`app_with_shutdown`]'s caller `serve` does.
 pub fn app(engine: Engine) -> Router {
     // Nothing will signal it: the sender is dropped, which watchers read as "never".
     let (_, shutdown) = tokio::sync::watch::channel(false);
-    app_with_shutdown(engine, Keys::default(), shutdown)
+    app_with_shutdown(engine, Keys::default(), Arc::new(Metrics::new(LabelNames::default())), shutdown)
 }
 
 /// The router, with a signal that ends long-lived responses (watch streams) so that a
 /// graceful shutdown does not wait for watchers forever.
-pub fn app_with_shutdown(engine: Engine, keys: Keys, shutdown: tokio::sync::watch::Receiver<bool>) -> Router {
-    let state = AppState { engine, keys: Arc::new(keys), shutdown };
+pub fn app_with_shutdown(
+    engine: Engine,
+    keys: Keys,
+    metrics: Arc<Metrics>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Router {
+    let state = AppState { engine, keys: Arc::new(keys), metrics, shutdown };
     let body_limit = state.engine.limits().max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_kv))
         .route("/v1/ns/{ns}/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
@@ -71,6 +82,7 @@ pub fn app_with_shutdown(engine: Engine, keys: Keys, shutdown: tokio::sync::watc
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
@@ -342,6 +354,7 @@ async fn act(
     convert::flow(&request.flow, limits)?;
     let ticket = match &request.ticket {
         Some(t) => Some(state.engine.verify_ticket(t).map_err(|e| {
+            state.metrics.act_rejected(&ns, request.flow.as_deref(), api::codes::INVALID_TICKET);
             ApiError::new(StatusCode::BAD_REQUEST, api::codes::INVALID_TICKET, e.to_string()).with("field", "ticket")
         })?),
         None => None,
