@@ -38,6 +38,9 @@ pub struct Limits {
     pub hold_ttl_ms_max: u64,
     /// Longest name of a pool, lease, holder, or grant subject, action or resource.
     pub max_name_bytes: usize,
+    /// How long resolved reservations and orphans are kept (then forgotten: a late commit of
+    /// such a reservation answers `reservation_not_found`).
+    pub resolved_retention_ms: u64,
 }
 
 impl Default for Limits {
@@ -60,6 +63,7 @@ impl Default for Limits {
             hold_ttl_ms_min: 1,
             hold_ttl_ms_max: 24 * 3_600_000,
             max_name_bytes: 512,
+            resolved_retention_ms: 24 * 3_600_000,
         }
     }
 }

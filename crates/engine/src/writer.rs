@@ -62,6 +62,9 @@ pub(crate) struct Writer {
     idempotency_expiry: BTreeSet<(u64, IdempotencyKey)>,
     /// Deadlines of held reservations and leases, for the reconciler (stale ones are skipped).
     deadlines: BTreeSet<(u64, NsKey)>,
+    /// When entries may be forgotten: `(at_ms, key, changed_at)`; the entry must still be the
+    /// one indexed (same `changed_at`) and still forgettable then.
+    compaction: BTreeSet<(u64, NsKey, u64)>,
     feed: Arc<Feed>,
     store: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
@@ -84,6 +87,13 @@ impl Writer {
         let mut idempotency_expiry = BTreeSet::new();
         let deadlines =
             recovered.entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
+        // When they were resolved is not stored: retention counts from this start.
+        let started_ms = clock.now_ms();
+        let compaction = recovered
+            .entries
+            .iter()
+            .filter_map(|(k, e)| retention_of(k, e, &config.limits).map(|r| (started_ms + r, k.clone(), e.changed_at)))
+            .collect();
         state.entries = recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
         for (id, expires) in recovered.used_tickets {
             state.used_tickets.insert(id, expires);
@@ -103,6 +113,7 @@ impl Writer {
             ticket_expiry,
             idempotency_expiry,
             deadlines,
+            compaction,
             feed,
             store,
             clock,
@@ -209,6 +220,7 @@ impl Writer {
         let nothing_to_write = batch.audit.is_empty()
             && batch.prune_tickets.is_empty()
             && batch.prune_idempotency.is_empty()
+            && batch.forget_entries.is_empty()
             && batch.idempotency.is_empty();
         if nothing_to_write {
             // Only replays and conflicts: they read durable state, so answer at once.
@@ -236,6 +248,11 @@ impl Writer {
         self.ticket_expiry.extend(draft.ticket_expiry);
         self.idempotency_expiry.extend(draft.idempotency_expiry);
         self.deadlines.extend(draft.deadlines);
+        for c in &draft.changes {
+            if let Some(retention) = retention_of(&c.key, &c.entry, &self.config.limits) {
+                self.compaction.insert((now_ms.saturating_add(retention), c.key.clone(), c.entry.changed_at));
+            }
+        }
         self.state = draft.working;
         published.store(Arc::new(self.state.clone()));
         self.feed.publish(draft.changes);
@@ -270,6 +287,21 @@ impl Writer {
                 draft.batch.prune_idempotency.push(key);
             }
         }
+        // Compaction: old tombstones and resolved reservations and orphans are forgotten.
+        while let Some((at_ms, _, _)) = self.compaction.first() {
+            if *at_ms > now_ms {
+                break;
+            }
+            let (_, key, changed_at) = self.compaction.pop_first().expect("first exists");
+            let still =
+                draft.working.entries.get(&key).is_some_and(|e| {
+                    e.changed_at == changed_at && retention_of(&key, e, &self.config.limits).is_some()
+                });
+            if still {
+                draft.working.entries.remove(&key);
+                draft.batch.forget_entries.push(key);
+            }
+        }
         // The reconciler: every reservation or lease whose deadline passed while held is
         // expired by its own request (its own revision, audit event and orphan).
         while let Some((deadline, _)) = self.deadlines.first() {
@@ -297,6 +329,26 @@ fn due(state: &Snapshot, key: &NsKey, now_ms: u64) -> Option<Op> {
         let lease: Lease = primitives::decode(key, entry)?;
         (lease.holder.is_some() && now_ms >= lease.expires_at_ms)
             .then(|| Op::ExpireLease { name: lease_name.to_owned() })
+    } else {
+        None
+    }
+}
+
+/// How long an entry is kept before it may be forgotten, if it may be: a tombstone as long as a
+/// ticket can live (a refused act names the delete that broke its check only while a ticket
+/// from before it can still be presented); a resolved reservation or orphan for
+/// `resolved_retention_ms`. Leases (their token history) and pools are never forgotten.
+pub(crate) fn retention_of(key: &NsKey, entry: &Entry, limits: &gapguard_core::Limits) -> Option<u64> {
+    if entry.record.is_none() {
+        return Some(limits.ticket_ttl_ms_max);
+    }
+    let name = key.key.strip_prefix(primitives::INTERNAL)?;
+    if name.starts_with("rsv/") {
+        let r: Reservation = primitives::decode(key, Some(entry))?;
+        (r.state != ReservationState::Held).then_some(limits.resolved_retention_ms)
+    } else if name.starts_with("orphan/") {
+        let o: primitives::Orphan = primitives::decode(key, Some(entry))?;
+        o.resolved.then_some(limits.resolved_retention_ms)
     } else {
         None
     }

@@ -304,3 +304,59 @@ async fn the_reconciler_expires_held_reservations_into_orphans_even_after_a_rest
     assert_eq!(expiry.events.len(), 1);
     assert_eq!(expiry.events[0].event.kind, AuditKind::Expire);
 }
+
+#[tokio::test]
+async fn old_tombstones_and_resolved_reservations_are_forgotten_and_stay_forgotten() {
+    use gapguard_core::primitives;
+    use gapguard_core::{AuditKind, OpResult};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000));
+    let single = |op: Op| WriteRequest::Single { ns: "ns".into(), op, kind: AuditKind::Reservation };
+    let (engine, store) = open(dir.path(), clock.clone());
+    engine.write(put("gone", json!(1)), ctx("c"), None).await.unwrap();
+    engine.write(WriteRequest::Delete { ns: "ns".into(), key: "gone".into() }, ctx("deleter"), None).await.unwrap();
+    engine.write(single(Op::SetCapacity { pool: "p".into(), capacity: 5 }), ctx("c"), None).await.unwrap();
+    let out = engine
+        .write(single(Op::Reserve { pool: "p".into(), amount: 1, ttl_ms: 60_000, context: None }), ctx("c"), None)
+        .await
+        .unwrap()
+        .outcome;
+    let Outcome::Applied { result: OpResult::Reserve { reservation, .. }, .. } = out else { panic!("{out:?}") };
+    engine.write(single(Op::Commit { reservation: reservation.clone() }), ctx("c"), None).await.unwrap();
+    let tombstone = NsKey::new("ns", "gone");
+    let rsv_key = NsKey::new("ns", primitives::reservation_key(&reservation));
+    // Within the retention both are kept: the tombstone names its delete.
+    assert_eq!(engine.snapshot().entries.get(&tombstone).unwrap().changed_by.as_deref(), Some("deleter"));
+    let wait_until = |what: &'static str, gone: Box<dyn Fn(&Engine) -> bool>| {
+        let engine = engine.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !gone(&engine) {
+                assert!(std::time::Instant::now() < deadline, "{what} was never forgotten");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    clock.advance(engine.limits().ticket_ttl_ms_max + 1);
+    let t = tombstone.clone();
+    wait_until("the tombstone", Box::new(move |e: &Engine| e.snapshot().entries.get(&t).is_none())).await;
+    assert!(engine.snapshot().entries.get(&rsv_key).is_some(), "a resolved reservation is kept for its retention");
+    clock.advance(engine.limits().resolved_retention_ms);
+    let r = rsv_key.clone();
+    wait_until("the committed reservation", Box::new(move |e: &Engine| e.snapshot().entries.get(&r).is_none())).await;
+    // The pool (and its counters) is never forgotten, and a late commit answers not found.
+    let pool: primitives::Pool = engine.primitive("ns", &primitives::pool_key("p")).unwrap();
+    assert_eq!((pool.used, pool.reserved), (1, 0));
+    let late = engine.write(single(Op::Commit { reservation }), ctx("late"), None).await.unwrap().outcome;
+    assert!(
+        matches!(
+            late,
+            Outcome::Refused(Refusal::OpFailed { error: gapguard_core::OpError::ReservationNotFound { .. }, .. })
+        ),
+        "{late:?}"
+    );
+    drop((engine, store));
+    let (engine, _) = open(dir.path(), clock);
+    assert!(engine.snapshot().entries.get(&tombstone).is_none() && engine.snapshot().entries.get(&rsv_key).is_none());
+    assert!(engine.verify_audit().unwrap().ok);
+}

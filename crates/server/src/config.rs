@@ -133,6 +133,7 @@ struct LimitsFile {
     ticket_ttl_ms_max: Option<u64>,
     ticket_ttl_ms_default: Option<u64>,
     idempotency_retention_ms: Option<u64>,
+    resolved_retention_ms: Option<u64>,
 }
 
 /// A config file that cannot be used.
@@ -215,7 +216,8 @@ impl Config {
             ticket_ttl_ms_min,
             ticket_ttl_ms_max,
             ticket_ttl_ms_default,
-            idempotency_retention_ms
+            idempotency_retention_ms,
+            resolved_retention_ms
         );
         if l.ticket_ttl_ms_min == 0 || l.ticket_ttl_ms_min > l.ticket_ttl_ms_max {
             return Err(ConfigError::Invalid("limits: need 1 <= ticket_ttl_ms_min <= ticket_ttl_ms_max".into()));
