@@ -407,3 +407,23 @@ async fn metrics_need_no_api_key_when_keys_are_configured() {
     let unauthorized = [("route", "/v1/ns/{ns}/kv/{*key}"), ("method", "GET"), ("status", "401")];
     assert_eq!(after.get("gapguard_http_requests_total", &unauthorized), 1.0);
 }
+
+#[tokio::test]
+async fn metrics_need_a_key_when_configured_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "metrics-scraper-secret";
+    let hash: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let config = format!(
+        "metrics_require_key = true\n{CONFIG}\n[[api_key]]\nid = \"prometheus\"\nsecret_sha256 = \"{hash}\"\nnamespaces = [\"*\"]\nrole = \"read\"\n"
+    );
+    let server = Server::start_with_config(dir.path(), &config);
+    let http = Http::new(&server);
+    assert_eq!(http.get("/metrics").await.status, 401);
+    let auth = format!("Bearer {secret}");
+    let with_key = http.send("GET", "/metrics", None, &[("authorization", &auth)]).await;
+    assert_eq!(with_key.status, 200);
+    assert_eq!(http.get("/healthz").await.status, 200, "/healthz never needs a key");
+}

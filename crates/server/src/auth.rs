@@ -32,6 +32,8 @@ struct Key {
 #[derive(Clone, Debug, Default)]
 pub struct Keys {
     keys: Vec<Key>,
+    /// Whether `/metrics` needs a key too (default: no, like `/healthz`).
+    metrics_need_key: bool,
 }
 
 fn unhex32(hex: &str) -> Option<[u8; 32]> {
@@ -62,7 +64,13 @@ impl Keys {
                 role: k.role,
             })
             .collect();
-        Self { keys }
+        Self { keys, metrics_need_key: false }
+    }
+
+    /// Makes `/metrics` need a key (of any namespace, role `read`).
+    pub fn with_metrics_needing_a_key(mut self, need: bool) -> Self {
+        self.metrics_need_key = need;
+        self
     }
 
     /// Whether any key is configured.
@@ -131,7 +139,7 @@ pub async fn authorize(
         return next.run(req).await;
     }
     let route = matched.map(|p| p.as_str().to_owned()).unwrap_or_default();
-    if route == "/healthz" || route == "/metrics" {
+    if route == "/healthz" || (route == "/metrics" && !state.keys.metrics_need_key) {
         return next.run(req).await;
     }
     let presented = req

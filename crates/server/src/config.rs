@@ -29,6 +29,8 @@ pub struct Config {
     pub metrics_namespaces: Vec<String>,
     /// API keys; with none, the server serves without authentication, and only on loopback.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Whether `/metrics` needs an API key (default: no, so Prometheus scrapes without one).
+    pub metrics_require_key: bool,
     /// PEM certificate chain for TLS (with `tls_key`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS (with `tls_cert`).
@@ -77,6 +79,7 @@ impl Default for Config {
             flows: Vec::new(),
             metrics_namespaces: Vec::new(),
             api_keys: Vec::new(),
+            metrics_require_key: false,
             tls_cert: None,
             tls_key: None,
             max_in_flight: 1024,
@@ -113,6 +116,7 @@ struct File {
     metrics_namespaces: Vec<String>,
     #[serde(default)]
     api_key: Vec<ApiKeyConfig>,
+    metrics_require_key: Option<bool>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     max_in_flight: Option<usize>,
@@ -248,6 +252,7 @@ impl Config {
             return Err(ConfigError::Invalid(format!("api_key id {:?} appears twice", dup[0])));
         }
         config.api_keys = file.api_key;
+        config.metrics_require_key = file.metrics_require_key.unwrap_or(false);
         if file.tls_cert.is_some() != file.tls_key.is_some() {
             return Err(ConfigError::Invalid("tls_cert and tls_key go together".into()));
         }

@@ -91,7 +91,12 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     on_bound(addr);
     tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving");
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
-    let router = routes::app_with_shutdown(engine.clone(), auth::Keys::new(&config.api_keys), metrics, streams_stop);
+    let router = routes::app_with_shutdown(
+        engine.clone(),
+        auth::Keys::new(&config.api_keys).with_metrics_needing_a_key(config.metrics_require_key),
+        metrics,
+        streams_stop,
+    );
     let signal = async move {
         shutdown_signal().await;
         // End the watch streams, or graceful shutdown would wait for them forever.
