@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 # The benchmark crate talks gRPC to etcd; its build script needs protoc.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
-# The generated Prometheus rules are checked with the real promtool (Debian package prometheus).
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# The generated Prometheus rules are checked with the real promtool and loaded into a real
+# Prometheus (both from the Debian package prometheus).
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need_apt[*]}"

@@ -772,6 +772,95 @@ pub struct HealthResponse {
     pub revision: u64,
 }
 
+/// Answer of `GET /v1/slo`: every configured flow with an objective, its SLIs and burn rates
+/// over the SRE workbook's windows, and whether each burn-rate alert would fire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SloResponse {
+    /// In the config's order.
+    pub flows: Vec<FlowSlo>,
+}
+
+/// One flow's SLOs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FlowSlo {
+    /// The flow's name.
+    pub flow: String,
+    /// Its objectives, as configured.
+    pub objectives: SloObjectives,
+    /// SLIs and burn rates per window.
+    pub windows: SloWindows,
+    /// Each burn-rate condition of each alert the generated rules raise (a page alert has two).
+    pub alerts: Vec<SloAlert>,
+}
+
+/// A flow's objectives (`null`: not configured).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SloObjectives {
+    /// Fraction of acts whose check still held at use (`correctness_objective`).
+    pub correctness: Option<f64>,
+    /// Latency objective of the gap: 99 % of gaps within this many ms (`check_to_use_p99_ms`).
+    pub check_to_use_p99_ms: Option<u64>,
+}
+
+/// The windows of every SLI.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SloWindows {
+    /// The last 5 minutes.
+    #[serde(rename = "5m")]
+    pub m5: SloWindow,
+    /// The last 30 minutes.
+    #[serde(rename = "30m")]
+    pub m30: SloWindow,
+    /// The last hour.
+    #[serde(rename = "1h")]
+    pub h1: SloWindow,
+    /// The last 6 hours.
+    #[serde(rename = "6h")]
+    pub h6: SloWindow,
+    /// The last 3 days.
+    #[serde(rename = "3d")]
+    pub d3: SloWindow,
+}
+
+/// SLIs and burn rates over one window. An SLI is `null` when the window has no events (or
+/// the flow lacks what it needs: a latency SLI needs `check_to_use_p99_ms`); a burn rate is
+/// `null` when its SLI is, or the flow has no objective for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SloWindow {
+    /// 1 − stale_check ÷ (committed + stale_check) acts.
+    pub correctness_sli: Option<f64>,
+    /// Fraction of check-to-use gaps no longer than `check_to_use_p99_ms`.
+    pub latency_sli: Option<f64>,
+    /// (1 − correctness SLI) ÷ (1 − correctness objective).
+    pub correctness_burn_rate: Option<f64>,
+    /// (1 − latency SLI) ÷ (1 − 0.99).
+    pub latency_burn_rate: Option<f64>,
+    /// Acts in the correctness SLI: committed plus stale_check.
+    pub acts: u64,
+    /// Check-to-use gaps observed (acts that presented a ticket, any outcome).
+    pub gaps: u64,
+}
+
+/// One burn-rate condition of an alert: it holds when the burn rate exceeds `factor` over both
+/// windows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SloAlert {
+    /// The Prometheus alert's name (`GapguardFlowCorrectnessBurnRatePage`, …).
+    pub name: String,
+    /// `page` or `ticket`.
+    pub severity: String,
+    /// `correctness` or `latency`.
+    pub slo: String,
+    /// Whether the condition holds now.
+    pub firing: bool,
+    /// The long window (`1h`, `6h`, `3d`).
+    pub long_window: String,
+    /// The short window (`5m`, `30m`, `6h`).
+    pub short_window: String,
+    /// The burn-rate threshold.
+    pub factor: f64,
+}
+
 /// Stable error codes.
 pub mod codes {
     /// Malformed JSON, an unknown field, a value out of range or over a limit.

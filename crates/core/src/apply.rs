@@ -559,6 +559,8 @@ pub fn check(view: &impl StateView, request: &CheckRequest, meta: &Meta) -> Chec
             expires_at_ms: meta.now_ms.saturating_add(request.ttl_ms),
             flow: request.flow.clone(),
             correlation_id: meta.correlation_id.clone(),
+            trace_id: None,
+            span_id: None,
         });
     }
     let keys: BTreeSet<String> =

@@ -37,6 +37,12 @@ pub struct TicketClaims {
     pub flow: Option<String>,
     /// The check's correlation id, recorded in the act's audit event.
     pub correlation_id: Option<String>,
+    /// The check span's trace id (32 lowercase hex), so the act's span can link to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The check span's span id (16 lowercase hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// A ticket whose signature was verified. Only [`verify`] makes one, so an act that takes a
@@ -108,6 +114,8 @@ mod tests {
             expires_at_ms: 31_000,
             flow: Some("checkout".into()),
             correlation_id: None,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            span_id: Some("00f067aa0ba902b7".into()),
         }
     }
 

@@ -75,6 +75,10 @@ pub struct RequestContext {
     pub correlation_id: Option<String>,
     /// The API key that made the request.
     pub api_key_id: Option<String>,
+    /// The request span's (trace id, span id) in lowercase hex, if traced: a check's ticket
+    /// carries them so the act's span can link to the check's. Boxed: the context rides in
+    /// every write job, untraced ones included.
+    pub trace: Option<Box<(String, String)>>,
 }
 
 /// An `Idempotency-Key` with the fingerprint of the request that carries it.
@@ -356,11 +360,17 @@ impl Engine {
         };
         self.inner.config.observer.checked(ns, request.flow.as_deref(), failed);
         match outcome {
-            CheckOutcome::Passed(claims) => Ok(IssuedTicket {
-                ticket: sign(&self.inner.ticket_key, &claims),
-                revision: claims.revision,
-                expires_at_ms: claims.expires_at_ms,
-            }),
+            CheckOutcome::Passed(mut claims) => {
+                if let Some((trace_id, span_id)) = ctx.trace.as_deref() {
+                    claims.trace_id = Some(trace_id.clone());
+                    claims.span_id = Some(span_id.clone());
+                }
+                Ok(IssuedTicket {
+                    ticket: sign(&self.inner.ticket_key, &claims),
+                    revision: claims.revision,
+                    expires_at_ms: claims.expires_at_ms,
+                })
+            }
             CheckOutcome::Denied { failed, audit } => {
                 // Best effort by design: if the writer is gone the server is failing anyway.
                 let _ = self.inner.jobs.send(Job::Audit(audit));

@@ -310,7 +310,7 @@ impl Writer {
             }
             let (_, key) = self.deadlines.pop_first().expect("first exists");
             let Some(op) = due(&draft.working, &key, now_ms) else { continue };
-            let ctx = RequestContext { correlation_id: Some("reconciler".into()), api_key_id: None };
+            let ctx = RequestContext { correlation_id: Some("reconciler".into()), api_key_id: None, trace: None };
             let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
             draft.apply(request, ctx, now_ms);
         }

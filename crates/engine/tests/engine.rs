@@ -58,7 +58,7 @@ fn put(key: &str, value: serde_json::Value) -> WriteRequest {
 }
 
 fn ctx(corr: &str) -> RequestContext {
-    RequestContext { correlation_id: Some(corr.into()), api_key_id: None }
+    RequestContext { correlation_id: Some(corr.into()), api_key_id: None, trace: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

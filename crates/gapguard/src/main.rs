@@ -138,9 +138,12 @@ struct ServeArgs {
     /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:7700, or the config's `listen`].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TOML config file (flags override its `data` and `listen`).
+    /// TOML config file (flags override its `data`, `listen` and `trace_file`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Append finished spans to this file as OTLP JSON Lines [default: the config's `trace_file`].
+    #[arg(long, value_name = "PATH")]
+    trace_file: Option<PathBuf>,
 }
 
 /// Headers of a request that only reads.

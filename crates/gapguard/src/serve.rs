@@ -2,13 +2,20 @@
 
 use std::io::{IsTerminal as _, Write as _};
 
-use tracing_subscriber::EnvFilter;
+use anyhow::Context as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::ServeArgs;
 
 /// Loads the config, applies the flags over it, and serves until SIGINT or SIGTERM. The first
 /// line on stdout is `listening on ADDR`, printed once the address is bound; logs go to
-/// stderr (`RUST_LOG`, default `info`).
+/// stderr (`RUST_LOG`, default `info`); spans go to the trace file, if one is set, and are
+/// flushed on the way out.
 pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = gapguard_server::Config::load(args.config.as_deref())?;
     if let Some(data) = &args.data {
@@ -17,24 +24,45 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    init_tracing();
-    gapguard_server::serve(config, |addr| {
+    if let Some(path) = &args.trace_file {
+        config.trace_file = Some(path.clone());
+    }
+    let provider = match &config.trace_file {
+        Some(path) => Some(
+            gapguard_server::otel::file_provider(path)
+                .with_context(|| format!("cannot open the trace file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    init_tracing(provider.as_ref());
+    let served = gapguard_server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
         // A closed stdout must not stop the server; the address is in the log too.
         let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
     })
-    .await?;
+    .await;
+    if let Some(provider) = provider {
+        // Exports the spans still batched.
+        if let Err(e) = provider.shutdown() {
+            tracing::warn!("could not flush the trace file: {e}");
+        }
+    }
+    served?;
     Ok(())
 }
 
-fn init_tracing() {
+fn init_tracing(provider: Option<&SdkTracerProvider>) {
     let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
         Ok(filter) => (filter, None),
         Err(e) if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() => (EnvFilter::new("info"), Some(e)),
         Err(_) => (EnvFilter::new("info"), None),
     };
     let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
+    // RUST_LOG filters the logs only: the request spans are exported whatever it says.
+    let spans = provider
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("gapguard")).with_filter(LevelFilter::INFO));
+    tracing_subscriber::registry().with(logs).with(spans).init();
     if let Some(e) = bad_filter {
         tracing::warn!("ignoring RUST_LOG ({e}); logging at info");
     }

@@ -41,6 +41,8 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// How long a request may take as a whole, body included (watch streams excepted).
     pub request_timeout_ms: u64,
+    /// Where finished spans are appended as OTLP JSON Lines (none: spans are not exported).
+    pub trace_file: Option<PathBuf>,
 }
 
 /// Who may call, where, and what: one `[[api_key]]` of the config file.
@@ -85,6 +87,7 @@ impl Default for Config {
             max_in_flight: 1024,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
+            trace_file: None,
         }
     }
 }
@@ -122,6 +125,7 @@ struct File {
     max_in_flight: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
+    trace_file: Option<PathBuf>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -267,6 +271,7 @@ impl Config {
         if let Some(ms) = file.header_read_timeout_ms {
             config.header_read_timeout_ms = ms.max(1);
         }
+        config.trace_file = file.trace_file;
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout_ms = ms.max(1);
         }

@@ -1,13 +1,14 @@
 //! Request decoding: JSON bodies (limit, unknown fields, the path of a bad field), path and
 //! query extractors whose rejections are [`ApiError`]s, and the correlation-id middleware.
 
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use gapguard_api::codes;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::routes::AppState;
@@ -88,8 +89,22 @@ pub async fn correlation(State(state): State<AppState>, mut req: Request, next: 
         Err(e) => return e.into_response(),
     };
     let traceparent = req.headers().get("traceparent").cloned();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    // The server span of the request; check and act name their role on it (`toctou.*`).
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = route.as_deref(),
+        url.path = %req.uri().path(),
+        correlation_id = %id,
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::otel::set_remote_parent(&span, req.headers());
     req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None });
-    let mut response = next.run(req).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(CORRELATION_HEADER, value);

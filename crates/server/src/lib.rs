@@ -10,9 +10,11 @@ pub mod error;
 mod extract;
 mod load;
 pub mod metrics;
+pub mod otel;
 mod primitives;
 pub mod routes;
 pub mod rules;
+mod slo;
 mod tls;
 
 use std::net::SocketAddr;
@@ -79,6 +81,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         flows: config.flows.iter().map(|f| f.name.clone()).collect(),
         // Every flow's latency objective is a bucket boundary, so its SLI can be read exactly.
         check_to_use_buckets: rules::check_to_use_buckets_seconds(&config.flows),
+        slo_flows: config.flows.clone(),
     }));
     let engine_config =
         EngineConfig { limits: config.limits.clone(), observer: metrics.clone(), ..EngineConfig::default() };

@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 
 use crate::error::ApiError;
 use crate::routes::AppState;
+use crate::slo::Slos;
 
 /// The label value of every namespace and flow the config does not name.
 pub const OTHER: &str = "other";
@@ -42,6 +43,9 @@ pub struct LabelNames {
     /// Bucket boundaries of `gapguard_check_to_use_seconds` (see
     /// [`crate::rules::check_to_use_buckets_seconds`]; empty: the base list).
     pub check_to_use_buckets: Vec<f64>,
+    /// The flows whose SLIs `GET /v1/slo` computes (those with an objective; the others are
+    /// ignored).
+    pub slo_flows: Vec<crate::config::FlowConfig>,
 }
 
 impl LabelNames {
@@ -116,6 +120,7 @@ const HTTP_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 
 pub struct Metrics {
     registry: Registry,
     names: LabelNames,
+    slos: Slos,
     check_to_use: Family<GapLabels, Histogram, Buckets>,
     checks: Family<ResultLabels, Counter>,
     acts: Family<ResultLabels, Counter>,
@@ -217,6 +222,7 @@ impl Metrics {
         );
         Self {
             registry,
+            slos: Slos::new(&names.slo_flows),
             names,
             check_to_use,
             checks,
@@ -308,22 +314,28 @@ impl Metrics {
         }
     }
 
+    /// The report of `GET /v1/slo` at `now_ms` (the engine clock).
+    pub fn slo_report(&self, now_ms: u64) -> gapguard_api::SloResponse {
+        self.slos.report(now_ms)
+    }
+
     fn act(&self, act: &gapguard_core::Act, outcome: &Outcome, now_ms: u64) {
         let claims = act.ticket.as_ref().map(|t| t.claims());
-        let flow = act.flow.as_deref().or_else(|| claims.and_then(|c| c.flow.as_deref()));
-        let (namespace, flow) = (self.names.namespace(&act.ns), self.names.flow(flow));
+        let raw_flow = act.flow.as_deref().or_else(|| claims.and_then(|c| c.flow.as_deref()));
+        let (namespace, flow) = (self.names.namespace(&act.ns), self.names.flow(raw_flow));
         let result = match outcome {
             Outcome::Refused(refusal) => refusal.code(),
             _ => "committed",
         };
-        if let Some(claims) = claims {
-            let gap_ms = match outcome {
-                Outcome::Acted { check_to_use_ms: Some(ms), .. } => *ms,
-                _ => now_ms.saturating_sub(claims.issued_at_ms),
-            };
+        let gap_ms = claims.map(|claims| match outcome {
+            Outcome::Acted { check_to_use_ms: Some(ms), .. } => *ms,
+            _ => now_ms.saturating_sub(claims.issued_at_ms),
+        });
+        if let Some(gap_ms) = gap_ms {
             let labels = GapLabels { namespace: namespace.clone(), flow: flow.clone(), outcome: result };
             self.check_to_use.get_or_create(&labels).observe(gap_ms as f64 / 1000.0);
         }
+        self.slos.record_act(raw_flow, now_ms, result, gap_ms);
         self.acts.get_or_create(&ResultLabels { namespace, flow, result }).inc();
     }
 }

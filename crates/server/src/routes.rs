@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use gapguard_api as api;
-use gapguard_core::{Act, Txn, WriteRequest};
+use gapguard_core::{Act, TicketClaims, Txn, WriteRequest};
 use gapguard_engine::{AuditQuery, Engine, EngineError, IdempotencyClaim, RequestContext};
 use gapguard_store::IdempotencyKey;
 use serde::Deserialize;
@@ -20,6 +20,7 @@ use crate::convert;
 use crate::error::ApiError;
 use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
 use crate::metrics::{self, LabelNames, Metrics};
+use crate::otel;
 use crate::primitives;
 
 /// What every handler shares.
@@ -65,6 +66,7 @@ pub fn app_with_shutdown(
         .route("/v1/ns/{ns}/txn", post(txn))
         .route("/v1/ns/{ns}/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/slo", get(slo))
         .route("/v1/ns/{ns}/pools/{pool}", get(primitives::get_pool).put(primitives::set_pool))
         .route("/v1/ns/{ns}/pools/{pool}/reserve", post(primitives::reserve))
         .route("/v1/ns/{ns}/reservations/{id}", get(primitives::get_reservation))
@@ -121,7 +123,7 @@ pub(crate) fn engine_error(e: EngineError) -> ApiError {
 }
 
 pub(crate) fn context(correlation: Correlation) -> RequestContext {
-    RequestContext { correlation_id: Some(correlation.id), api_key_id: correlation.api_key }
+    RequestContext { correlation_id: Some(correlation.id), api_key_id: correlation.api_key, trace: None }
 }
 
 /// The `Idempotency-Key` of a mutating request, bound to the request's fingerprint.
@@ -318,10 +320,11 @@ async fn check(
     let conditions = convert::conditions(request.conditions, "conditions", 1, body.raw.len(), limits)?;
     let ttl_ms = convert::ttl_ms(request.ttl_ms, limits)?;
     convert::flow(&request.flow, limits)?;
-    let issued = state
-        .engine
-        .check(&ns, conditions, ttl_ms, request.flow, &context(correlation))
-        .map_err(convert::check_failed)?;
+    let span = tracing::Span::current();
+    otel::set_toctou(&span, "check", &otel::resource_keys(&conditions, []), request.flow.as_deref());
+    // The ticket carries this span's ids, so the act's span can link to it.
+    let context = RequestContext { trace: otel::ids(&span), ..context(correlation) };
+    let issued = state.engine.check(&ns, conditions, ttl_ms, request.flow, &context).map_err(convert::check_failed)?;
     Ok(Json(api::CheckResponse {
         ticket: issued.ticket,
         revision: issued.revision,
@@ -359,6 +362,14 @@ async fn act(
         })?),
         None => None,
     };
+    let span = tracing::Span::current();
+    let claims = ticket.as_ref().map(|t| t.claims());
+    let checked = claims.into_iter().flat_map(|c| &c.conditions);
+    let flow = request.flow.as_deref().or(claims.and_then(|c| c.flow.as_deref()));
+    otel::set_toctou(&span, "use", &otel::resource_keys(checked.chain(&conditions), &ops), flow);
+    if let Some(TicketClaims { trace_id: Some(trace_id), span_id: Some(span_id), .. }) = claims {
+        otel::link_to_check(&span, trace_id, span_id);
+    }
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Act(Act { ns, ticket, conditions, ops, flow: request.flow });
     write(&state, request, correlation, claim, "").await
@@ -478,6 +489,12 @@ async fn audit_verify(State(state): State<AppState>) -> Result<Json<api::VerifyR
     }))
 }
 
+#[utoipa::path(get, path = "/v1/slo", responses((status = 200, body = api::SloResponse,
+    description = "per configured flow with an objective: SLIs and burn rates over 5m, 30m, 1h, 6h and 3d (engine clock), and whether each burn-rate alert would fire")))]
+async fn slo(State(state): State<AppState>) -> Json<api::SloResponse> {
+    Json(state.metrics.slo_report(state.engine.now_ms()))
+}
+
 /// The OpenAPI document of API v1.
 #[derive(OpenApi)]
 #[openapi(
@@ -493,6 +510,7 @@ async fn audit_verify(State(state): State<AppState>) -> Result<Json<api::VerifyR
         txn,
         audit,
         audit_verify,
+        slo,
         primitives::set_pool,
         primitives::get_pool,
         primitives::reserve,

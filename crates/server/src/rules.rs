@@ -157,13 +157,15 @@ pub struct RuleGroup {
 
 /// Which SLI a rule is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Sli {
+pub(crate) enum Sli {
+    /// Acts whose check still held.
     Correctness,
+    /// Gaps within the latency objective.
     Latency,
 }
 
 impl Sli {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Sli::Correctness => "correctness",
             Sli::Latency => "latency",
@@ -184,7 +186,7 @@ pub fn recorded(sli: &str, what: &str, window: &str) -> String {
 }
 
 /// The name of an alert: `GapguardFlow<Sli>BurnRate<Page|Ticket>`.
-fn alert_name(sli: Sli, page: bool) -> String {
+pub(crate) fn alert_name(sli: Sli, page: bool) -> String {
     format!("GapguardFlow{}BurnRate{}", sli.title(), if page { "Page" } else { "Ticket" })
 }
 

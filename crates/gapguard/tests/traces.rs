@@ -1,0 +1,109 @@
+//! Black-box test of the trace file: a check under an incoming `traceparent`, then an act with
+//! its ticket; after SIGTERM the file holds both spans as OTLP JSON Lines, the check's parent
+//! is the caller's span, both carry the `toctou.*` attributes, and the act links to the check.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{Http, Server};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
+
+/// Every span of every `TracesData` line of the file.
+fn spans(text: &str) -> Vec<Value> {
+    let mut spans = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let data: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}"));
+        for resource in data["resourceSpans"].as_array().expect("resourceSpans") {
+            for scope in resource["scopeSpans"].as_array().expect("scopeSpans") {
+                spans.extend(scope["spans"].as_array().expect("spans").iter().cloned());
+            }
+        }
+    }
+    spans
+}
+
+/// The string value of attribute `key` in an OTLP attribute list.
+fn attr<'a>(attributes: &'a Value, key: &str) -> Option<&'a str> {
+    attributes.as_array()?.iter().find(|a| a["key"] == key)?["value"]["stringValue"].as_str()
+}
+
+fn with_role<'a>(spans: &'a [Value], role: &str) -> &'a Value {
+    let found: Vec<&Value> = spans.iter().filter(|s| attr(&s["attributes"], "toctou.role") == Some(role)).collect();
+    assert_eq!(found.len(), 1, "expected one span with toctou.role={role}, got {found:#?}");
+    found[0]
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[tokio::test]
+async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace_file = dir.path().join("traces.jsonl");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--trace-file", trace_file.to_str().expect("a UTF-8 temp path")],
+    );
+    let http = Http::new(&server);
+    assert_eq!(http.put("/v1/ns/shop/kv/stock", json!({"value": 5})).await.status, 200);
+
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
+    let check = json!({"conditions": [{"compare": {"key": "stock", "op": ">=", "value": 1}}], "flow": "checkout"});
+    let r = http.send("POST", "/v1/ns/shop/check", Some(&check), &[("traceparent", &traceparent)]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ticket = r.body["ticket"].as_str().unwrap().to_owned();
+    // The act comes in another trace: only the link ties it to the check.
+    let act = json!({"ticket": ticket, "ops": [{"put": {"key": "order/1", "value": true}}]});
+    let r = http.post("/v1/ns/shop/act", act).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Spans are batched: SIGTERM must flush them.
+    assert!(server.terminate_within(Duration::from_secs(10)).success());
+    let text = std::fs::read_to_string(&trace_file).expect("the trace file exists");
+    let spans = spans(&text);
+    assert!(spans.len() >= 3, "put, check and act spans expected, got {spans:#?}");
+
+    let check = with_role(&spans, "check");
+    assert_eq!(check["traceId"], TRACE_ID, "the check joins the caller's trace");
+    assert_eq!(check["parentSpanId"], PARENT_SPAN_ID, "the caller's span is the check's parent");
+    assert!(is_hex(check["spanId"].as_str().unwrap(), 16));
+    assert_eq!(check["name"], "POST /v1/ns/{ns}/check");
+    assert_eq!(attr(&check["attributes"], "toctou.resource.key"), Some("stock"));
+    assert_eq!(attr(&check["attributes"], "toctou.flow"), Some("checkout"));
+    let start: u128 = check["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    let end: u128 = check["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    assert!(start > 0 && start <= end);
+
+    let act = with_role(&spans, "use");
+    assert_eq!(attr(&act["attributes"], "toctou.resource.key"), Some("stock"), "the checked resource");
+    assert_eq!(attr(&act["attributes"], "toctou.flow"), Some("checkout"), "the ticket's flow");
+    assert_ne!(act["traceId"], TRACE_ID, "the act had no traceparent: a trace of its own");
+    assert!(act.get("parentSpanId").is_none(), "the act span is a root: {act}");
+    let links = act["links"].as_array().expect("the act span has links");
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0]["traceId"], check["traceId"]);
+    assert_eq!(links[0]["spanId"], check["spanId"]);
+    assert_eq!(attr(&links[0]["attributes"], "toctou.link"), Some("check"));
+
+    // The put is traced too, without toctou attributes.
+    let put = spans.iter().find(|s| s["name"] == "PUT /v1/ns/{ns}/kv/{*key}").expect("the put span");
+    assert_eq!(attr(&put["attributes"], "toctou.role"), None);
+}
+
+#[tokio::test]
+async fn the_trace_file_can_come_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace_file = dir.path().join("from-config.jsonl");
+    let config = format!("trace_file = {:?}\n", trace_file.to_str().unwrap());
+    let server = Server::start_with_config(&dir.path().join("data"), &config);
+    let http = Http::new(&server);
+    assert_eq!(http.get("/healthz").await.status, 200);
+    assert!(server.terminate_within(Duration::from_secs(10)).success());
+    let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
+    assert!(spans.iter().any(|s| s["name"] == "GET /healthz"), "{spans:#?}");
+}
