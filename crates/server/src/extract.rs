@@ -69,6 +69,11 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// The target of the per-request span. Logs leave it out (see the binary's subscriber): a
+/// span enabled for the log formatter has its fields formatted on every request, which cost
+/// about a quarter of the check throughput when measured.
+pub const REQUEST_SPAN_TARGET: &str = "gapguard::request";
+
 /// The request's correlation id: `X-Correlation-Id` if given, else the trace id of a valid
 /// W3C `traceparent`, else a fresh random id. Echoed on the response.
 #[derive(Clone, Debug)]
@@ -92,6 +97,7 @@ pub async fn correlation(State(state): State<AppState>, mut req: Request, next: 
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     // The server span of the request; check and act name their role on it (`toctou.*`).
     let span = tracing::info_span!(
+        target: REQUEST_SPAN_TARGET,
         "request",
         otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
         otel.kind = "server",

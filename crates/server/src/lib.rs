@@ -24,6 +24,7 @@ use std::time::Duration;
 use gapguard_engine::{Engine, EngineConfig, SystemClock};
 use gapguard_store::EmbeddedStore;
 
+pub use extract::REQUEST_SPAN_TARGET;
 pub use metrics::{LabelNames, Metrics};
 pub use routes::{app, ApiDoc};
 
