@@ -420,7 +420,12 @@ impl Engine {
         if self.inner.jobs.send(job).is_err() {
             return Err(self.unavailable());
         }
-        answer.await.unwrap_or_else(|_| Err(self.unavailable()))
+        let answer = answer.await.unwrap_or_else(|_| Err(self.unavailable()))?;
+        if let Some((request, evaluated_at_ms)) = &answer.evaluated {
+            // Durable by now; reported here so that the writer thread does not do it.
+            self.inner.config.observer.written(request, &answer.result.outcome, *evaluated_at_ms);
+        }
+        Ok(answer.result)
     }
 
     fn unavailable(&self) -> EngineError {

@@ -7,8 +7,9 @@ use std::time::Duration;
 use gapguard_core::{ConditionFailure, Outcome, WriteRequest};
 
 /// Receives what the engine did. Every method has a no-op default. Calls come from the
-/// request's task (checks, replays answered from the snapshot) or from the writer thread
-/// (everything else), so an implementation must be cheap and must not block.
+/// request's task (checks, replays, and each write once it is durable) or from the writer
+/// thread (group commits, replays and conflicts found in a batch, the reconciler's expiries),
+/// so an implementation must be cheap and must not block.
 pub trait Observer: Send + Sync {
     /// A check was evaluated; `failed` is empty when it passed.
     fn checked(&self, _ns: &str, _flow: Option<&str>, _failed: &[ConditionFailure]) {}

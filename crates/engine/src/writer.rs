@@ -19,6 +19,15 @@ use tokio::sync::{mpsc, oneshot};
 use crate::feed::{Change, Feed};
 use crate::{Clock, EngineConfig, EngineError, IdempotencyClaim, RequestContext, Snapshot, WriteResult};
 
+/// The writer's answer to one write request.
+pub(crate) struct Answer {
+    /// What the caller gets.
+    pub result: WriteResult,
+    /// The request and when it was evaluated, handed back so that the caller's task (not the
+    /// writer) reports it to the observer; `None` for a replay.
+    pub evaluated: Option<(WriteRequest, u64)>,
+}
+
 /// Work for the writer.
 pub(crate) enum Job {
     /// A write request to apply and answer.
@@ -26,7 +35,7 @@ pub(crate) enum Job {
         request: WriteRequest,
         ctx: RequestContext,
         idempotency: Option<IdempotencyClaim>,
-        reply: oneshot::Sender<Result<WriteResult, EngineError>>,
+        reply: oneshot::Sender<Result<Answer, EngineError>>,
     },
     /// An audit event with no state change (a denied check), recorded with the next commit.
     Audit(AuditEvent),
@@ -72,7 +81,7 @@ pub(crate) struct Writer {
     status: Status,
 }
 
-type Reply = (oneshot::Sender<Result<WriteResult, EngineError>>, Result<WriteResult, EngineError>);
+type Reply = (oneshot::Sender<Result<Answer, EngineError>>, Result<Answer, EngineError>);
 
 impl Writer {
     pub(crate) fn new(
@@ -175,7 +184,9 @@ impl Writer {
             idempotency_expiry: Vec::new(),
             deadlines: Vec::new(),
             changes: Vec::new(),
-            written: Vec::new(),
+            n_written: 0,
+            forgettable: Vec::new(),
+            expired: Vec::new(),
         };
         let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
         for job in jobs.drain(..) {
@@ -187,7 +198,7 @@ impl Writer {
                             IdempotencyDecision::Replay(outcome) => {
                                 self.config.observer.replayed();
                                 let result = WriteResult { outcome: outcome.clone(), replayed: true };
-                                replies.push((reply, Ok(result)));
+                                replies.push((reply, Ok(Answer { result, evaluated: None })));
                                 continue;
                             }
                             IdempotencyDecision::Conflict => {
@@ -198,7 +209,7 @@ impl Writer {
                             IdempotencyDecision::Execute => {}
                         }
                     }
-                    let outcome = draft.apply(request, ctx, now_ms);
+                    let outcome = draft.apply(&request, ctx, now_ms);
                     if let Some(claim) = claim {
                         let record = IdempotencyRecord {
                             fingerprint: claim.fingerprint,
@@ -209,7 +220,8 @@ impl Writer {
                         draft.batch.idempotency.push((claim.key.clone(), record.clone()));
                         draft.working.idempotency.insert(Arc::new(claim.key), Arc::new(record));
                     }
-                    replies.push((reply, Ok(WriteResult { outcome, replayed: false })));
+                    let result = WriteResult { outcome, replayed: false };
+                    replies.push((reply, Ok(Answer { result, evaluated: Some((request, now_ms)) })));
                 }
                 Job::Audit(event) => draft.seal(&event),
                 Job::Prune => self.prune(now_ms, &mut draft),
@@ -240,7 +252,7 @@ impl Writer {
             return Err(failure);
         }
         let observer = &self.config.observer;
-        observer.committed(draft.written.len(), started.elapsed());
+        observer.committed(draft.n_written, started.elapsed());
         // Durable: publish, then answer, so that a reader that starts after an answer sees it.
         self.audit_seq = draft.seq;
         self.audit_head = draft.head;
@@ -248,9 +260,9 @@ impl Writer {
         self.ticket_expiry.extend(draft.ticket_expiry);
         self.idempotency_expiry.extend(draft.idempotency_expiry);
         self.deadlines.extend(draft.deadlines);
-        for c in &draft.changes {
-            if let Some(retention) = retention_of(&c.key, &c.entry, &self.config.limits) {
-                self.compaction.insert((now_ms.saturating_add(retention), c.key.clone(), c.entry.changed_at));
+        for (life, key, changed_at) in draft.forgettable {
+            if let Some(kept_ms) = retention(life, &self.config.limits) {
+                self.compaction.insert((now_ms.saturating_add(kept_ms), key, changed_at));
             }
         }
         self.state = draft.working;
@@ -259,7 +271,9 @@ impl Writer {
         for (reply, result) in replies {
             let _ = reply.send(result);
         }
-        for (request, outcome) in &draft.written {
+        // Requests' own writes are reported by their callers' tasks (see `Answer`): only the
+        // reconciler's are reported here, off the requests' path.
+        for (request, outcome) in &draft.expired {
             observer.written(request, outcome, now_ms);
         }
         Ok(())
@@ -312,7 +326,8 @@ impl Writer {
             let Some(op) = due(&draft.working, &key, now_ms) else { continue };
             let ctx = RequestContext { correlation_id: Some("reconciler".into()), api_key_id: None, trace: None };
             let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
-            draft.apply(request, ctx, now_ms);
+            let outcome = draft.apply(&request, ctx, now_ms);
+            draft.expired.push((request, outcome));
         }
     }
 }
@@ -334,37 +349,69 @@ fn due(state: &Snapshot, key: &NsKey, now_ms: u64) -> Option<Op> {
     }
 }
 
-/// How long an entry is kept before it may be forgotten, if it may be: a tombstone as long as a
-/// ticket can live (a refused act names the delete that broke its check only while a ticket
-/// from before it can still be presented); a resolved reservation or orphan for
-/// `resolved_retention_ms`. Leases (their token history) and pools are never forgotten.
-pub(crate) fn retention_of(key: &NsKey, entry: &Entry, limits: &gapguard_core::Limits) -> Option<u64> {
+/// What the writer must remember about a changed entry, read with one decode: a deadline to
+/// expire it at (a held reservation or lease), or that it may be forgotten after a retention
+/// (see [`retention_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lifecycle {
+    /// Nothing to remember (a live key, a pool, a lease not held, an open orphan).
+    Nothing,
+    /// Held until this instant; the reconciler expires it then.
+    Deadline(u64),
+    /// A tombstone: kept as long as a ticket from before the delete can be presented.
+    Tombstone,
+    /// A resolved reservation or orphan: kept for `resolved_retention_ms`.
+    Resolved,
+}
+
+fn lifecycle(key: &NsKey, entry: &Entry) -> Lifecycle {
     if entry.record.is_none() {
-        return Some(limits.ticket_ttl_ms_max);
+        return Lifecycle::Tombstone;
     }
-    let name = key.key.strip_prefix(primitives::INTERNAL)?;
+    let Some(name) = key.key.strip_prefix(primitives::INTERNAL) else { return Lifecycle::Nothing };
     if name.starts_with("rsv/") {
-        let r: Reservation = primitives::decode(key, Some(entry))?;
-        (r.state != ReservationState::Held).then_some(limits.resolved_retention_ms)
+        match primitives::decode::<Reservation>(key, Some(entry)) {
+            Some(r) if r.state == ReservationState::Held => Lifecycle::Deadline(r.expires_at_ms),
+            Some(_) => Lifecycle::Resolved,
+            None => Lifecycle::Nothing,
+        }
+    } else if name.starts_with("lease/") {
+        match primitives::decode::<Lease>(key, Some(entry)) {
+            Some(lease) if lease.holder.is_some() => Lifecycle::Deadline(lease.expires_at_ms),
+            _ => Lifecycle::Nothing,
+        }
     } else if name.starts_with("orphan/") {
-        let o: primitives::Orphan = primitives::decode(key, Some(entry))?;
-        o.resolved.then_some(limits.resolved_retention_ms)
+        match primitives::decode::<primitives::Orphan>(key, Some(entry)) {
+            Some(o) if o.resolved => Lifecycle::Resolved,
+            _ => Lifecycle::Nothing,
+        }
     } else {
-        None
+        Lifecycle::Nothing
     }
 }
 
-/// The deadline to watch for a changed entry: a held reservation's or a held lease's expiry.
+/// How long an entry in this lifecycle is kept before it may be forgotten, if it may be: a
+/// tombstone as long as a ticket can live (a refused act names the delete that broke its check
+/// only while a ticket from before it can still be presented); a resolved reservation or orphan
+/// for `resolved_retention_ms`. Leases (their token history) and pools are never forgotten.
+fn retention(life: Lifecycle, limits: &gapguard_core::Limits) -> Option<u64> {
+    match life {
+        Lifecycle::Tombstone => Some(limits.ticket_ttl_ms_max),
+        Lifecycle::Resolved => Some(limits.resolved_retention_ms),
+        Lifecycle::Nothing | Lifecycle::Deadline(_) => None,
+    }
+}
+
+/// [`retention`] of an entry.
+pub(crate) fn retention_of(key: &NsKey, entry: &Entry, limits: &gapguard_core::Limits) -> Option<u64> {
+    retention(lifecycle(key, entry), limits)
+}
+
+/// The deadline to watch for an entry: a held reservation's or a held lease's expiry.
 pub(crate) fn deadline_of(key: &NsKey, entry: &Entry) -> Option<u64> {
-    let name = key.key.strip_prefix(primitives::INTERNAL)?;
-    if name.starts_with("rsv/") {
-        let r: Reservation = primitives::decode(key, Some(entry))?;
-        (r.state == ReservationState::Held).then_some(r.expires_at_ms)
-    } else if name.starts_with("lease/") {
-        let lease: Lease = primitives::decode(key, Some(entry))?;
-        lease.holder.is_some().then_some(lease.expires_at_ms)
-    } else {
-        None
+    match lifecycle(key, entry) {
+        Lifecycle::Deadline(at_ms) => Some(at_ms),
+        _ => None,
     }
 }
 
@@ -379,8 +426,12 @@ struct Draft {
     idempotency_expiry: Vec<(u64, IdempotencyKey)>,
     deadlines: Vec<(u64, NsKey)>,
     changes: Vec<Change>,
-    /// Each request applied and its outcome, for the observer once the batch is durable.
-    written: Vec<(WriteRequest, Outcome)>,
+    /// Write requests applied in the batch.
+    n_written: usize,
+    /// Changed entries that may be forgotten after a retention: `(lifecycle, key, changed_at)`.
+    forgettable: Vec<(Lifecycle, NsKey, u64)>,
+    /// The reconciler's expiries and their outcomes, for the observer once the batch is durable.
+    expired: Vec<(WriteRequest, Outcome)>,
 }
 
 impl Draft {
@@ -392,21 +443,23 @@ impl Draft {
     }
 
     /// Applies one request on the working state and records everything it produced.
-    fn apply(&mut self, request: WriteRequest, ctx: RequestContext, now_ms: u64) -> Outcome {
+    fn apply(&mut self, request: &WriteRequest, ctx: RequestContext, now_ms: u64) -> Outcome {
         let meta = Meta {
             now_ms,
             revision: self.working.revision + 1,
             correlation_id: ctx.correlation_id,
             api_key_id: ctx.api_key_id,
         };
-        let applied = gapguard_core::apply(&self.working, &request, &meta);
+        let applied = gapguard_core::apply(&self.working, request, &meta);
         if applied.committed {
             assert!(meta.revision > self.working.revision, "revisions strictly increase");
             self.working.revision = meta.revision;
         }
         for (key, entry) in applied.changes {
-            if let Some(deadline) = deadline_of(&key, &entry) {
-                self.deadlines.push((deadline, key.clone()));
+            match lifecycle(&key, &entry) {
+                Lifecycle::Deadline(at_ms) => self.deadlines.push((at_ms, key.clone())),
+                Lifecycle::Nothing => {}
+                life => self.forgettable.push((life, key.clone(), entry.changed_at)),
             }
             self.changes.push(Change { revision: meta.revision, key: key.clone(), entry: entry.clone() });
             self.batch.entries.push((key.clone(), entry.clone()));
@@ -419,7 +472,7 @@ impl Draft {
             self.ticket_expiry.push((expires, id));
         }
         self.seal(&applied.audit);
-        self.written.push((request, applied.outcome.clone()));
+        self.n_written += 1;
         applied.outcome
     }
 }
