@@ -35,6 +35,8 @@ struct Window {
 /// The feed.
 pub struct Feed {
     window: Mutex<Window>,
+    /// Most changes kept ([`FEED_WINDOW_CHANGES`] in production).
+    window_changes_max: usize,
     live: broadcast::Sender<Arc<Vec<Arc<Change>>>>,
 }
 
@@ -57,8 +59,14 @@ pub struct Subscription {
 impl Feed {
     /// A feed whose history starts after `revision`.
     pub(crate) fn new(revision: Revision) -> Self {
+        Self::with_window(revision, FEED_WINDOW_CHANGES)
+    }
+
+    /// A feed keeping at most `window_changes_max` changes.
+    fn with_window(revision: Revision, window_changes_max: usize) -> Self {
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
-        Self { window: Mutex::new(Window { changes: VecDeque::new(), first_revision: revision + 1 }), live }
+        let window = Mutex::new(Window { changes: VecDeque::new(), first_revision: revision + 1 });
+        Self { window, window_changes_max, live }
     }
 
     /// Appends a durable batch's changes (in revision order) and wakes the watchers.
@@ -69,7 +77,7 @@ impl Feed {
         let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
         let mut window = self.window.lock().expect("feed lock");
         window.changes.extend(changes.iter().cloned());
-        while window.changes.len() > FEED_WINDOW_CHANGES {
+        while window.changes.len() > self.window_changes_max {
             let evicted = window.changes.pop_front().expect("non-empty");
             window.first_revision = evicted.revision + 1;
         }
@@ -116,6 +124,27 @@ mod tests {
         feed.publish(vec![change(4)]);
         assert_eq!(sub.live.try_recv().unwrap()[0].revision, 4);
         assert!(sub.live.try_recv().is_err());
+    }
+
+    #[test]
+    fn the_window_keeps_its_limit_of_whole_revisions() {
+        let feed = Feed::with_window(0, 3);
+        feed.publish(vec![change(1), change(2), change(3)]);
+        // At the limit: everything from revision 1 is still there.
+        assert_eq!(feed.subscribe(1).unwrap().backlog.len(), 3);
+        // One past it: revision 1 goes, and the window starts at 2.
+        feed.publish(vec![change(4)]);
+        assert_eq!(feed.subscribe(1).err(), Some(Compacted { first_available: 2 }));
+        assert_eq!(feed.subscribe(2).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![2, 3, 4]);
+        // A revision of two changes that no longer fits whole is evicted whole.
+        feed.publish(vec![change(5), change(5)]);
+        assert_eq!(feed.subscribe(4).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![4, 5, 5]);
+        assert_eq!(feed.subscribe(3).err(), Some(Compacted { first_available: 4 }));
+        // Evicting one change of revision 5 evicts the other too: no half revision is kept.
+        feed.publish(vec![change(6)]);
+        feed.publish(vec![change(7)]);
+        assert_eq!(feed.subscribe(5).err(), Some(Compacted { first_available: 6 }));
+        assert_eq!(feed.subscribe(6).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![6, 7]);
     }
 
     #[test]
