@@ -240,3 +240,69 @@ mod tests {
         assert!(is_internal(&orphan_key("o")) && !is_internal("o"));
     }
 }
+
+/// What a backend must remember about a changed entry, read with one decode: a deadline to
+/// expire it at (a held reservation or lease), or that it may be forgotten after a retention
+/// (see [`retention_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Nothing to remember (a live key, a pool, a lease not held, an open orphan).
+    Nothing,
+    /// Held until this instant; the reconciler expires it then.
+    Deadline(u64),
+    /// A tombstone: kept as long as a ticket from before the delete can be presented.
+    Tombstone,
+    /// A resolved reservation or orphan: kept for `resolved_retention_ms`.
+    Resolved,
+}
+
+pub fn lifecycle(key: &NsKey, entry: &Entry) -> Lifecycle {
+    if entry.record.is_none() {
+        return Lifecycle::Tombstone;
+    }
+    let Some(name) = key.key.strip_prefix(INTERNAL) else { return Lifecycle::Nothing };
+    if name.starts_with("rsv/") {
+        match decode::<Reservation>(key, Some(entry)) {
+            Some(r) if r.state == ReservationState::Held => Lifecycle::Deadline(r.expires_at_ms),
+            Some(_) => Lifecycle::Resolved,
+            None => Lifecycle::Nothing,
+        }
+    } else if name.starts_with("lease/") {
+        match decode::<Lease>(key, Some(entry)) {
+            Some(lease) if lease.holder.is_some() => Lifecycle::Deadline(lease.expires_at_ms),
+            _ => Lifecycle::Nothing,
+        }
+    } else if name.starts_with("orphan/") {
+        match decode::<Orphan>(key, Some(entry)) {
+            Some(o) if o.resolved => Lifecycle::Resolved,
+            _ => Lifecycle::Nothing,
+        }
+    } else {
+        Lifecycle::Nothing
+    }
+}
+
+/// How long an entry in this lifecycle is kept before it may be forgotten, if it may be: a
+/// tombstone as long as a ticket can live (a refused act names the delete that broke its check
+/// only while a ticket from before it can still be presented); a resolved reservation or orphan
+/// for `resolved_retention_ms`. Leases (their token history) and pools are never forgotten.
+pub fn retention(life: Lifecycle, limits: &crate::Limits) -> Option<u64> {
+    match life {
+        Lifecycle::Tombstone => Some(limits.ticket_ttl_ms_max),
+        Lifecycle::Resolved => Some(limits.resolved_retention_ms),
+        Lifecycle::Nothing | Lifecycle::Deadline(_) => None,
+    }
+}
+
+/// [`retention`] of an entry.
+pub fn retention_of(key: &NsKey, entry: &Entry, limits: &crate::Limits) -> Option<u64> {
+    retention(lifecycle(key, entry), limits)
+}
+
+/// The deadline to watch for an entry: a held reservation's or a held lease's expiry.
+pub fn deadline_of(key: &NsKey, entry: &Entry) -> Option<u64> {
+    match lifecycle(key, entry) {
+        Lifecycle::Deadline(at_ms) => Some(at_ms),
+        _ => None,
+    }
+}

@@ -183,7 +183,7 @@ impl Engine {
     /// Opens the engine over a backend: recovers its state, generates the ticket key on first
     /// start, starts the writer thread and the pruning task (which needs a Tokio runtime).
     pub fn open(store: Arc<dyn Storage>, clock: Arc<dyn Clock>, config: EngineConfig) -> Result<Self, EngineError> {
-        let recovered = store.recover()?;
+        let mut recovered = store.recover()?;
         let ticket_key = match &recovered.ticket_key {
             Some(key) => key.clone(),
             None => {
@@ -193,7 +193,13 @@ impl Engine {
                     ticket_key: Some(key.to_vec()),
                     ..Batch::default()
                 })?;
-                key.to_vec()
+                // A shared backend keeps the first key committed (another node may have
+                // started at the same time): read back the one every node will use.
+                recovered = store.recover()?;
+                recovered
+                    .ticket_key
+                    .clone()
+                    .ok_or_else(|| EngineError::Unavailable("the ticket key was not stored".into()))?
             }
         };
         tracing::info!(

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use gapguard_core::audit::{seal, GENESIS};
-use gapguard_core::primitives::{self, Lease, Reservation, ReservationState};
+use gapguard_core::primitives::{
+    self, deadline_of, lifecycle, retention, retention_of, Lease, Lifecycle, Reservation, ReservationState,
+};
 use gapguard_core::{
-    idempotency, AuditEvent, AuditKind, Entry, IdempotencyDecision, IdempotencyRecord, Meta, NsKey, Op, Outcome,
-    WriteRequest,
+    idempotency, AuditEvent, AuditKind, IdempotencyDecision, IdempotencyRecord, Meta, NsKey, Op, Outcome, WriteRequest,
 };
 use gapguard_store::{Batch, IdempotencyKey, Recovered, Storage};
 use tokio::sync::{mpsc, oneshot};
@@ -346,72 +347,6 @@ fn due(state: &Snapshot, key: &NsKey, now_ms: u64) -> Option<Op> {
             .then(|| Op::ExpireLease { name: lease_name.to_owned() })
     } else {
         None
-    }
-}
-
-/// What the writer must remember about a changed entry, read with one decode: a deadline to
-/// expire it at (a held reservation or lease), or that it may be forgotten after a retention
-/// (see [`retention_of`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Lifecycle {
-    /// Nothing to remember (a live key, a pool, a lease not held, an open orphan).
-    Nothing,
-    /// Held until this instant; the reconciler expires it then.
-    Deadline(u64),
-    /// A tombstone: kept as long as a ticket from before the delete can be presented.
-    Tombstone,
-    /// A resolved reservation or orphan: kept for `resolved_retention_ms`.
-    Resolved,
-}
-
-fn lifecycle(key: &NsKey, entry: &Entry) -> Lifecycle {
-    if entry.record.is_none() {
-        return Lifecycle::Tombstone;
-    }
-    let Some(name) = key.key.strip_prefix(primitives::INTERNAL) else { return Lifecycle::Nothing };
-    if name.starts_with("rsv/") {
-        match primitives::decode::<Reservation>(key, Some(entry)) {
-            Some(r) if r.state == ReservationState::Held => Lifecycle::Deadline(r.expires_at_ms),
-            Some(_) => Lifecycle::Resolved,
-            None => Lifecycle::Nothing,
-        }
-    } else if name.starts_with("lease/") {
-        match primitives::decode::<Lease>(key, Some(entry)) {
-            Some(lease) if lease.holder.is_some() => Lifecycle::Deadline(lease.expires_at_ms),
-            _ => Lifecycle::Nothing,
-        }
-    } else if name.starts_with("orphan/") {
-        match primitives::decode::<primitives::Orphan>(key, Some(entry)) {
-            Some(o) if o.resolved => Lifecycle::Resolved,
-            _ => Lifecycle::Nothing,
-        }
-    } else {
-        Lifecycle::Nothing
-    }
-}
-
-/// How long an entry in this lifecycle is kept before it may be forgotten, if it may be: a
-/// tombstone as long as a ticket can live (a refused act names the delete that broke its check
-/// only while a ticket from before it can still be presented); a resolved reservation or orphan
-/// for `resolved_retention_ms`. Leases (their token history) and pools are never forgotten.
-fn retention(life: Lifecycle, limits: &gapguard_core::Limits) -> Option<u64> {
-    match life {
-        Lifecycle::Tombstone => Some(limits.ticket_ttl_ms_max),
-        Lifecycle::Resolved => Some(limits.resolved_retention_ms),
-        Lifecycle::Nothing | Lifecycle::Deadline(_) => None,
-    }
-}
-
-/// [`retention`] of an entry.
-pub(crate) fn retention_of(key: &NsKey, entry: &Entry, limits: &gapguard_core::Limits) -> Option<u64> {
-    retention(lifecycle(key, entry), limits)
-}
-
-/// The deadline to watch for an entry: a held reservation's or a held lease's expiry.
-pub(crate) fn deadline_of(key: &NsKey, entry: &Entry) -> Option<u64> {
-    match lifecycle(key, entry) {
-        Lifecycle::Deadline(at_ms) => Some(at_ms),
-        _ => None,
     }
 }
 

@@ -331,6 +331,7 @@ impl Shared {
             idempotency: idempotency.into_iter().collect(),
             audit_head,
             ticket_key: fold.ticket_key.or(stored_key),
+            cursor: 0,
         })
     }
 

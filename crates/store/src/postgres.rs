@@ -1,0 +1,961 @@
+//! The PostgreSQL backend: any number of gapguard nodes over one database.
+//!
+//! Tables (schema version [`SCHEMA_VERSION`], applied by [`PgStore::connect`] under an advisory
+//! lock, refused when the database's schema is newer than this build):
+//!
+//! | table | what |
+//! |---|---|
+//! | `gg_schema` | the schema version |
+//! | `gg_meta` | one row: the revision counter, the audit chain's head, the ticket key |
+//! | `gg_entries` | every key's entry (JSON), with its deadline and when it may be forgotten |
+//! | `gg_changes` | the change log, in commit order: how nodes keep their replicas current |
+//! | `gg_audit` | the audit chain |
+//! | `gg_used_tickets`, `gg_idempotency`, `gg_idem_claims` | single-use tickets, stored first responses, keys in flight |
+//!
+//! A node's writer runs each batch as one transaction ([`SharedStorage::begin`], core, then
+//! [`Storage::commit`]): it locks the `gg_meta` row first — the revision counter and the one
+//! audit chain make every write transaction pass through it — then the batch's keys in key
+//! order with `SELECT … FOR UPDATE`, so two transactions never wait for each other's keys in
+//! opposite orders. Time comes from the database's clock. Keys and namespaces are stored as
+//! `bytea` so that their order is the bytes' order whatever the database's collation.
+//!
+//! The store drives its connections on a small Tokio runtime of its own, so that its
+//! synchronous [`Storage`] methods can be called from any thread (the engine's writer thread,
+//! a blocking task); each call hands its work to that runtime and waits for the answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gapguard_core::primitives::{deadline_of, retention_of};
+use gapguard_core::{Entry, IdempotencyRecord, Limits, NsKey, SealedEvent, TicketId};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+
+use crate::{Batch, Changes, IdempotencyKey, LockRequest, Locked, Recovered, SharedStorage, Storage, StoreError};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// How many changes the change log keeps: a node that fell further behind reloads everything.
+pub const CHANGES_KEPT: i64 = 100_000;
+
+/// The channel nodes are notified on after a commit that changed something.
+const CHANNEL: &str = "gapguard_changes";
+
+/// Options of the PostgreSQL backend.
+#[derive(Clone, Debug, Default)]
+pub struct PgOptions {
+    /// A schema to keep the tables in (created if missing); `None`: the connection's default
+    /// `search_path` (normally `public`).
+    pub schema: Option<String>,
+    /// The limits in force: how long tombstones and resolved primitives are kept.
+    pub limits: Limits,
+}
+
+/// The migrations, in order; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE gg_meta (
+    id int PRIMARY KEY CHECK (id = 1),
+    revision bigint NOT NULL,
+    audit_seq bigint NOT NULL,
+    audit_head bytea,
+    ticket_key bytea,
+    changes_pruned_to bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE gg_entries (
+    ns bytea NOT NULL,
+    key bytea NOT NULL,
+    entry bytea NOT NULL,
+    deadline_ms bigint,
+    forget_at_ms bigint,
+    PRIMARY KEY (ns, key)
+);
+CREATE INDEX gg_entries_deadline ON gg_entries (deadline_ms) WHERE deadline_ms IS NOT NULL;
+CREATE INDEX gg_entries_forget ON gg_entries (forget_at_ms) WHERE forget_at_ms IS NOT NULL;
+CREATE TABLE gg_changes (
+    seq bigserial PRIMARY KEY,
+    revision bigint NOT NULL,
+    ns bytea NOT NULL,
+    key bytea NOT NULL,
+    entry bytea
+);
+CREATE TABLE gg_audit (
+    seq bigint PRIMARY KEY,
+    body bytea NOT NULL,
+    hash bytea NOT NULL
+);
+CREATE TABLE gg_used_tickets (
+    id bytea PRIMARY KEY,
+    expires_ms bigint NOT NULL
+);
+CREATE INDEX gg_used_tickets_expiry ON gg_used_tickets (expires_ms);
+CREATE TABLE gg_idempotency (
+    ns bytea NOT NULL,
+    scope bytea NOT NULL,
+    key bytea NOT NULL,
+    record bytea NOT NULL,
+    expires_ms bigint NOT NULL,
+    PRIMARY KEY (ns, scope, key)
+);
+CREATE INDEX gg_idempotency_expiry ON gg_idempotency (expires_ms);
+CREATE TABLE gg_idem_claims (
+    ns bytea NOT NULL,
+    scope bytea NOT NULL,
+    key bytea NOT NULL,
+    until_ms bigint NOT NULL,
+    PRIMARY KEY (ns, scope, key)
+);
+"#];
+
+/// The database's clock in ms since the Unix epoch, as SQL.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// The writer's connection: its client and whether a batch's transaction is open on it.
+struct WriterConn {
+    client: Client,
+    /// The open transaction's clock, when one is open.
+    txn_now_ms: Option<u64>,
+}
+
+struct Shared {
+    config: tokio_postgres::Config,
+    limits: Limits,
+    writer: tokio::sync::Mutex<Option<WriterConn>>,
+    reader: tokio::sync::Mutex<Option<Client>>,
+}
+
+/// A [`Storage`] (and [`SharedStorage`]) over PostgreSQL.
+pub struct PgStore {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.lock().expect("runtime lock").take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Maps a database error: lost races are [`StoreError::Conflict`], a lost connection
+/// [`StoreError::Unavailable`], anything else an engine error.
+fn db_error(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED => {
+            StoreError::Conflict(e.to_string())
+        }
+        Some(code)
+            if code.code().starts_with("08")
+                || code.code().starts_with("57P")
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        Some(_) => StoreError::Engine(format!("postgres: {e}")),
+        None => StoreError::Unavailable(format!("postgres: {e}")),
+    }
+}
+
+fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { what, detail: e.to_string() }
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn entry_of(bytes: &[u8]) -> Result<Entry, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("gg_entries.entry", e))
+}
+
+fn key_of(row: &Row, ns: usize, key: usize) -> Result<NsKey, StoreError> {
+    let ns: Vec<u8> = row.get(ns);
+    let key: Vec<u8> = row.get(key);
+    Ok(NsKey {
+        ns: String::from_utf8(ns).map_err(|e| corrupt("gg_entries.ns", e))?,
+        key: String::from_utf8(key).map_err(|e| corrupt("gg_entries.key", e))?,
+    })
+}
+
+fn hash_of(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+    bytes.try_into().map_err(|_| corrupt("hash", "not 32 bytes"))
+}
+
+fn ticket_of(bytes: &[u8]) -> Result<TicketId, StoreError> {
+    bytes.try_into().map_err(|_| corrupt("gg_used_tickets.id", "not 16 bytes"))
+}
+
+/// Splits keys into the two parallel `bytea[]` arrays the queries take.
+fn key_arrays<'a>(keys: impl IntoIterator<Item = &'a NsKey>) -> (Vec<&'a [u8]>, Vec<&'a [u8]>) {
+    keys.into_iter().map(|k| (k.ns.as_bytes(), k.key.as_bytes())).unzip()
+}
+
+fn idem_arrays<'a>(keys: impl IntoIterator<Item = &'a IdempotencyKey>) -> [Vec<&'a [u8]>; 3] {
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for k in keys {
+        out[0].push(k.ns.as_bytes());
+        out[1].push(k.scope.as_bytes());
+        out[2].push(k.key.as_bytes());
+    }
+    out
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://USER@HOST:PORT/DB`), applies the schema migrations this
+    /// build knows (or refuses a newer schema). The first ticket key committed wins: nodes
+    /// that start together on a new database each propose one, and all read back the same.
+    pub fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Schema(format!("invalid PostgreSQL URL {url:?}: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if let Some(schema) = &options.schema {
+            let valid = !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(StoreError::Schema(format!("invalid schema name {schema:?}: use letters, digits and _")));
+            }
+            config.options(format!("-c search_path={schema}"));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("gapguard-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Engine(format!("cannot start the PostgreSQL runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let shared = Arc::new(Shared {
+            config,
+            limits: options.limits,
+            writer: tokio::sync::Mutex::new(None),
+            reader: tokio::sync::Mutex::new(None),
+        });
+        let store = Self { shared, runtime: Mutex::new(Some(runtime)), handle };
+        let shared = store.shared.clone();
+        let schema = options.schema.clone();
+        store.block(async move { migrate(&shared, schema.as_deref()).await })?;
+        Ok(store)
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it, from any thread.
+    fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().expect("the PostgreSQL runtime answers every call")
+    }
+
+    /// Runs `f` with the reader connection (reconnecting if it was lost).
+    fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c Client) -> std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
+        let shared = self.shared.clone();
+        self.block(async move {
+            let mut guard = shared.reader.lock().await;
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                *guard = Some(connect(&shared.config).await?);
+            }
+            let client = guard.as_ref().expect("connected");
+            let result = f(client).await;
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                *guard = None;
+            }
+            result
+        })
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| unavailable(format!("postgres: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+async fn migrate(shared: &Shared, schema: Option<&str>) -> Result<(), StoreError> {
+    let mut client = connect(&shared.config).await?;
+    if let Some(schema) = schema {
+        client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(db_error)?;
+    }
+    let tx = client.transaction().await.map_err(db_error)?;
+    // One node migrates at a time; the others wait here, then find the work done.
+    tx.execute("SELECT pg_advisory_xact_lock(7426617)", &[]).await.map_err(db_error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS gg_schema (version int NOT NULL)").await.map_err(db_error)?;
+    let version: i32 =
+        tx.query_opt("SELECT version FROM gg_schema", &[]).await.map_err(db_error)?.map_or(0, |row| row.get(0));
+    let known = i32::try_from(MIGRATIONS.len()).expect("few migrations");
+    if version > known {
+        return Err(StoreError::Schema(format!(
+            "the database's gapguard schema is version {version}, newer than this gapguard knows ({known}): \
+             run a gapguard at least as new as the one that upgraded it"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        tracing::info!(from = i, to = i + 1, "applying gapguard schema migration");
+        tx.batch_execute(sql).await.map_err(db_error)?;
+    }
+    if version == 0 {
+        tx.execute("INSERT INTO gg_schema (version) VALUES ($1)", &[&known]).await.map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO gg_meta (id, revision, audit_seq, audit_head, ticket_key) VALUES (1, 0, 0, NULL, NULL)",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+    } else if version < known {
+        tx.execute("UPDATE gg_schema SET version = $1", &[&known]).await.map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(())
+}
+
+/// Reads the `gg_meta` row: (revision, audit head, now). `lock`: `FOR UPDATE`.
+async fn read_meta(client: &Client, lock: bool) -> Result<(u64, Option<(u64, [u8; 32])>, u64), StoreError> {
+    let sql = format!(
+        "SELECT revision, audit_seq, audit_head, {NOW_MS} FROM gg_meta WHERE id = 1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let row = client.query_one(&sql, &[]).await.map_err(db_error)?;
+    let seq: i64 = row.get(1);
+    let head: Option<Vec<u8>> = row.get(2);
+    let audit_head = match head {
+        Some(h) if seq > 0 => Some((u64_of(seq), hash_of(&h)?)),
+        _ => None,
+    };
+    Ok((u64_of(row.get(0)), audit_head, u64_of(row.get(3))))
+}
+
+async fn select_keys(
+    client: &Client,
+    keys: &BTreeSet<NsKey>,
+    lock: bool,
+) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
+    if keys.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let (ns, key) = key_arrays(keys);
+    let sql = format!(
+        "SELECT e.ns, e.key, e.entry FROM gg_entries e \
+         JOIN unnest($1::bytea[], $2::bytea[]) AS k(ns, key) ON e.ns = k.ns AND e.key = k.key \
+         ORDER BY e.ns, e.key{}",
+        if lock { " FOR UPDATE OF e" } else { "" }
+    );
+    let rows = client.query(&sql, &[&ns, &key]).await.map_err(db_error)?;
+    rows.iter().map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?))).collect()
+}
+
+async fn begin(conn: &mut WriterConn, lock: &LockRequest) -> Result<Locked, StoreError> {
+    if conn.txn_now_ms.take().is_some() {
+        conn.client.batch_execute("ROLLBACK").await.map_err(db_error)?;
+    }
+    let client = &conn.client;
+    client.batch_execute("BEGIN").await.map_err(db_error)?;
+    // The counter row first: every write transaction takes it, so the key locks below never
+    // wait in an order another transaction could reverse.
+    let (revision, audit_head, now_ms) = read_meta(client, true).await?;
+    let tickets: Vec<&[u8]> = lock.tickets.iter().map(|t| &t[..]).collect();
+    let [ins, iscope, ikey] = idem_arrays(&lock.idempotency);
+    let due_sql = "SELECT ns, key, entry FROM gg_entries WHERE deadline_ms <= $1 \
+                   ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED";
+    let (entries, used, idem, due) = futures_util::try_join!(
+        select_keys(client, &lock.keys, true),
+        async {
+            if tickets.is_empty() {
+                return Ok(Vec::new());
+            }
+            client
+                .query("SELECT id, expires_ms FROM gg_used_tickets WHERE id = ANY($1::bytea[])", &[&tickets])
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if ins.is_empty() {
+                return Ok(Vec::new());
+            }
+            client
+                .query(
+                    "SELECT i.ns, i.scope, i.key, i.record FROM gg_idempotency i \
+                     JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+                     ON i.ns = k.ns AND i.scope = k.scope AND i.key = k.key FOR UPDATE OF i",
+                    &[&ins, &iscope, &ikey],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if lock.due_limit == 0 {
+                return Ok(Vec::new());
+            }
+            let limit = i64::try_from(lock.due_limit).unwrap_or(i64::MAX);
+            client.query(due_sql, &[&i64_of(now_ms), &limit]).await.map_err(db_error)
+        },
+    )?;
+    let used_tickets = used
+        .iter()
+        .map(|row| Ok((ticket_of(row.get(0))?, u64_of(row.get(1)))))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let idempotency = idem
+        .iter()
+        .map(|row| {
+            let text = |i: usize| String::from_utf8(row.get::<_, Vec<u8>>(i)).map_err(|e| corrupt("gg_idempotency", e));
+            let key = IdempotencyKey { ns: text(0)?, scope: text(1)?, key: text(2)? };
+            let record: IdempotencyRecord =
+                serde_json::from_slice(row.get(3)).map_err(|e| corrupt("gg_idempotency.record", e))?;
+            Ok((key, record))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let due =
+        due.iter().map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?))).collect::<Result<_, StoreError>>()?;
+    conn.txn_now_ms = Some(now_ms);
+    Ok(Locked { revision, audit_head, now_ms, entries, used_tickets, idempotency, due })
+}
+
+/// Writes a batch inside the open transaction and commits it.
+async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> Result<(), StoreError> {
+    let standalone = conn.txn_now_ms.is_none();
+    if standalone {
+        conn.client.batch_execute("BEGIN").await.map_err(db_error)?;
+        let (_, _, now) = read_meta(&conn.client, true).await?;
+        conn.txn_now_ms = Some(now);
+    }
+    let now_ms = conn.txn_now_ms.expect("a transaction is open");
+    let client = &conn.client;
+    // Continuity, checked under the counter row's lock: a batch that does not continue the
+    // stored chain and revision is a bug, refused whole.
+    let (stored_revision, stored_head, _) = read_meta(client, false).await?;
+    let stored_seq = stored_head.map_or(0, |h| h.0);
+    if let Some(first) = batch.audit.first() {
+        if first.seq != stored_seq + 1 {
+            return Err(StoreError::Invalid(format!(
+                "audit event {} does not follow the stored chain head {stored_seq}",
+                first.seq
+            )));
+        }
+    }
+    if batch.revision < stored_revision {
+        return Err(StoreError::Invalid(format!(
+            "batch revision {} is behind the stored revision {stored_revision}",
+            batch.revision
+        )));
+    }
+    let revision = i64_of(batch.revision.max(stored_revision));
+
+    // Compaction and pruning come first: a batch may write a key it also forgets.
+    let mut forgotten: Vec<NsKey> = batch.forget_entries.clone();
+    if !forgotten.is_empty() {
+        let (ns, key) = key_arrays(&forgotten);
+        client
+            .execute(
+                "DELETE FROM gg_entries e USING unnest($1::bytea[], $2::bytea[]) AS k(ns, key) \
+                 WHERE e.ns = k.ns AND e.key = k.key",
+                &[&ns, &key],
+            )
+            .await
+            .map_err(db_error)?;
+    }
+    if batch.prune_expired {
+        let now = i64_of(now_ms);
+        let rows = client
+            .query("DELETE FROM gg_entries WHERE forget_at_ms <= $1 RETURNING ns, key", &[&now])
+            .await
+            .map_err(db_error)?;
+        for row in &rows {
+            forgotten.push(key_of(row, 0, 1)?);
+        }
+        let pruned = "DELETE FROM gg_used_tickets WHERE expires_ms <= $1";
+        let idem = "DELETE FROM gg_idempotency WHERE expires_ms <= $1";
+        let claims = "DELETE FROM gg_idem_claims WHERE until_ms <= $1";
+        let changes = format!(
+            "WITH cut AS (SELECT max(seq) - {CHANGES_KEPT} AS upto FROM gg_changes), \
+             gone AS (DELETE FROM gg_changes WHERE seq <= (SELECT upto FROM cut) RETURNING seq) \
+             UPDATE gg_meta SET changes_pruned_to = greatest(changes_pruned_to, (SELECT coalesce(max(seq), 0) FROM gone)) \
+             WHERE id = 1"
+        );
+        futures_util::try_join!(
+            async { client.execute(pruned, &[&now]).await.map_err(db_error) },
+            async { client.execute(idem, &[&now]).await.map_err(db_error) },
+            async { client.execute(claims, &[&now]).await.map_err(db_error) },
+            async { client.execute(&changes, &[]).await.map_err(db_error) },
+        )?;
+    }
+    let forgotten_keys = key_arrays(&forgotten);
+
+    // The newest entry of each key (a batch may write a key twice), with its deadline and
+    // when it may be forgotten.
+    let mut latest: BTreeMap<&NsKey, &Entry> = BTreeMap::new();
+    for (k, e) in &batch.entries {
+        latest.insert(k, e);
+    }
+    let mut e_ns = Vec::with_capacity(latest.len());
+    let mut e_key = Vec::with_capacity(latest.len());
+    let mut e_body = Vec::with_capacity(latest.len());
+    let mut e_deadline: Vec<Option<i64>> = Vec::with_capacity(latest.len());
+    let mut e_forget: Vec<Option<i64>> = Vec::with_capacity(latest.len());
+    for (k, e) in &latest {
+        e_ns.push(k.ns.as_bytes());
+        e_key.push(k.key.as_bytes());
+        e_body.push(serde_json::to_vec(e).expect("entries serialize"));
+        e_deadline.push(deadline_of(k, e).map(i64_of));
+        e_forget.push(retention_of(k, e, limits).map(|r| i64_of(now_ms.saturating_add(r))));
+    }
+    let mut c_rev = Vec::with_capacity(batch.entries.len() + forgotten.len());
+    let mut c_ns = Vec::with_capacity(c_rev.capacity());
+    let mut c_key = Vec::with_capacity(c_rev.capacity());
+    let mut c_body: Vec<Option<Vec<u8>>> = Vec::with_capacity(c_rev.capacity());
+    for (ns, key) in forgotten_keys.0.iter().zip(&forgotten_keys.1) {
+        c_rev.push(i64_of(stored_revision));
+        c_ns.push(*ns);
+        c_key.push(*key);
+        c_body.push(None);
+    }
+    for (k, e) in &batch.entries {
+        c_rev.push(i64_of(e.changed_at));
+        c_ns.push(k.ns.as_bytes());
+        c_key.push(k.key.as_bytes());
+        c_body.push(Some(serde_json::to_vec(e).expect("entries serialize")));
+    }
+    let a_seq: Vec<i64> = batch.audit.iter().map(|a| i64_of(a.seq)).collect();
+    let a_body: Vec<&[u8]> = batch.audit.iter().map(|a| &a.body[..]).collect();
+    let a_hash: Vec<&[u8]> = batch.audit.iter().map(|a| &a.hash[..]).collect();
+    let t_id: Vec<&[u8]> = batch.used_tickets.iter().map(|(id, _)| &id[..]).collect();
+    let t_exp: Vec<i64> = batch.used_tickets.iter().map(|(_, e)| i64_of(*e)).collect();
+    let mut idem_latest: BTreeMap<&IdempotencyKey, &IdempotencyRecord> = BTreeMap::new();
+    for (k, r) in &batch.idempotency {
+        idem_latest.insert(k, r);
+    }
+    let [i_ns, i_scope, i_key] = idem_arrays(idem_latest.keys().copied());
+    let i_rec: Vec<Vec<u8>> = idem_latest.values().map(|r| serde_json::to_vec(r).expect("records serialize")).collect();
+    let i_exp: Vec<i64> = idem_latest.values().map(|r| i64_of(r.expires_at_ms)).collect();
+    let [p_ns, p_scope, p_key] = idem_arrays(&batch.prune_idempotency);
+    let p_tickets: Vec<&[u8]> = batch.prune_tickets.iter().map(|t| &t[..]).collect();
+    let [r_ns, r_scope, r_key] = idem_arrays(&batch.release_claims);
+    let (head_seq, head_hash) = match batch.audit.last() {
+        Some(last) => (i64_of(last.seq), Some(last.hash.to_vec())),
+        None => (i64_of(stored_seq), stored_head.map(|h| h.1.to_vec())),
+    };
+    let changed = !c_rev.is_empty();
+    futures_util::try_join!(
+        async {
+            if e_ns.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO gg_entries (ns, key, entry, deadline_ms, forget_at_ms) \
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[]) \
+                     ON CONFLICT (ns, key) DO UPDATE SET entry = excluded.entry, \
+                     deadline_ms = excluded.deadline_ms, forget_at_ms = excluded.forget_at_ms",
+                    &[&e_ns, &e_key, &e_body, &e_deadline, &e_forget],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if c_rev.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO gg_changes (revision, ns, key, entry) \
+                     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])",
+                    &[&c_rev, &c_ns, &c_key, &c_body],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if a_seq.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO gg_audit (seq, body, hash) SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])",
+                    &[&a_seq, &a_body, &a_hash],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if t_id.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO gg_used_tickets (id, expires_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])",
+                    &[&t_id, &t_exp],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if i_ns.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO gg_idempotency (ns, scope, key, record, expires_ms) \
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int8[]) \
+                     ON CONFLICT (ns, scope, key) DO UPDATE SET record = excluded.record, expires_ms = excluded.expires_ms",
+                    &[&i_ns, &i_scope, &i_key, &i_rec, &i_exp],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if p_ns.is_empty() && p_tickets.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "DELETE FROM gg_idempotency i USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+                     WHERE i.ns = k.ns AND i.scope = k.scope AND i.key = k.key",
+                    &[&p_ns, &p_scope, &p_key],
+                )
+                .await
+                .map_err(db_error)?;
+            client
+                .execute("DELETE FROM gg_used_tickets WHERE id = ANY($1::bytea[])", &[&p_tickets])
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if r_ns.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "DELETE FROM gg_idem_claims c USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+                     WHERE c.ns = k.ns AND c.scope = k.scope AND c.key = k.key",
+                    &[&r_ns, &r_scope, &r_key],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            client
+                .execute(
+                    "UPDATE gg_meta SET revision = $1, audit_seq = $2, audit_head = $3, \
+                     ticket_key = coalesce(ticket_key, $4) WHERE id = 1",
+                    &[&revision, &head_seq, &head_hash, &batch.ticket_key],
+                )
+                .await
+                .map_err(db_error)
+        },
+        async {
+            if !changed {
+                return Ok(0);
+            }
+            client.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await.map_err(db_error)
+        },
+    )?;
+    conn.txn_now_ms = None;
+    client.batch_execute("COMMIT").await.map_err(db_error)?;
+    Ok(())
+}
+
+impl Storage for PgStore {
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                // One snapshot for everything, so the cursor matches the entries.
+                client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db_error)?;
+                let result = async {
+                    let meta = client
+                        .query_one(
+                            "SELECT revision, audit_seq, audit_head, ticket_key, \
+                             (SELECT coalesce(max(seq), 0) FROM gg_changes) FROM gg_meta WHERE id = 1",
+                            &[],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    let seq: i64 = meta.get(1);
+                    let head: Option<Vec<u8>> = meta.get(2);
+                    let audit_head = match head {
+                        Some(h) if seq > 0 => Some((u64_of(seq), hash_of(&h)?)),
+                        _ => None,
+                    };
+                    let rows = client
+                        .query("SELECT ns, key, entry FROM gg_entries ORDER BY ns, key", &[])
+                        .await
+                        .map_err(db_error)?;
+                    let entries = rows
+                        .iter()
+                        .map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?)))
+                        .collect::<Result<_, StoreError>>()?;
+                    let tickets =
+                        client.query("SELECT id, expires_ms FROM gg_used_tickets", &[]).await.map_err(db_error)?;
+                    let used_tickets = tickets
+                        .iter()
+                        .map(|row| Ok((ticket_of(row.get(0))?, u64_of(row.get(1)))))
+                        .collect::<Result<_, StoreError>>()?;
+                    let idem = client
+                        .query("SELECT ns, scope, key, record FROM gg_idempotency", &[])
+                        .await
+                        .map_err(db_error)?;
+                    let idempotency = idem
+                        .iter()
+                        .map(|row| {
+                            let text = |i: usize| {
+                                String::from_utf8(row.get::<_, Vec<u8>>(i)).map_err(|e| corrupt("gg_idempotency", e))
+                            };
+                            let key = IdempotencyKey { ns: text(0)?, scope: text(1)?, key: text(2)? };
+                            let record: IdempotencyRecord =
+                                serde_json::from_slice(row.get(3)).map_err(|e| corrupt("gg_idempotency.record", e))?;
+                            Ok((key, record))
+                        })
+                        .collect::<Result<_, StoreError>>()?;
+                    Ok(Recovered {
+                        revision: u64_of(meta.get(0)),
+                        entries,
+                        used_tickets,
+                        idempotency,
+                        audit_head,
+                        ticket_key: meta.get(3),
+                        cursor: u64_of(meta.get(4)),
+                    })
+                }
+                .await;
+                let _ = client.batch_execute("COMMIT").await;
+                result
+            })
+        })
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        self.block(async move {
+            let mut guard = shared.writer.lock().await;
+            if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+                *guard = Some(WriterConn { client: connect(&shared.config).await?, txn_now_ms: None });
+            }
+            let conn = guard.as_mut().expect("connected");
+            let result = write_batch(conn, &batch, &shared.limits).await;
+            if result.is_err() {
+                conn.txn_now_ms = None;
+                if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                    *guard = None;
+                }
+            }
+            result
+        })
+    }
+
+    fn load_keys(&self, keys: &BTreeSet<NsKey>) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
+        let keys = keys.clone();
+        self.read(move |client| Box::pin(async move { select_keys(client, &keys, false).await }))
+    }
+
+    fn audit_range(&self, from_seq: u64, limit: usize) -> Result<Vec<SealedEvent>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = client
+                    .query(
+                        "SELECT seq, body, hash FROM gg_audit WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                        &[&i64_of(from_seq), &limit],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(SealedEvent { seq: u64_of(row.get(0)), body: row.get(1), hash: hash_of(row.get(2))? })
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    fn shared(&self) -> Option<&dyn SharedStorage> {
+        Some(self)
+    }
+}
+
+impl SharedStorage for PgStore {
+    fn begin(&self, lock: &LockRequest) -> Result<Locked, StoreError> {
+        let shared = self.shared.clone();
+        let lock = lock.clone();
+        self.block(async move {
+            let mut guard = shared.writer.lock().await;
+            if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+                *guard = Some(WriterConn { client: connect(&shared.config).await?, txn_now_ms: None });
+            }
+            let conn = guard.as_mut().expect("connected");
+            let result = begin(conn, &lock).await;
+            if result.is_err() {
+                conn.txn_now_ms = None;
+                if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                    *guard = None;
+                }
+            }
+            result
+        })
+    }
+
+    fn lock_more(&self, keys: &BTreeSet<NsKey>) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
+        let shared = self.shared.clone();
+        let keys = keys.clone();
+        self.block(async move {
+            let guard = shared.writer.lock().await;
+            let conn = guard
+                .as_ref()
+                .filter(|c| c.txn_now_ms.is_some())
+                .ok_or_else(|| StoreError::Invalid("lock_more outside a transaction".into()))?;
+            select_keys(&conn.client, &keys, true).await
+        })
+    }
+
+    fn rollback(&self) {
+        let shared = self.shared.clone();
+        self.block(async move {
+            let mut guard = shared.writer.lock().await;
+            if let Some(conn) = guard.as_mut() {
+                if conn.txn_now_ms.take().is_some() && conn.client.batch_execute("ROLLBACK").await.is_err() {
+                    *guard = None;
+                }
+            }
+        });
+    }
+
+    fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db_error)?;
+                let result = async {
+                    let meta = client
+                        .query_one(
+                            &format!("SELECT revision, changes_pruned_to, {NOW_MS} FROM gg_meta WHERE id = 1"),
+                            &[],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    let pruned_to = u64_of(meta.get(1));
+                    if cursor < pruned_to {
+                        return Err(StoreError::Invalid(format!(
+                            "the change log was pruned up to {pruned_to}, past this node's cursor {cursor}"
+                        )));
+                    }
+                    let rows = client
+                        .query(
+                            "SELECT seq, revision, ns, key, entry FROM gg_changes WHERE seq > $1 ORDER BY seq",
+                            &[&i64_of(cursor)],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    let mut out = Changes {
+                        cursor,
+                        revision: u64_of(meta.get(0)),
+                        now_ms: u64_of(meta.get(2)),
+                        changes: Vec::with_capacity(rows.len()),
+                    };
+                    for row in &rows {
+                        out.cursor = u64_of(row.get(0));
+                        let entry: Option<Vec<u8>> = row.get(4);
+                        let entry = entry.map(|b| entry_of(&b)).transpose()?;
+                        out.changes.push((u64_of(row.get(1)), key_of(row, 2, 3)?, entry));
+                    }
+                    Ok(out)
+                }
+                .await;
+                let _ = client.batch_execute("COMMIT").await;
+                result
+            })
+        })
+    }
+
+    fn claim_idempotency(&self, key: &IdempotencyKey, ttl_ms: u64) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                let sql = format!(
+                    "INSERT INTO gg_idem_claims (ns, scope, key, until_ms) VALUES ($1, $2, $3, {NOW_MS} + $4) \
+                     ON CONFLICT (ns, scope, key) DO UPDATE SET until_ms = excluded.until_ms \
+                     WHERE gg_idem_claims.until_ms <= {NOW_MS} RETURNING 1"
+                );
+                let rows = client
+                    .query(&sql, &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &i64_of(ttl_ms)])
+                    .await
+                    .map_err(db_error)?;
+                Ok(!rows.is_empty())
+            })
+        })
+    }
+
+    fn release_claim(&self, key: &IdempotencyKey) {
+        let key = key.clone();
+        let result = self.read(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope = $2 AND key = $3",
+                        &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)
+            })
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not release an idempotency claim; it expires by itself");
+        }
+    }
+
+    fn subscribe(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let config = self.shared.config.clone();
+        self.handle.spawn(async move {
+            loop {
+                match config.connect(NoTls).await {
+                    Ok((client, mut connection)) => {
+                        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                        let sql = format!("LISTEN {CHANNEL}");
+                        let listen = client.batch_execute(&sql);
+                        let mut listen = std::pin::pin!(listen);
+                        // Drive the connection while LISTEN runs, then forward notifications.
+                        let mut listening = false;
+                        loop {
+                            tokio::select! {
+                                done = &mut listen, if !listening => {
+                                    if done.is_err() { break; }
+                                    listening = true;
+                                    wake();
+                                }
+                                message = messages.next() => match message {
+                                    Some(Ok(AsyncMessage::Notification(_))) => wake(),
+                                    Some(Ok(_)) => {}
+                                    Some(Err(_)) | None => break,
+                                },
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot listen for changes; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.read(|client| Box::pin(async move { client.execute("SELECT 1", &[]).await.map(|_| ()).map_err(db_error) }))
+    }
+}

@@ -1,0 +1,246 @@
+//! Test support shared by gapguard's test suites: [`Postgres`], a real PostgreSQL 15 server
+//! started by the test itself (initdb into a temp dir, a free loopback port), stopped when
+//! dropped.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
+//! `postgres` user (the Debian package creates it). The binaries are looked up in
+//! `GAPGUARD_PG_BIN`, else `/usr/lib/postgresql/15/bin`; a missing binary fails the test with
+//! the command that installs it.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's PostgreSQL 15 keeps its server binaries.
+pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A user to run PostgreSQL as.
+#[derive(Clone, Copy, Debug)]
+struct User {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
+/// A running PostgreSQL server in a temp dir. Dropping it stops the server (fast shutdown)
+/// and removes the directory.
+pub struct Postgres {
+    child: Option<Child>,
+    bin: PathBuf,
+    data: PathBuf,
+    user: Option<User>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Initializes a cluster in a fresh temp dir and starts it on a free loopback port, with
+    /// `fsync` and `synchronous_commit` on (the defaults), trust authentication for the
+    /// superuser `postgres`. Panics with an actionable message when PostgreSQL is missing.
+    pub fn start() -> Self {
+        let bin = std::env::var_os("GAPGUARD_PG_BIN").map(PathBuf::from).unwrap_or_else(|| DEFAULT_PG_BIN.into());
+        for name in ["initdb", "postgres", "pg_ctl"] {
+            assert!(
+                bin.join(name).is_file(),
+                "PostgreSQL 15 is needed for this test and {} is missing: install it with \
+                 `apt-get install -y postgresql` (or set GAPGUARD_PG_BIN to its bin directory)",
+                bin.join(name).display()
+            );
+        }
+        let user = postgres_user();
+        let dir = tempfile::Builder::new().prefix("gapguard-pg-").tempdir().expect("temp dir for PostgreSQL");
+        if let Some(user) = user {
+            std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))
+                .expect("hand the temp dir to postgres");
+        }
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(user) = user {
+            initdb.uid(user.uid).gid(user.gid);
+        }
+        let out = initdb.output().expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let mut server = Self { child: None, bin, data, user, port, dir };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the PostgreSQL log");
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .args(["-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "max_connections=200"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .process_group(0);
+        let user = self.user;
+        let parent = std::process::id();
+        // SAFETY: between fork and exec the closure only makes async-signal-safe calls
+        // (setgroups, setgid, setuid, prctl, getppid, _exit). The user switch comes first
+        // because changing credentials clears the parent-death signal; SIGKILL on the test
+        // process's death keeps an aborted test from leaving a server behind.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(user) = user {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(user.gid) != 0
+                        || libc::setuid(user.uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("start postgres"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("postgres exited during start-up ({status}); log:\n{}", self.log_tail());
+            }
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "postgres not ready after 30 s; log:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates a database and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        self.url(name)
+    }
+
+    /// Runs one SQL command with `psql` and returns its unaligned, tuples-only output.
+    pub fn psql(&self, database: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", database])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .or_else(|_| {
+                Command::new("psql")
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", database])
+                    .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+                    .output()
+            })
+            .expect("run psql (apt-get install -y postgresql-client)");
+        assert!(out.status.success(), "psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Stops the server (fast shutdown: open connections are cut, committed data stays).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: kill with a valid pid and signal number has no memory effects.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts it again on the same data directory and port, after [`Postgres::stop`].
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.log_path()) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port that was free a moment ago (bound on 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+}
+
+/// The `postgres` user when running as root (PostgreSQL refuses root); `None` otherwise.
+fn postgres_user() -> Option<User> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    // SAFETY: a zeroed passwd is a valid out-parameter; every pointer is valid for the call
+    // and `buf.len()` is the length of `buf`.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe { libc::getpwnam_r(c"postgres".as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    assert!(
+        rc == 0 && !found.is_null(),
+        "running as root and there is no `postgres` user to run PostgreSQL as: \
+         `apt-get install -y postgresql` creates it"
+    );
+    Some(User { uid: pwd.pw_uid, gid: pwd.pw_gid })
+}
