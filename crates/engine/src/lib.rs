@@ -34,6 +34,10 @@ pub use observe::{NoObserver, Observer};
 pub use snapshot::Snapshot;
 use writer::{Job, Writer};
 
+/// How long an idempotency key stays claimed in a shared backend by a node that crashed while
+/// handling it (a node that finishes releases it at once).
+pub const IDEMPOTENCY_CLAIM_MS: u64 = 30_000;
+
 /// Configuration of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -148,6 +152,8 @@ struct Inner {
     writer: writer::Status,
     feed: Arc<feed::Feed>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether the backend is shared with other nodes (PostgreSQL).
+    shared: bool,
 }
 
 impl Drop for Inner {
@@ -208,8 +214,21 @@ impl Engine {
             audit_events = recovered.audit_head.map_or(0, |h| h.0),
             "recovered state"
         );
+        let shared = store.shared().is_some();
+        // Over a shared backend, time is the database's, and idempotency records and used
+        // tickets are read fresh by each batch (the replica holds only entries).
+        let db_clock = shared.then(|| Arc::new(clock::DbClock::new(clock.clone())));
+        let clock: Arc<dyn Clock> = match &db_clock {
+            Some(db) => db.clone(),
+            None => clock,
+        };
+        if shared {
+            recovered.used_tickets.clear();
+            recovered.idempotency.clear();
+        }
         let feed = Arc::new(feed::Feed::new(recovered.revision));
-        let (snapshot, writer) = Writer::new(recovered, store.clone(), clock.clone(), config.clone(), feed.clone());
+        let (snapshot, writer) =
+            Writer::new(recovered, store.clone(), clock.clone(), config.clone(), feed.clone(), db_clock);
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let status = writer.status();
         let (jobs, rx) = mpsc::unbounded_channel();
@@ -218,6 +237,15 @@ impl Engine {
             .name("gapguard-writer".into())
             .spawn(move || writer.run(rx, published))
             .map_err(|e| EngineError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        if let Some(shared) = store.shared() {
+            // Another node committed: sync the replica now rather than at the next tick.
+            let weak = jobs.downgrade();
+            shared.subscribe(Box::new(move || {
+                if let Some(jobs) = weak.upgrade() {
+                    let _ = jobs.send(Job::Sync(None));
+                }
+            }));
+        }
         let weak = jobs.downgrade();
         let interval = config.prune_interval;
         tokio::spawn(async move {
@@ -242,8 +270,45 @@ impl Engine {
             writer: status,
             feed,
             writer_thread: Mutex::new(Some(writer_thread)),
+            shared,
         };
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Waits until this node's snapshot holds every write acknowledged by any node before the
+    /// call: immediate with a single-writer backend (its snapshot is the whole truth); over a
+    /// shared backend, one read of the database's change log (batched with other readers').
+    /// Reads and checks call it first, so they are linearizable across nodes.
+    pub async fn fresh(&self) -> Result<(), EngineError> {
+        if !self.inner.shared {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.inner.jobs.send(Job::Sync(Some(reply))).is_err() {
+            return Err(self.unavailable());
+        }
+        answer.await.unwrap_or_else(|_| Err(self.unavailable()))
+    }
+
+    /// Whether the node can serve: the writer is running and, over a shared backend, the
+    /// database answers. The error says what is wrong, for `/readyz`.
+    pub async fn ready(&self) -> Result<(), String> {
+        if let Some(failure) = self.writer_failure() {
+            return Err(failure);
+        }
+        if self.inner.shared {
+            let store = self.inner.store.clone();
+            let ping = tokio::task::spawn_blocking(move || store.shared().map_or(Ok(()), |s| s.ping()))
+                .await
+                .map_err(|e| format!("readiness probe failed: {e}"))?;
+            ping.map_err(|e| format!("the database: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the backend is shared with other nodes.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared
     }
 
     /// The latest durable snapshot.
@@ -398,6 +463,9 @@ impl Engine {
         ctx: RequestContext,
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<WriteResult, EngineError> {
+        if self.inner.shared {
+            return self.write_shared(request, ctx, idempotency).await;
+        }
         let _in_flight = match &idempotency {
             Some(claim) => {
                 let snap = self.inner.snapshot.load();
@@ -429,6 +497,59 @@ impl Engine {
         let answer = answer.await.unwrap_or_else(|_| Err(self.unavailable()))?;
         if let Some((request, evaluated_at_ms)) = &answer.evaluated {
             // Durable by now; reported here so that the writer thread does not do it.
+            self.inner.config.observer.written(request, &answer.result.outcome, *evaluated_at_ms);
+        }
+        Ok(answer.result)
+    }
+
+    /// [`Engine::write`] over a shared backend: the idempotency key is claimed in the database
+    /// (so a duplicate in flight on another node answers `in progress`), and the stored record
+    /// is read fresh by the batch.
+    async fn write_shared(
+        &self,
+        request: WriteRequest,
+        ctx: RequestContext,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<WriteResult, EngineError> {
+        let _in_flight = match &idempotency {
+            Some(claim) => {
+                {
+                    let mut set = self.inner.in_flight.lock().expect("in-flight set lock");
+                    if !set.insert(claim.key.clone()) {
+                        return Err(EngineError::IdempotencyInProgress);
+                    }
+                }
+                let guard = InFlight { set: &self.inner.in_flight, key: claim.key.clone() };
+                let store = self.inner.store.clone();
+                let key = claim.key.clone();
+                let claimed = tokio::task::spawn_blocking(move || {
+                    store.shared().expect("shared").claim_idempotency(&key, IDEMPOTENCY_CLAIM_MS)
+                })
+                .await
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+                if !claimed {
+                    return Err(EngineError::IdempotencyInProgress);
+                }
+                Some(guard)
+            }
+            None => None,
+        };
+        let claim_key = idempotency.as_ref().map(|c| c.key.clone());
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Write { request, ctx, idempotency, reply };
+        let answer = if self.inner.jobs.send(job).is_err() {
+            Err(self.unavailable())
+        } else {
+            answer.await.unwrap_or_else(|_| Err(self.unavailable()))
+        };
+        if let (Err(EngineError::Unavailable(_)), Some(key)) = (&answer, claim_key) {
+            // The batch was rolled back with its release of the claim: release it here.
+            let store = self.inner.store.clone();
+            tokio::task::spawn_blocking(move || store.shared().expect("shared").release_claim(&key));
+        }
+        let answer = answer?;
+        if let Some((request, evaluated_at_ms)) = &answer.evaluated {
             self.inner.config.observer.written(request, &answer.result.outcome, *evaluated_at_ms);
         }
         Ok(answer.result)

@@ -28,6 +28,9 @@ pub trait Observer: Send + Sync {
     /// A batch holding `n_requests` write requests was made durable by one storage commit,
     /// which took `elapsed`. Batches of pruning or denied-check audit events alone report 0.
     fn committed(&self, _n_requests: usize, _elapsed: Duration) {}
+    /// A shared backend's transaction lost a race (a serialization failure or a deadlock) and
+    /// the batch is being run again.
+    fn storage_retried(&self) {}
 }
 
 /// The observer of an engine nobody watches.

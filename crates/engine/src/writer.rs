@@ -17,6 +17,9 @@ use gapguard_core::{
 use gapguard_store::{Batch, IdempotencyKey, Recovered, Storage};
 use tokio::sync::{mpsc, oneshot};
 
+mod shared;
+
+use crate::clock::DbClock;
 use crate::feed::{Change, Feed};
 use crate::{Clock, EngineConfig, EngineError, IdempotencyClaim, RequestContext, Snapshot, WriteResult};
 
@@ -42,6 +45,10 @@ pub(crate) enum Job {
     Audit(AuditEvent),
     /// Drop expired used-ticket markers and idempotency records.
     Prune,
+    /// Bring the node's replica up to date with a shared backend, then answer (a read that
+    /// must see every write any node acknowledged before it began); `None`: just sync (another
+    /// node committed something).
+    Sync(Option<oneshot::Sender<Result<(), EngineError>>>),
     /// Finish the jobs before this one and exit (the engine is being dropped).
     Stop,
 }
@@ -80,6 +87,12 @@ pub(crate) struct Writer {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     status: Status,
+    /// A shared backend: where this node's replica stands in its change log, and the clock
+    /// that follows the database's.
+    cursor: u64,
+    db_clock: Option<Arc<DbClock>>,
+    /// Whether the last shared batch failed (to log an outage once).
+    shared_failing: bool,
 }
 
 type Reply = (oneshot::Sender<Result<Answer, EngineError>>, Result<Answer, EngineError>);
@@ -91,7 +104,9 @@ impl Writer {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
         feed: Arc<Feed>,
+        db_clock: Option<Arc<DbClock>>,
     ) -> (Snapshot, Self) {
+        let cursor = recovered.cursor;
         let mut state = Snapshot { revision: recovered.revision, ..Snapshot::default() };
         let mut ticket_expiry = BTreeSet::new();
         let mut idempotency_expiry = BTreeSet::new();
@@ -129,6 +144,9 @@ impl Writer {
             clock,
             config,
             status,
+            cursor,
+            db_clock,
+            shared_failing: false,
         };
         (state, writer)
     }
@@ -153,6 +171,15 @@ impl Writer {
                 batch_jobs.truncate(at);
                 stopping = true;
             }
+            if self.db_clock.is_some() {
+                // A shared backend: a failed transaction was rolled back, so the node answers
+                // `unavailable` and carries on (the database may come back).
+                self.commit_shared(&mut batch_jobs, &published);
+                if stopping {
+                    return;
+                }
+                continue;
+            }
             if let Err(failure) = self.commit_batch(&mut batch_jobs, &published) {
                 tracing::error!(error = %failure, "storage commit failed; the writer stops, restart to recover");
                 *self.status.failure.lock().expect("status lock") = Some(failure.clone());
@@ -176,56 +203,25 @@ impl Writer {
     /// failed fsync leaves the file's state unknown, so the writer stops rather than guess.
     fn commit_batch(&mut self, jobs: &mut Vec<Job>, published: &ArcSwap<Snapshot>) -> Result<(), String> {
         let now_ms = self.clock.now_ms();
-        let mut draft = Draft {
-            working: self.state.clone(),
-            batch: Batch::default(),
-            seq: self.audit_seq,
-            head: self.audit_head,
-            ticket_expiry: Vec::new(),
-            idempotency_expiry: Vec::new(),
-            deadlines: Vec::new(),
-            changes: Vec::new(),
-            n_written: 0,
-            forgettable: Vec::new(),
-            expired: Vec::new(),
-        };
+        let mut draft = Draft::new(self.state.clone(), self.audit_seq, self.audit_head);
         let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
         for job in jobs.drain(..) {
             match job {
                 Job::Write { request, ctx, idempotency: claim, reply } => {
-                    if let Some(claim) = &claim {
-                        let stored = draft.working.idempotency.get(&claim.key).map(|r| &**r);
-                        match idempotency::decide(stored, &claim.fingerprint, now_ms) {
-                            IdempotencyDecision::Replay(outcome) => {
-                                self.config.observer.replayed();
-                                let result = WriteResult { outcome: outcome.clone(), replayed: true };
-                                replies.push((reply, Ok(Answer { result, evaluated: None })));
-                                continue;
-                            }
-                            IdempotencyDecision::Conflict => {
-                                self.config.observer.idempotency_conflict();
-                                replies.push((reply, Err(EngineError::IdempotencyConflict)));
-                                continue;
-                            }
-                            IdempotencyDecision::Execute => {}
-                        }
-                    }
-                    let outcome = draft.apply(&request, ctx, now_ms);
-                    if let Some(claim) = claim {
-                        let record = IdempotencyRecord {
-                            fingerprint: claim.fingerprint,
-                            outcome: outcome.clone(),
-                            expires_at_ms: now_ms.saturating_add(self.config.limits.idempotency_retention_ms),
-                        };
-                        draft.idempotency_expiry.push((record.expires_at_ms, claim.key.clone()));
-                        draft.batch.idempotency.push((claim.key.clone(), record.clone()));
-                        draft.working.idempotency.insert(Arc::new(claim.key), Arc::new(record));
-                    }
-                    let result = WriteResult { outcome, replayed: false };
-                    replies.push((reply, Ok(Answer { result, evaluated: Some((request, now_ms)) })));
+                    let answer = self.apply_write(&mut draft, &request, ctx, claim, now_ms).map(|result| {
+                        let evaluated = (!result.replayed).then_some((request, now_ms));
+                        Answer { result, evaluated }
+                    });
+                    replies.push((reply, answer));
                 }
                 Job::Audit(event) => draft.seal(&event),
                 Job::Prune => self.prune(now_ms, &mut draft),
+                Job::Sync(reply) => {
+                    // One writer: the published snapshot is the whole truth already.
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
                 Job::Stop => unreachable!("the run loop strips Stop"),
             }
         }
@@ -278,6 +274,44 @@ impl Writer {
             observer.written(request, outcome, now_ms);
         }
         Ok(())
+    }
+
+    /// Applies one write request to the draft, with its idempotency claim: a replay or a
+    /// conflict of a stored record, or the request's outcome (recorded under the claim).
+    fn apply_write(
+        &self,
+        draft: &mut Draft,
+        request: &WriteRequest,
+        ctx: RequestContext,
+        claim: Option<IdempotencyClaim>,
+        now_ms: u64,
+    ) -> Result<WriteResult, EngineError> {
+        if let Some(claim) = &claim {
+            let stored = draft.working.idempotency.get(&claim.key).map(|r| &**r);
+            match idempotency::decide(stored, &claim.fingerprint, now_ms) {
+                IdempotencyDecision::Replay(outcome) => {
+                    self.config.observer.replayed();
+                    return Ok(WriteResult { outcome: outcome.clone(), replayed: true });
+                }
+                IdempotencyDecision::Conflict => {
+                    self.config.observer.idempotency_conflict();
+                    return Err(EngineError::IdempotencyConflict);
+                }
+                IdempotencyDecision::Execute => {}
+            }
+        }
+        let outcome = draft.apply(request, ctx, now_ms);
+        if let Some(claim) = claim {
+            let record = IdempotencyRecord {
+                fingerprint: claim.fingerprint,
+                outcome: outcome.clone(),
+                expires_at_ms: now_ms.saturating_add(self.config.limits.idempotency_retention_ms),
+            };
+            draft.idempotency_expiry.push((record.expires_at_ms, claim.key.clone()));
+            draft.batch.idempotency.push((claim.key.clone(), record.clone()));
+            draft.working.idempotency.insert(Arc::new(claim.key), Arc::new(record));
+        }
+        Ok(WriteResult { outcome, replayed: false })
     }
 
     fn prune(&mut self, now_ms: u64, draft: &mut Draft) {
@@ -370,6 +404,22 @@ struct Draft {
 }
 
 impl Draft {
+    fn new(working: Snapshot, seq: u64, head: [u8; 32]) -> Self {
+        Self {
+            working,
+            batch: Batch::default(),
+            seq,
+            head,
+            ticket_expiry: Vec::new(),
+            idempotency_expiry: Vec::new(),
+            deadlines: Vec::new(),
+            changes: Vec::new(),
+            n_written: 0,
+            forgettable: Vec::new(),
+            expired: Vec::new(),
+        }
+    }
+
     fn seal(&mut self, event: &AuditEvent) {
         self.seq += 1;
         let sealed = seal(self.seq, &self.head, event);

@@ -133,8 +133,12 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// Directory of the embedded store [default: ./gapguard-data, or the config's `data`].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "backend")]
     data: Option<PathBuf>,
+    /// Serve over PostgreSQL instead of the embedded store: `postgres://USER@HOST:PORT/DB`
+    /// (any number of nodes may serve one database; see docs/deploy.md) [default: the config's `backend`].
+    #[arg(long, value_name = "URL")]
+    backend: Option<String>,
     /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:7700, or the config's `listen`].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,

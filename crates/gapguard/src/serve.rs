@@ -20,6 +20,10 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = gapguard_server::Config::load(args.config.as_deref())?;
     if let Some(data) = &args.data {
         config.data = data.clone();
+        config.backend = None;
+    }
+    if let Some(backend) = &args.backend {
+        config.backend = Some(backend.clone());
     }
     if let Some(listen) = args.listen {
         config.listen = listen;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{Http, Server};
+use support::{sse_events, Http, Server};
 
 #[tokio::test]
 async fn leases_are_exclusive_and_tokens_grow_across_expiry_and_kill_9() {
@@ -177,37 +177,6 @@ async fn a_revocation_between_check_and_act_refuses_the_act_and_is_named_in_the_
     let revision = revoke.body["revision"].as_u64().unwrap();
     assert!(detail.contains(&format!("changed at revision {revision} by offboarding-77")), "{detail}");
     assert_eq!(http.get("/v1/ns/docs/grants?subject=user:alice").await.body["items"], json!([]));
-}
-
-/// Reads SSE `change` events until `n` arrived (or the deadline passes).
-async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
-    let mut response = reqwest::get(url).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let (mut buf, mut events) = (String::new(), Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while events.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let chunk =
-            tokio::time::timeout(left, response.chunk()).await.expect("events in time").unwrap().expect("open stream");
-        buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let (mut id, mut data, mut name) = (None, None, None);
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = v.trim().parse().ok();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data = Some(serde_json::from_str::<Value>(v.trim()).unwrap());
-                } else if let Some(v) = line.strip_prefix("event:") {
-                    name = Some(v.trim().to_owned());
-                }
-            }
-            if let Some(data) = data {
-                events.push((id, json!({"event": name, "data": data})));
-            }
-        }
-    }
-    events
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ pub async fn authorize(
         return next.run(req).await;
     }
     let route = matched.map(|p| p.as_str().to_owned()).unwrap_or_default();
-    if route == "/healthz" || (route == "/metrics" && !state.keys.metrics_need_key) {
+    if route == "/healthz" || route == "/readyz" || (route == "/metrics" && !state.keys.metrics_need_key) {
         return next.run(req).await;
     }
     let presented = req

@@ -18,6 +18,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory of the embedded store.
     pub data: PathBuf,
+    /// A PostgreSQL URL (`postgres://USER@HOST:PORT/DB`): serve over that database instead of
+    /// the embedded store, as one of any number of stateless nodes (`docs/deploy.md`).
+    pub backend: Option<String>,
     /// Whether commits are fsynced. Turning it off acknowledges writes a crash can lose.
     pub fsync: bool,
     /// Request limits.
@@ -76,6 +79,7 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             data: PathBuf::from(DEFAULT_DATA),
+            backend: None,
             fsync: true,
             limits: Limits::default(),
             flows: Vec::new(),
@@ -110,6 +114,7 @@ pub struct FlowConfig {
 struct File {
     listen: Option<String>,
     data: Option<PathBuf>,
+    backend: Option<String>,
     fsync: Option<bool>,
     #[serde(default)]
     limits: LimitsFile,
@@ -206,6 +211,9 @@ impl Config {
         }
         if let Some(data) = file.data {
             config.data = data;
+        }
+        if let Some(backend) = file.backend {
+            config.backend = Some(backend);
         }
         if let Some(fsync) = file.fsync {
             config.fsync = fsync;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gapguard_engine::{Engine, EngineConfig, SystemClock};
-use gapguard_store::EmbeddedStore;
+use gapguard_store::{EmbeddedStore, PgOptions, PgStore, Storage};
 
 pub use extract::REQUEST_SPAN_TARGET;
 pub use metrics::{LabelNames, Metrics};
@@ -51,6 +51,14 @@ pub enum ServeError {
         /// Why.
         message: String,
     },
+    /// The PostgreSQL backend cannot be used.
+    #[error("cannot use the PostgreSQL backend {url}: {message}")]
+    Backend {
+        /// The URL, without its password.
+        url: String,
+        /// Why.
+        message: String,
+    },
     /// Asked to serve without API keys on an address other than loopback.
     #[error("{0}")]
     Insecure(String),
@@ -72,11 +80,28 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let store_error = |message: String| ServeError::Store { dir: config.data.clone(), message };
-    let store = EmbeddedStore::open_with(&config.data, config.fsync).map_err(|e| store_error(e.to_string()))?;
-    if !config.fsync {
-        tracing::warn!("fsync is off: acknowledged writes can be lost in a crash");
-    }
+    let store_error = |message: String| match &config.backend {
+        Some(url) => ServeError::Backend { url: redact(url), message },
+        None => ServeError::Store { dir: config.data.clone(), message },
+    };
+    let store: Arc<dyn Storage> = match &config.backend {
+        Some(url) => {
+            let options = PgOptions { schema: None, limits: config.limits.clone() };
+            let url = url.clone();
+            let store = tokio::task::spawn_blocking(move || PgStore::connect(&url, options))
+                .await
+                .map_err(|e| store_error(e.to_string()))?
+                .map_err(|e| store_error(e.to_string()))?;
+            Arc::new(store)
+        }
+        None => {
+            let store = EmbeddedStore::open_with(&config.data, config.fsync).map_err(|e| store_error(e.to_string()))?;
+            if !config.fsync {
+                tracing::warn!("fsync is off: acknowledged writes can be lost in a crash");
+            }
+            Arc::new(store)
+        }
+    };
     let metrics = Arc::new(Metrics::new(LabelNames {
         namespaces: config.metrics_namespaces.iter().cloned().collect(),
         flows: config.flows.iter().map(|f| f.name.clone()).collect(),
@@ -86,14 +111,18 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     }));
     let engine_config =
         EngineConfig { limits: config.limits.clone(), observer: metrics.clone(), ..EngineConfig::default() };
-    let engine = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), engine_config)
-        .map_err(|e| store_error(e.to_string()))?;
+    // Recovery blocks, before anything else runs on the runtime.
+    let engine =
+        Engine::open(store, Arc::new(SystemClock::default()), engine_config).map_err(|e| store_error(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr()?;
     on_bound(addr);
-    tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving");
+    match &config.backend {
+        Some(url) => tracing::info!(%addr, backend = %redact(url), tls = tls.is_some(), "serving"),
+        None => tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving"),
+    }
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
     let router = routes::app_with_shutdown(
         engine.clone(),
@@ -116,6 +145,20 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     tracing::info!("stopped accepting requests; closing the store");
     drop(engine);
     Ok(())
+}
+
+/// A database URL with its password hidden, for messages and logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -152,6 +152,7 @@ pub(crate) async fn get_pool(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::name(&pool, "pool", limits)?;
+    crate::routes::fresh(&state).await?;
     let snap = state.engine.snapshot();
     let key = gapguard_core::NsKey::new(ns.as_str(), primitives::pool_key(&pool));
     let counters: Pool = primitives::decode(&key, snap.entries.get(&key).map(|e| &**e))
@@ -197,6 +198,7 @@ pub(crate) async fn get_reservation(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::name(&id, "reservation", limits)?;
+    crate::routes::fresh(&state).await?;
     let r: Reservation = state
         .engine
         .primitive(&ns, &primitives::reservation_key(&id))
@@ -349,6 +351,7 @@ pub(crate) async fn get_lease(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::name(&name, "lease", limits)?;
+    crate::routes::fresh(&state).await?;
     let snap = state.engine.snapshot();
     let key = gapguard_core::NsKey::new(ns.as_str(), primitives::lease_key(&name));
     let lease: Lease = primitives::decode(&key, snap.entries.get(&key).map(|e| &**e)).unwrap_or_default();
@@ -412,6 +415,7 @@ pub(crate) async fn list_grants(
 ) -> Result<Json<api::GrantsResponse>, ApiError> {
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
+    crate::routes::fresh(&state).await?;
     let revision = state.engine.snapshot().revision;
     let items = state
         .engine
@@ -474,6 +478,7 @@ pub(crate) async fn list_orphans(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     let all = params.all.unwrap_or(false);
+    crate::routes::fresh(&state).await?;
     let revision = state.engine.snapshot().revision;
     let mut items: Vec<api::OrphanItem> = state
         .engine
@@ -585,6 +590,7 @@ pub(crate) async fn watch(
                 .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be a revision number"))?,
         ),
     };
+    crate::routes::fresh(&state).await?;
     let from =
         params.from_revision.or(last_event_id.map(|id| id + 1)).unwrap_or_else(|| state.engine.snapshot().revision + 1);
     let (prefix, filter_ns) = (params.prefix, ns);

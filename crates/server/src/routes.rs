@@ -57,6 +57,7 @@ pub fn app_with_shutdown(
     let body_limit = state.engine.limits().max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_kv))
@@ -120,6 +121,15 @@ pub(crate) fn engine_error(e: EngineError) -> ApiError {
         EngineError::Unavailable(why) => ApiError::unavailable(format!("the store is not accepting writes: {why}")),
         other => ApiError::internal(&other),
     }
+}
+
+/// Waits until this node has every write any node acknowledged before the request began (a
+/// no-op over the embedded store; over PostgreSQL one read of the change log).
+pub(crate) async fn fresh(state: &AppState) -> Result<(), ApiError> {
+    state.engine.fresh().await.map_err(|e| match e {
+        EngineError::Unavailable(why) => ApiError::unavailable(format!("cannot read the current state: {why}")),
+        other => engine_error(other),
+    })
 }
 
 pub(crate) fn context(correlation: Correlation) -> RequestContext {
@@ -201,6 +211,19 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Readiness: whether this node can serve requests now. Over PostgreSQL it asks the database,
+/// so a load balancer takes a node that lost it out of rotation; `/healthz` stays `ok` while
+/// the process is sound (the node recovers by itself when the database returns).
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, body = api::HealthResponse), (status = 503, body = api::ErrorBody, description = "the store or database cannot be reached")))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.engine.ready().await {
+        Ok(()) => Json(api::HealthResponse { status: "ready".into(), revision: state.engine.snapshot().revision })
+            .into_response(),
+        Err(why) => ApiError::unavailable(format!("not ready: {why}")).into_response(),
+    }
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -236,6 +259,7 @@ async fn get_kv(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
+    fresh(&state).await?;
     match state.engine.get(&ns, &key).0 {
         Some(r) => Ok(Json(api::KeyValue {
             key,
@@ -291,6 +315,7 @@ async fn list_kv(
     if limit == 0 || limit > limits.max_list_limit {
         return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
     }
+    fresh(&state).await?;
     let (items, revision) = state.engine.list(&ns, &params.prefix, limit);
     let items = items
         .into_iter()
@@ -320,6 +345,7 @@ async fn check(
     let conditions = convert::conditions(request.conditions, "conditions", 1, body.raw.len(), limits)?;
     let ttl_ms = convert::ttl_ms(request.ttl_ms, limits)?;
     convert::flow(&request.flow, limits)?;
+    fresh(&state).await?;
     let span = tracing::Span::current();
     otel::set_toctou(&span, "check", &otel::resource_keys(&conditions, []), request.flow.as_deref());
     // The ticket carries this span's ids, so the act's span can link to it.
@@ -465,6 +491,7 @@ async fn audit(
         limit,
         newest: params.newest.unwrap_or(false),
     };
+    fresh(&state).await?;
     let engine = state.engine.clone();
     let page = tokio::task::spawn_blocking(move || engine.audit(&query))
         .await
@@ -501,6 +528,7 @@ async fn slo(State(state): State<AppState>) -> Json<api::SloResponse> {
     info(title = "gapguard", description = "The guard that closes the gap between time of check and time of use."),
     paths(
         healthz,
+        readyz,
         put_kv,
         get_kv,
         delete_kv,

@@ -176,6 +176,8 @@ pub struct Changes {
     pub revision: Revision,
     /// The database's clock when read (ms since the Unix epoch).
     pub now_ms: u64,
+    /// Sequence number of the last audit event, as of the same instant.
+    pub audit_seq: u64,
     /// Each change in commit order: its revision, its key, and the new entry (`None`: the key
     /// was forgotten by compaction; not a change a watcher sees).
     pub changes: Vec<(Revision, NsKey, Option<Entry>)>,

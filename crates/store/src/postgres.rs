@@ -150,9 +150,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// Maps a database error: lost races are [`StoreError::Conflict`], a lost connection
 /// [`StoreError::Unavailable`], anything else an engine error.
 fn db_error(e: tokio_postgres::Error) -> StoreError {
+    let text = describe(&e);
     match e.code() {
         Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED => {
-            StoreError::Conflict(e.to_string())
+            StoreError::Conflict(text)
         }
         Some(code)
             if code.code().starts_with("08")
@@ -160,11 +161,26 @@ fn db_error(e: tokio_postgres::Error) -> StoreError {
                 || *code == SqlState::CANNOT_CONNECT_NOW
                 || *code == SqlState::TOO_MANY_CONNECTIONS =>
         {
-            StoreError::Unavailable(e.to_string())
+            StoreError::Unavailable(text)
         }
-        Some(_) => StoreError::Engine(format!("postgres: {e}")),
-        None => StoreError::Unavailable(format!("postgres: {e}")),
+        Some(_) => StoreError::Engine(text),
+        None => StoreError::Unavailable(text),
     }
+}
+
+/// The whole of a database error for a person: the server's message (`db error` alone says
+/// nothing), or the chain of causes of a connection failure.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("postgres: {} ({})", db.message(), db.code().code());
+    }
+    let mut text = format!("postgres: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
@@ -286,7 +302,7 @@ impl PgStore {
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| unavailable(format!("postgres: {e}")))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| unavailable(describe(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection closed");
@@ -846,7 +862,9 @@ impl SharedStorage for PgStore {
                 let result = async {
                     let meta = client
                         .query_one(
-                            &format!("SELECT revision, changes_pruned_to, {NOW_MS} FROM gg_meta WHERE id = 1"),
+                            &format!(
+                                "SELECT revision, changes_pruned_to, {NOW_MS}, audit_seq FROM gg_meta WHERE id = 1"
+                            ),
                             &[],
                         )
                         .await
@@ -868,6 +886,7 @@ impl SharedStorage for PgStore {
                         cursor,
                         revision: u64_of(meta.get(0)),
                         now_ms: u64_of(meta.get(2)),
+                        audit_seq: u64_of(meta.get(3)),
                         changes: Vec::with_capacity(rows.len()),
                     };
                     for row in &rows {

@@ -6,9 +6,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A running `gapguard serve`.
 pub struct Server {
@@ -48,6 +48,27 @@ impl Server {
             .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
             .to_owned();
         Self { child, url: format!("http://{addr}"), data: data.to_owned(), config: None }
+    }
+
+    /// Starts the binary as a node over the PostgreSQL database at `url` (no data directory).
+    pub fn start_backend(url: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--backend", url])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the gapguard binary");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).expect("read the first stdout line");
+        let addr = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
+            .to_owned();
+        Self { child, url: format!("http://{addr}"), data: PathBuf::new(), config: None }
     }
 
     /// Starts the binary with `config_toml` as its `--config` file (a temporary file); the
@@ -225,4 +246,35 @@ impl Http {
     pub async fn put(&self, path: &str, body: Value) -> Reply {
         self.send("PUT", path, Some(&body), &[]).await
     }
+}
+
+/// Reads SSE `change` events until `n` arrived (or the deadline passes).
+pub async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
+    let mut response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk =
+            tokio::time::timeout(left, response.chunk()).await.expect("events in time").unwrap().expect("open stream");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut data, mut name) = (None, None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(serde_json::from_str::<Value>(v.trim()).unwrap());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_owned());
+                }
+            }
+            if let Some(data) = data {
+                events.push((id, json!({"event": name, "data": data})));
+            }
+        }
+    }
+    events
 }
