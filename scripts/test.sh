@@ -10,6 +10,9 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # The generated Prometheus rules are checked with the real promtool and loaded into a real
 # Prometheus (both from the Debian package prometheus).
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
+# The PostgreSQL backend's tests start a real PostgreSQL 15 (initdb, postgres, pg_ctl, psql).
+PG_BIN="${GAPGUARD_PG_BIN:-/usr/lib/postgresql/15/bin}"
+[ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/psql" ] || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need_apt[*]}"
@@ -25,3 +28,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Black-box tests start the real binary; build it in the profile the tests use.
 cargo build --locked -p gapguard
 cargo test --workspace --locked
+# The black-box suites once more, every server over PostgreSQL instead of the embedded store
+# (one suite, two backends; the multi-node tests are in crates/gapguard/tests/postgres.rs).
+GAPGUARD_TEST_BACKEND=postgres cargo test --locked -p gapguard \
+  --test flows --test primitives --test concurrency --test auth --test security --test metrics --test crash

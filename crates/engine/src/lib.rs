@@ -222,6 +222,11 @@ impl Engine {
             Some(db) => db.clone(),
             None => clock,
         };
+        if let (Some(shared), Some(db)) = (store.shared(), &db_clock) {
+            // Checks must not run on this machine's clock before the first batch reads the
+            // database's: read it now.
+            db.observe(shared.changes_since(recovered.cursor)?.now_ms);
+        }
         if shared {
             recovered.used_tickets.clear();
             recovered.idempotency.clear();

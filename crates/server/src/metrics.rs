@@ -132,6 +132,7 @@ pub struct Metrics {
     idempotent_replays: Counter,
     idempotency_conflicts: Counter,
     fencing_rejections: Counter,
+    storage_retries: Counter,
     commit_batch_size: Histogram,
     commit_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
@@ -194,6 +195,12 @@ impl Metrics {
             "Requests refused because their Idempotency-Key was used with a different request",
             idempotency_conflicts.clone(),
         );
+        let storage_retries = Counter::default();
+        registry.register(
+            "gapguard_storage_retries",
+            "Batches run again after losing a race in a shared database (serialization failure or deadlock)",
+            storage_retries.clone(),
+        );
         let fencing_rejections = Counter::default();
         registry.register(
             "gapguard_fencing_rejections",
@@ -235,6 +242,7 @@ impl Metrics {
             idempotent_replays,
             idempotency_conflicts,
             fencing_rejections,
+            storage_retries,
             commit_batch_size,
             commit_seconds,
             http_requests,
@@ -376,6 +384,10 @@ impl Observer for Metrics {
     fn committed(&self, n_requests: usize, elapsed: Duration) {
         self.commit_batch_size.observe(n_requests as f64);
         self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    fn storage_retried(&self) {
+        self.storage_retries.inc();
     }
 }
 

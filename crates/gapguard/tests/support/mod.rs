@@ -27,11 +27,17 @@ impl Server {
         Self::start_with(data, &[])
     }
 
-    /// Starts it with extra arguments after `serve`.
+    /// Starts it with extra arguments after `serve`. With `GAPGUARD_TEST_BACKEND=postgres` in
+    /// the environment, the server runs over PostgreSQL instead ([`backend_for`]): the same
+    /// tests, the other backend.
     pub fn start_with(data: &Path, extra: &[&str]) -> Self {
+        let store_args: Vec<std::ffi::OsString> = match backend_for(data) {
+            Some(url) => vec!["--backend".into(), url.into()],
+            None => vec!["--data".into(), data.into()],
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store_args)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -158,6 +164,44 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The PostgreSQL database standing for the data directory `data` when the tests run against
+/// the PostgreSQL backend (`GAPGUARD_TEST_BACKEND=postgres`): one PostgreSQL per test process,
+/// started on first use, and one database per data directory, so that a restart "on the same
+/// data directory" finds the same state. `None` for the embedded backend (the default).
+pub fn backend_for(data: &Path) -> Option<String> {
+    use std::sync::{Mutex, OnceLock};
+    match std::env::var("GAPGUARD_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("") | Ok("embedded") => return None,
+        Ok("postgres") => {}
+        Ok(other) => panic!("GAPGUARD_TEST_BACKEND={other:?}: use `embedded` or `postgres`"),
+    }
+    static PG: OnceLock<Mutex<gapguard_testkit::Postgres>> = OnceLock::new();
+    let pg = PG.get_or_init(|| {
+        // Started from a thread that never ends: the server dies with the test process (its
+        // parent-death signal follows the thread that started it), not with the first test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            tx.send(gapguard_testkit::Postgres::start()).expect("hand over the server");
+            loop {
+                std::thread::park();
+            }
+        });
+        Mutex::new(rx.recv().expect("PostgreSQL started"))
+    });
+    let pg = pg.lock().unwrap_or_else(|e| e.into_inner());
+    let name = format!("gg_{:016x}", {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        data.hash(&mut h);
+        h.finish()
+    });
+    let exists = pg.psql("postgres", &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"));
+    if exists.is_empty() {
+        pg.create_database(&name);
+    }
+    Some(pg.url(&name))
 }
 
 /// Writes a config file that lives as long as the returned path.

@@ -1,0 +1,134 @@
+//! The engine over the PostgreSQL backend (a real PostgreSQL 15 the test starts): nodes whose
+//! clocks disagree by hours judge tickets by the database's clock alike.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gapguard_core::{Act, Condition, Op, Outcome, Refusal, WriteRequest};
+use gapguard_engine::{Engine, EngineConfig, ManualClock, RequestContext, SystemClock};
+use gapguard_store::{PgOptions, PgStore};
+use gapguard_testkit::Postgres;
+use serde_json::json;
+
+const HOUR_MS: u64 = 3_600_000;
+
+fn real_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn node(url: &str, clock: Arc<dyn gapguard_engine::Clock>) -> Engine {
+    let store = PgStore::connect(url, PgOptions::default()).expect("connect");
+    Engine::open(Arc::new(store), clock, EngineConfig::default()).expect("open")
+}
+
+fn act(engine: &Engine, ticket: &str) -> WriteRequest {
+    WriteRequest::Act(Act {
+        ns: "ns".into(),
+        ticket: Some(engine.verify_ticket(ticket).expect("a valid ticket")),
+        conditions: vec![],
+        ops: vec![Op::Put { key: "done".into(), value: json!(true) }],
+        flow: None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_skewed_clocks_judge_tickets_by_the_database_clock() {
+    let pg = Postgres::start();
+    let url = pg.create_database("skew");
+    let honest = node(&url, Arc::new(SystemClock::default()));
+    let ahead = node(&url, Arc::new(ManualClock::new(real_now_ms() + HOUR_MS)));
+    let behind = node(&url, Arc::new(ManualClock::new(real_now_ms() - HOUR_MS)));
+    for engine in [&honest, &ahead, &behind] {
+        let skew = engine.now_ms().abs_diff(real_now_ms());
+        assert!(skew < 2_000, "a node's time is the database's, not its own clock's: off by {skew} ms");
+    }
+    let ctx = RequestContext::default();
+    let absent = vec![Condition::Absent("x".into())];
+
+    // A ticket issued by the node an hour ahead, presented to the node an hour behind at once:
+    // still valid (by the database's clock it has a second to live).
+    let ticket = ahead.check("ns", absent.clone(), 1_000, None, &ctx).expect("check passes");
+    let lives = ticket.expires_at_ms.abs_diff(real_now_ms() + 1_000);
+    assert!(lives < 2_000, "expiry is database time + TTL, off by {lives} ms");
+    let result = behind.write(act(&behind, &ticket.ticket), ctx.clone(), None).await.expect("write");
+    assert!(matches!(result.outcome, Outcome::Acted { .. }), "{:?}", result.outcome);
+
+    // And one presented after its TTL is expired, though the acting node's clock is an hour
+    // behind.
+    let ticket = ahead.check("ns", absent, 1_000, None, &ctx).expect("check passes");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let result = behind.write(act(&behind, &ticket.ticket), ctx, None).await.expect("write");
+    assert!(matches!(result.outcome, Outcome::Refused(Refusal::TicketExpired { .. })), "{:?}", result.outcome);
+}
+
+/// The real PostgreSQL store, whose first `n` commits lose a race (as a serialization failure
+/// would make them).
+struct LosesRaces {
+    inner: PgStore,
+    losses: std::sync::atomic::AtomicUsize,
+}
+
+impl gapguard_store::Storage for LosesRaces {
+    fn recover(&self) -> Result<gapguard_store::Recovered, gapguard_store::StoreError> {
+        self.inner.recover()
+    }
+    fn commit(&self, batch: gapguard_store::Batch) -> Result<(), gapguard_store::StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.losses.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(gapguard_store::StoreError::Conflict("injected serialization failure".into()));
+        }
+        self.inner.commit(batch)
+    }
+    fn load_keys(
+        &self,
+        keys: &std::collections::BTreeSet<gapguard_core::NsKey>,
+    ) -> Result<std::collections::BTreeMap<gapguard_core::NsKey, gapguard_core::Entry>, gapguard_store::StoreError>
+    {
+        self.inner.load_keys(keys)
+    }
+    fn audit_range(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<gapguard_core::SealedEvent>, gapguard_store::StoreError> {
+        self.inner.audit_range(from_seq, limit)
+    }
+    fn shared(&self) -> Option<&dyn gapguard_store::SharedStorage> {
+        self.inner.shared()
+    }
+}
+
+#[derive(Default)]
+struct CountsRetries(std::sync::atomic::AtomicUsize);
+
+impl gapguard_engine::Observer for CountsRetries {
+    fn storage_retried(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_loses_a_race_runs_again_and_counts_it() {
+    let pg = Postgres::start();
+    let url = pg.create_database("races");
+    let store = LosesRaces {
+        inner: PgStore::connect(&url, PgOptions::default()).expect("connect"),
+        losses: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let store = Arc::new(store);
+    let retries = Arc::new(CountsRetries::default());
+    let config = EngineConfig { observer: retries.clone(), ..EngineConfig::default() };
+    let engine = Engine::open(store.clone(), Arc::new(SystemClock::default()), config).expect("open");
+    let put = |v: i64| WriteRequest::Put { ns: "ns".into(), key: "k".into(), value: json!(v) };
+    store.losses.store(2, std::sync::atomic::Ordering::SeqCst);
+    let result = engine.write(put(1), RequestContext::default(), None).await.expect("the write succeeds");
+    assert!(matches!(result.outcome, Outcome::Put { version: 1, .. }), "{:?}", result.outcome);
+    assert_eq!(retries.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Past the bound, the requests are answered unavailable and nothing is applied.
+    store.losses.store(100, std::sync::atomic::Ordering::SeqCst);
+    let err = engine.write(put(2), RequestContext::default(), None).await.expect_err("gives up");
+    assert!(matches!(err, gapguard_engine::EngineError::Unavailable(_)), "{err:?}");
+    store.losses.store(0, std::sync::atomic::Ordering::SeqCst);
+    engine.fresh().await.expect("fresh");
+    assert_eq!(engine.get("ns", "k").0.expect("the key").value, json!(1), "the refused write left nothing");
+}
