@@ -23,7 +23,7 @@
 //! synchronous [`Storage`] methods can be called from any thread (the engine's writer thread,
 //! a blocking task); each call hands its work to that runtime and waits for the answer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -33,7 +33,8 @@ use futures_util::StreamExt;
 use gapguard_core::primitives::{deadline_of, retention_of};
 use gapguard_core::{Entry, IdempotencyRecord, Limits, NsKey, SealedEvent, TicketId};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 use crate::{Batch, Changes, IdempotencyKey, LockRequest, Locked, Recovered, SharedStorage, Storage, StoreError};
 
@@ -112,20 +113,155 @@ CREATE TABLE gg_idem_claims (
 "#];
 
 /// The database's clock in ms since the Unix epoch, as SQL.
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+macro_rules! now_ms {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+const NOW_MS: &str = now_ms!();
 
-/// The writer's connection: its client and whether a batch's transaction is open on it.
-struct WriterConn {
+const META: &str = concat!("SELECT revision, audit_seq, audit_head, ", now_ms!(), " FROM gg_meta WHERE id = 1");
+const META_FOR_UPDATE: &str =
+    concat!("SELECT revision, audit_seq, audit_head, ", now_ms!(), " FROM gg_meta WHERE id = 1 FOR UPDATE");
+const KEYS: &str = "SELECT e.ns, e.key, e.entry FROM gg_entries e \
+     JOIN unnest($1::bytea[], $2::bytea[]) AS k(ns, key) ON e.ns = k.ns AND e.key = k.key ORDER BY e.ns, e.key";
+const KEYS_FOR_UPDATE: &str = "SELECT e.ns, e.key, e.entry FROM gg_entries e \
+     JOIN unnest($1::bytea[], $2::bytea[]) AS k(ns, key) ON e.ns = k.ns AND e.key = k.key ORDER BY e.ns, e.key \
+     FOR UPDATE OF e";
+const USED_TICKETS: &str = "SELECT id, expires_ms FROM gg_used_tickets WHERE id = ANY($1::bytea[])";
+const IDEMPOTENCY_FOR_UPDATE: &str = "SELECT i.ns, i.scope, i.key, i.record FROM gg_idempotency i \
+     JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+     ON i.ns = k.ns AND i.scope = k.scope AND i.key = k.key FOR UPDATE OF i";
+const ENTRIES_UPSERT: &str = "INSERT INTO gg_entries (ns, key, entry, deadline_ms, forget_at_ms) \
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[]) \
+                     ON CONFLICT (ns, key) DO UPDATE SET entry = excluded.entry, \
+                     deadline_ms = excluded.deadline_ms, forget_at_ms = excluded.forget_at_ms";
+const CHANGES_INSERT: &str = "INSERT INTO gg_changes (revision, ns, key, entry) \
+                     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])";
+const AUDIT_INSERT: &str =
+    "INSERT INTO gg_audit (seq, body, hash) SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])";
+const TICKETS_INSERT: &str =
+    "INSERT INTO gg_used_tickets (id, expires_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])";
+const IDEMPOTENCY_UPSERT: &str = "INSERT INTO gg_idempotency (ns, scope, key, record, expires_ms) \
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int8[]) \
+                     ON CONFLICT (ns, scope, key) DO UPDATE SET record = excluded.record, expires_ms = excluded.expires_ms";
+const IDEMPOTENCY_DELETE: &str =
+    "DELETE FROM gg_idempotency i USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+                     WHERE i.ns = k.ns AND i.scope = k.scope AND i.key = k.key";
+const TICKETS_DELETE: &str = "DELETE FROM gg_used_tickets WHERE id = ANY($1::bytea[])";
+const CLAIMS_DELETE: &str =
+    "DELETE FROM gg_idem_claims c USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
+                     WHERE c.ns = k.ns AND c.scope = k.scope AND c.key = k.key";
+const META_UPDATE: &str = "UPDATE gg_meta SET revision = $1, audit_seq = $2, audit_head = $3, \
+                     ticket_key = coalesce(ticket_key, $4) WHERE id = 1";
+const NOTIFY: &str = "SELECT pg_notify($1, '')";
+/// Every statement `write_batch` pipelines, prepared before it sends any of them: a statement
+/// prepared on the way would be sent after the `COMMIT` queued behind it.
+const WRITE_STATEMENTS: [&str; 10] = [
+    ENTRIES_UPSERT,
+    CHANGES_INSERT,
+    AUDIT_INSERT,
+    TICKETS_INSERT,
+    IDEMPOTENCY_UPSERT,
+    IDEMPOTENCY_DELETE,
+    TICKETS_DELETE,
+    CLAIMS_DELETE,
+    META_UPDATE,
+    NOTIFY,
+];
+
+/// Held reservations and leases past their deadline; rows another node's transaction holds are
+/// skipped (it is expiring them).
+const DUE: &str = concat!(
+    "SELECT ns, key, entry FROM gg_entries WHERE deadline_ms <= ",
+    now_ms!(),
+    " ORDER BY deadline_ms LIMIT $1 FOR UPDATE SKIP LOCKED"
+);
+/// The change log after a cursor, with the meta row, in one statement (one snapshot): every row
+/// carries the meta columns; a row without a change (`seq` NULL) stands for "nothing new".
+const CHANGES: &str = concat!(
+    "SELECT m.revision, m.changes_pruned_to, ",
+    now_ms!(),
+    ", m.audit_seq, c.seq, c.revision, c.ns, c.key, c.entry \
+     FROM gg_meta m LEFT JOIN gg_changes c ON c.seq > $1 WHERE m.id = 1 ORDER BY c.seq"
+);
+
+/// A connection with its prepared statements: each statement is parsed once per connection,
+/// then only bound and executed (a query by text would cost a parse round trip every time).
+struct Db {
     client: Client,
-    /// The open transaction's clock, when one is open.
-    txn_now_ms: Option<u64>,
+    statements: Mutex<HashMap<String, Statement>>,
+}
+
+impl Db {
+    async fn connect(config: &tokio_postgres::Config) -> Result<Self, StoreError> {
+        Ok(Self { client: connect(config).await?, statements: Mutex::new(HashMap::new()) })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.statements.lock().expect("statement cache").get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.lock().expect("statement cache").insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query(&statement, params).await
+    }
+
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_one(&statement, params).await
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.execute(&statement, params).await
+    }
+
+    async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+}
+
+/// What a batch's transaction read from `gg_meta` under lock.
+#[derive(Clone, Copy)]
+struct TxnMeta {
+    revision: u64,
+    audit_head: Option<(u64, [u8; 32])>,
+    now_ms: u64,
+}
+
+/// The writer's connection, and the batch transaction open on it, if one is.
+struct WriterConn {
+    db: Db,
+    txn: Option<TxnMeta>,
+}
+
+impl WriterConn {
+    /// Connects and prepares the statements `begin` pipelines, so that their executions go
+    /// out in the order they are written (the counter row's lock before the keys').
+    async fn connect(config: &tokio_postgres::Config) -> Result<Self, StoreError> {
+        let db = Db::connect(config).await?;
+        for sql in [META_FOR_UPDATE, KEYS_FOR_UPDATE, USED_TICKETS, IDEMPOTENCY_FOR_UPDATE, DUE] {
+            db.statement(sql).await.map_err(db_error)?;
+        }
+        Ok(Self { db, txn: None })
+    }
 }
 
 struct Shared {
     config: tokio_postgres::Config,
     limits: Limits,
     writer: tokio::sync::Mutex<Option<WriterConn>>,
-    reader: tokio::sync::Mutex<Option<Client>>,
+    reader: tokio::sync::Mutex<Option<Db>>,
 }
 
 /// A [`Storage`] (and [`SharedStorage`]) over PostgreSQL.
@@ -281,7 +417,7 @@ impl PgStore {
     fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c Client) -> std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>
+        F: for<'c> FnOnce(&'c Db) -> std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>
             + Send
             + 'static,
     {
@@ -289,7 +425,7 @@ impl PgStore {
         self.block(async move {
             let mut guard = shared.reader.lock().await;
             if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                *guard = Some(connect(&shared.config).await?);
+                *guard = Some(Db::connect(&shared.config).await?);
             }
             let client = guard.as_ref().expect("connected");
             let result = f(client).await;
@@ -348,92 +484,90 @@ async fn migrate(shared: &Shared, schema: Option<&str>) -> Result<(), StoreError
     Ok(())
 }
 
-/// Reads the `gg_meta` row: (revision, audit head, now). `lock`: `FOR UPDATE`.
-async fn read_meta(client: &Client, lock: bool) -> Result<(u64, Option<(u64, [u8; 32])>, u64), StoreError> {
-    let sql = format!(
-        "SELECT revision, audit_seq, audit_head, {NOW_MS} FROM gg_meta WHERE id = 1{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    let row = client.query_one(&sql, &[]).await.map_err(db_error)?;
+/// Reads the `gg_meta` row; `lock`: `FOR UPDATE`.
+async fn read_meta(db: &Db, lock: bool) -> Result<TxnMeta, StoreError> {
+    let row = db.query_one(if lock { META_FOR_UPDATE } else { META }, &[]).await.map_err(db_error)?;
+    meta_of(&row)
+}
+
+fn meta_of(row: &Row) -> Result<TxnMeta, StoreError> {
     let seq: i64 = row.get(1);
     let head: Option<Vec<u8>> = row.get(2);
     let audit_head = match head {
         Some(h) if seq > 0 => Some((u64_of(seq), hash_of(&h)?)),
         _ => None,
     };
-    Ok((u64_of(row.get(0)), audit_head, u64_of(row.get(3))))
+    Ok(TxnMeta { revision: u64_of(row.get(0)), audit_head, now_ms: u64_of(row.get(3)) })
 }
 
-async fn select_keys(
-    client: &Client,
-    keys: &BTreeSet<NsKey>,
-    lock: bool,
-) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
+fn entries_of(rows: &[Row]) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
+    rows.iter().map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?))).collect()
+}
+
+async fn select_keys(db: &Db, keys: &BTreeSet<NsKey>, lock: bool) -> Result<BTreeMap<NsKey, Entry>, StoreError> {
     if keys.is_empty() {
         return Ok(BTreeMap::new());
     }
     let (ns, key) = key_arrays(keys);
-    let sql = format!(
-        "SELECT e.ns, e.key, e.entry FROM gg_entries e \
-         JOIN unnest($1::bytea[], $2::bytea[]) AS k(ns, key) ON e.ns = k.ns AND e.key = k.key \
-         ORDER BY e.ns, e.key{}",
-        if lock { " FOR UPDATE OF e" } else { "" }
-    );
-    let rows = client.query(&sql, &[&ns, &key]).await.map_err(db_error)?;
-    rows.iter().map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?))).collect()
+    let rows = db.query(if lock { KEYS_FOR_UPDATE } else { KEYS }, &[&ns, &key]).await.map_err(db_error)?;
+    entries_of(&rows)
 }
 
 async fn begin(conn: &mut WriterConn, lock: &LockRequest) -> Result<Locked, StoreError> {
-    if conn.txn_now_ms.take().is_some() {
-        conn.client.batch_execute("ROLLBACK").await.map_err(db_error)?;
+    if conn.txn.take().is_some() {
+        conn.db.batch_execute("ROLLBACK").await.map_err(db_error)?;
     }
-    let client = &conn.client;
-    client.batch_execute("BEGIN").await.map_err(db_error)?;
-    // The counter row first: every write transaction takes it, so the key locks below never
-    // wait in an order another transaction could reverse.
-    let (revision, audit_head, now_ms) = read_meta(client, true).await?;
+    let db = &conn.db;
+    let (ns, key) = key_arrays(&lock.keys);
     let tickets: Vec<&[u8]> = lock.tickets.iter().map(|t| &t[..]).collect();
     let [ins, iscope, ikey] = idem_arrays(&lock.idempotency);
-    let due_sql = "SELECT ns, key, entry FROM gg_entries WHERE deadline_ms <= $1 \
-                   ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED";
-    let (entries, used, idem, due) = futures_util::try_join!(
-        select_keys(client, &lock.keys, true),
+    let due_limit = i64::try_from(lock.due_limit).unwrap_or(i64::MAX);
+    // One round trip: the statements are prepared (`WriterConn::connect`), so they go out in
+    // this order and run in it — the counter row first: every write transaction takes it, so
+    // the key locks after it never wait in an order another transaction could reverse.
+    let nothing = || async { Ok::<_, tokio_postgres::Error>(Vec::new()) };
+    let (begun, meta, entries, used, idem, due) = futures_util::join!(
+        db.batch_execute("BEGIN"),
+        db.query_one(META_FOR_UPDATE, &[]),
+        async {
+            if ns.is_empty() {
+                nothing().await
+            } else {
+                db.query(KEYS_FOR_UPDATE, &[&ns, &key]).await
+            }
+        },
         async {
             if tickets.is_empty() {
-                return Ok(Vec::new());
+                nothing().await
+            } else {
+                db.query(USED_TICKETS, &[&tickets]).await
             }
-            client
-                .query("SELECT id, expires_ms FROM gg_used_tickets WHERE id = ANY($1::bytea[])", &[&tickets])
-                .await
-                .map_err(db_error)
         },
         async {
             if ins.is_empty() {
-                return Ok(Vec::new());
+                nothing().await
+            } else {
+                db.query(IDEMPOTENCY_FOR_UPDATE, &[&ins, &iscope, &ikey]).await
             }
-            client
-                .query(
-                    "SELECT i.ns, i.scope, i.key, i.record FROM gg_idempotency i \
-                     JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
-                     ON i.ns = k.ns AND i.scope = k.scope AND i.key = k.key FOR UPDATE OF i",
-                    &[&ins, &iscope, &ikey],
-                )
-                .await
-                .map_err(db_error)
         },
         async {
-            if lock.due_limit == 0 {
-                return Ok(Vec::new());
+            if due_limit == 0 {
+                nothing().await
+            } else {
+                db.query(DUE, &[&due_limit]).await
             }
-            let limit = i64::try_from(lock.due_limit).unwrap_or(i64::MAX);
-            client.query(due_sql, &[&i64_of(now_ms), &limit]).await.map_err(db_error)
         },
-    )?;
+    );
+    begun.map_err(db_error)?;
+    let meta = meta_of(&meta.map_err(db_error)?)?;
+    let entries = entries_of(&entries.map_err(db_error)?)?;
     let used_tickets = used
+        .map_err(db_error)?
         .iter()
         .map(|row| Ok((ticket_of(row.get(0))?, u64_of(row.get(1)))))
         .collect::<Result<Vec<_>, StoreError>>()?;
     let idempotency = idem
+        .map_err(db_error)?
         .iter()
         .map(|row| {
             let text = |i: usize| String::from_utf8(row.get::<_, Vec<u8>>(i)).map_err(|e| corrupt("gg_idempotency", e));
@@ -443,25 +577,32 @@ async fn begin(conn: &mut WriterConn, lock: &LockRequest) -> Result<Locked, Stor
             Ok((key, record))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let due =
-        due.iter().map(|row| Ok((key_of(row, 0, 1)?, entry_of(row.get(2))?))).collect::<Result<_, StoreError>>()?;
-    conn.txn_now_ms = Some(now_ms);
-    Ok(Locked { revision, audit_head, now_ms, entries, used_tickets, idempotency, due })
+    let due = entries_of(&due.map_err(db_error)?)?.into_iter().collect();
+    conn.txn = Some(meta);
+    Ok(Locked {
+        revision: meta.revision,
+        audit_head: meta.audit_head,
+        now_ms: meta.now_ms,
+        entries,
+        used_tickets,
+        idempotency,
+        due,
+    })
 }
 
 /// Writes a batch inside the open transaction and commits it.
 async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> Result<(), StoreError> {
-    let standalone = conn.txn_now_ms.is_none();
-    if standalone {
-        conn.client.batch_execute("BEGIN").await.map_err(db_error)?;
-        let (_, _, now) = read_meta(&conn.client, true).await?;
-        conn.txn_now_ms = Some(now);
+    if conn.txn.is_none() {
+        // A batch without `begin` (the conformance suite, the ticket key): its own transaction.
+        conn.db.batch_execute("BEGIN").await.map_err(db_error)?;
+        conn.txn = Some(read_meta(&conn.db, true).await?);
     }
-    let now_ms = conn.txn_now_ms.expect("a transaction is open");
-    let client = &conn.client;
+    let meta = conn.txn.expect("a transaction is open");
+    let now_ms = meta.now_ms;
+    let db = &conn.db;
     // Continuity, checked under the counter row's lock: a batch that does not continue the
     // stored chain and revision is a bug, refused whole.
-    let (stored_revision, stored_head, _) = read_meta(client, false).await?;
+    let (stored_revision, stored_head) = (meta.revision, meta.audit_head);
     let stored_seq = stored_head.map_or(0, |h| h.0);
     if let Some(first) = batch.audit.first() {
         if first.seq != stored_seq + 1 {
@@ -483,18 +624,17 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
     let mut forgotten: Vec<NsKey> = batch.forget_entries.clone();
     if !forgotten.is_empty() {
         let (ns, key) = key_arrays(&forgotten);
-        client
-            .execute(
-                "DELETE FROM gg_entries e USING unnest($1::bytea[], $2::bytea[]) AS k(ns, key) \
+        db.execute(
+            "DELETE FROM gg_entries e USING unnest($1::bytea[], $2::bytea[]) AS k(ns, key) \
                  WHERE e.ns = k.ns AND e.key = k.key",
-                &[&ns, &key],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&ns, &key],
+        )
+        .await
+        .map_err(db_error)?;
     }
     if batch.prune_expired {
         let now = i64_of(now_ms);
-        let rows = client
+        let rows = db
             .query("DELETE FROM gg_entries WHERE forget_at_ms <= $1 RETURNING ns, key", &[&now])
             .await
             .map_err(db_error)?;
@@ -511,10 +651,10 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
              WHERE id = 1"
         );
         futures_util::try_join!(
-            async { client.execute(pruned, &[&now]).await.map_err(db_error) },
-            async { client.execute(idem, &[&now]).await.map_err(db_error) },
-            async { client.execute(claims, &[&now]).await.map_err(db_error) },
-            async { client.execute(&changes, &[]).await.map_err(db_error) },
+            async { db.execute(pruned, &[&now]).await.map_err(db_error) },
+            async { db.execute(idem, &[&now]).await.map_err(db_error) },
+            async { db.execute(claims, &[&now]).await.map_err(db_error) },
+            async { db.execute(&changes, &[]).await.map_err(db_error) },
         )?;
     }
     let forgotten_keys = key_arrays(&forgotten);
@@ -573,122 +713,67 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
         None => (i64_of(stored_seq), stored_head.map(|h| h.1.to_vec())),
     };
     let changed = !c_rev.is_empty();
+    for sql in WRITE_STATEMENTS {
+        db.statement(sql).await.map_err(db_error)?;
+    }
     futures_util::try_join!(
         async {
             if e_ns.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO gg_entries (ns, key, entry, deadline_ms, forget_at_ms) \
-                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[]) \
-                     ON CONFLICT (ns, key) DO UPDATE SET entry = excluded.entry, \
-                     deadline_ms = excluded.deadline_ms, forget_at_ms = excluded.forget_at_ms",
-                    &[&e_ns, &e_key, &e_body, &e_deadline, &e_forget],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(ENTRIES_UPSERT, &[&e_ns, &e_key, &e_body, &e_deadline, &e_forget]).await.map_err(db_error)
         },
         async {
             if c_rev.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO gg_changes (revision, ns, key, entry) \
-                     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])",
-                    &[&c_rev, &c_ns, &c_key, &c_body],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(CHANGES_INSERT, &[&c_rev, &c_ns, &c_key, &c_body]).await.map_err(db_error)
         },
         async {
             if a_seq.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO gg_audit (seq, body, hash) SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])",
-                    &[&a_seq, &a_body, &a_hash],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(AUDIT_INSERT, &[&a_seq, &a_body, &a_hash]).await.map_err(db_error)
         },
         async {
             if t_id.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO gg_used_tickets (id, expires_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])",
-                    &[&t_id, &t_exp],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(TICKETS_INSERT, &[&t_id, &t_exp]).await.map_err(db_error)
         },
         async {
             if i_ns.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO gg_idempotency (ns, scope, key, record, expires_ms) \
-                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int8[]) \
-                     ON CONFLICT (ns, scope, key) DO UPDATE SET record = excluded.record, expires_ms = excluded.expires_ms",
-                    &[&i_ns, &i_scope, &i_key, &i_rec, &i_exp],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(IDEMPOTENCY_UPSERT, &[&i_ns, &i_scope, &i_key, &i_rec, &i_exp]).await.map_err(db_error)
         },
         async {
             if p_ns.is_empty() && p_tickets.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "DELETE FROM gg_idempotency i USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
-                     WHERE i.ns = k.ns AND i.scope = k.scope AND i.key = k.key",
-                    &[&p_ns, &p_scope, &p_key],
-                )
-                .await
-                .map_err(db_error)?;
-            client
-                .execute("DELETE FROM gg_used_tickets WHERE id = ANY($1::bytea[])", &[&p_tickets])
-                .await
-                .map_err(db_error)
+            db.execute(IDEMPOTENCY_DELETE, &[&p_ns, &p_scope, &p_key]).await.map_err(db_error)?;
+            db.execute(TICKETS_DELETE, &[&p_tickets]).await.map_err(db_error)
         },
         async {
             if r_ns.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "DELETE FROM gg_idem_claims c USING unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(ns, scope, key) \
-                     WHERE c.ns = k.ns AND c.scope = k.scope AND c.key = k.key",
-                    &[&r_ns, &r_scope, &r_key],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(CLAIMS_DELETE, &[&r_ns, &r_scope, &r_key]).await.map_err(db_error)
         },
         async {
-            client
-                .execute(
-                    "UPDATE gg_meta SET revision = $1, audit_seq = $2, audit_head = $3, \
-                     ticket_key = coalesce(ticket_key, $4) WHERE id = 1",
-                    &[&revision, &head_seq, &head_hash, &batch.ticket_key],
-                )
-                .await
-                .map_err(db_error)
+            db.execute(META_UPDATE, &[&revision, &head_seq, &head_hash, &batch.ticket_key]).await.map_err(db_error)
         },
         async {
             if !changed {
                 return Ok(0);
             }
-            client.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await.map_err(db_error)
+            db.execute(NOTIFY, &[&CHANNEL]).await.map_err(db_error)
         },
+        // Last in the pipeline: if a statement above failed, this ends the aborted
+        // transaction as a rollback, and the error above is what `try_join` returns.
+        async { db.batch_execute("COMMIT").await.map(|()| 0).map_err(db_error) },
     )?;
-    conn.txn_now_ms = None;
-    client.batch_execute("COMMIT").await.map_err(db_error)?;
+    conn.txn = None;
     Ok(())
 }
 
@@ -764,14 +849,14 @@ impl Storage for PgStore {
         let shared = self.shared.clone();
         self.block(async move {
             let mut guard = shared.writer.lock().await;
-            if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
-                *guard = Some(WriterConn { client: connect(&shared.config).await?, txn_now_ms: None });
+            if guard.as_ref().is_none_or(|c| c.db.is_closed()) {
+                *guard = Some(WriterConn::connect(&shared.config).await?);
             }
             let conn = guard.as_mut().expect("connected");
             let result = write_batch(conn, &batch, &shared.limits).await;
             if result.is_err() {
-                conn.txn_now_ms = None;
-                if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                conn.txn = None;
+                if conn.db.batch_execute("ROLLBACK").await.is_err() {
                     *guard = None;
                 }
             }
@@ -815,14 +900,14 @@ impl SharedStorage for PgStore {
         let lock = lock.clone();
         self.block(async move {
             let mut guard = shared.writer.lock().await;
-            if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
-                *guard = Some(WriterConn { client: connect(&shared.config).await?, txn_now_ms: None });
+            if guard.as_ref().is_none_or(|c| c.db.is_closed()) {
+                *guard = Some(WriterConn::connect(&shared.config).await?);
             }
             let conn = guard.as_mut().expect("connected");
             let result = begin(conn, &lock).await;
             if result.is_err() {
-                conn.txn_now_ms = None;
-                if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                conn.txn = None;
+                if conn.db.batch_execute("ROLLBACK").await.is_err() {
                     *guard = None;
                 }
             }
@@ -837,9 +922,9 @@ impl SharedStorage for PgStore {
             let guard = shared.writer.lock().await;
             let conn = guard
                 .as_ref()
-                .filter(|c| c.txn_now_ms.is_some())
+                .filter(|c| c.txn.is_some())
                 .ok_or_else(|| StoreError::Invalid("lock_more outside a transaction".into()))?;
-            select_keys(&conn.client, &keys, true).await
+            select_keys(&conn.db, &keys, true).await
         })
     }
 
@@ -848,7 +933,7 @@ impl SharedStorage for PgStore {
         self.block(async move {
             let mut guard = shared.writer.lock().await;
             if let Some(conn) = guard.as_mut() {
-                if conn.txn_now_ms.take().is_some() && conn.client.batch_execute("ROLLBACK").await.is_err() {
+                if conn.txn.take().is_some() && conn.db.batch_execute("ROLLBACK").await.is_err() {
                     *guard = None;
                 }
             }
@@ -856,50 +941,31 @@ impl SharedStorage for PgStore {
     }
 
     fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError> {
-        self.read(move |client| {
+        self.read(move |db| {
             Box::pin(async move {
-                client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db_error)?;
-                let result = async {
-                    let meta = client
-                        .query_one(
-                            &format!(
-                                "SELECT revision, changes_pruned_to, {NOW_MS}, audit_seq FROM gg_meta WHERE id = 1"
-                            ),
-                            &[],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    let pruned_to = u64_of(meta.get(1));
-                    if cursor < pruned_to {
-                        return Err(StoreError::Invalid(format!(
-                            "the change log was pruned up to {pruned_to}, past this node's cursor {cursor}"
-                        )));
-                    }
-                    let rows = client
-                        .query(
-                            "SELECT seq, revision, ns, key, entry FROM gg_changes WHERE seq > $1 ORDER BY seq",
-                            &[&i64_of(cursor)],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    let mut out = Changes {
-                        cursor,
-                        revision: u64_of(meta.get(0)),
-                        now_ms: u64_of(meta.get(2)),
-                        audit_seq: u64_of(meta.get(3)),
-                        changes: Vec::with_capacity(rows.len()),
-                    };
-                    for row in &rows {
-                        out.cursor = u64_of(row.get(0));
-                        let entry: Option<Vec<u8>> = row.get(4);
-                        let entry = entry.map(|b| entry_of(&b)).transpose()?;
-                        out.changes.push((u64_of(row.get(1)), key_of(row, 2, 3)?, entry));
-                    }
-                    Ok(out)
+                let rows = db.query(CHANGES, &[&i64_of(cursor)]).await.map_err(db_error)?;
+                let first = rows.first().ok_or_else(|| StoreError::Invalid("no gg_meta row".into()))?;
+                let pruned_to = u64_of(first.get(1));
+                if cursor < pruned_to {
+                    return Err(StoreError::Invalid(format!(
+                        "the change log was pruned up to {pruned_to}, past this node's cursor {cursor}"
+                    )));
                 }
-                .await;
-                let _ = client.batch_execute("COMMIT").await;
-                result
+                let mut out = Changes {
+                    cursor,
+                    revision: u64_of(first.get(0)),
+                    now_ms: u64_of(first.get(2)),
+                    audit_seq: u64_of(first.get(3)),
+                    changes: Vec::with_capacity(rows.len()),
+                };
+                for row in &rows {
+                    let Some(seq) = row.get::<_, Option<i64>>(4) else { continue };
+                    out.cursor = u64_of(seq);
+                    let entry: Option<Vec<u8>> = row.get(8);
+                    let entry = entry.map(|b| entry_of(&b)).transpose()?;
+                    out.changes.push((u64_of(row.get(5)), key_of(row, 6, 7)?, entry));
+                }
+                Ok(out)
             })
         })
     }
