@@ -302,3 +302,34 @@ async fn postgres_down_under_load_means_503_then_the_nodes_recover_without_a_res
     assert_eq!(https[1].get("/v1/ns/k/kv/during").await.status, 404, "a refused write left nothing");
     eprintln!("{} writes acknowledged, {refused} answered 503 during the outage", acked.len());
 }
+
+/// Runs `gapguard serve` with `args`, expecting it to refuse to start; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run gapguard serve");
+    assert!(!out.status.success(), "gapguard serve {args:?} started: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_url_an_absent_database_and_a_newer_schema_stop_the_start_with_a_message() {
+    let err = refused(&["--backend", "mysql://nope"]);
+    assert!(err.contains("invalid PostgreSQL URL"), "{err}");
+
+    let pg = Postgres::start();
+    let with_password = format!("postgres://postgres:SECRET@127.0.0.1:{}/no_such_db", pg.port());
+    let err = refused(&["--backend", &with_password]);
+    assert!(err.contains("no_such_db") && err.contains("does not exist"), "{err}");
+    assert!(err.contains("postgres:***@") && !err.contains("SECRET"), "the password is not shown: {err}");
+
+    let url = pg.create_database("newer");
+    drop(Server::start_backend(&url));
+    pg.psql("newer", "UPDATE gg_schema SET version = 99");
+    let err = refused(&["--backend", &url]);
+    assert!(err.contains("schema is version 99") && err.contains("newer than this gapguard"), "{err}");
+}

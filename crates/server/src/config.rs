@@ -300,6 +300,13 @@ mod tests {
         assert_eq!(config.listen.port(), 7701);
         assert_eq!(config.flows[0].name, "checkout");
         assert!(config.fsync);
+        assert_eq!(config.backend, None);
+    }
+
+    #[test]
+    fn a_backend_url_is_read_from_the_file() {
+        let config = Config::parse("backend = \"postgres://gg@db:5432/gapguard\"\n").unwrap();
+        assert_eq!(config.backend.as_deref(), Some("postgres://gg@db:5432/gapguard"));
     }
 
     #[test]
