@@ -81,7 +81,8 @@ async fn pipeline(env: Arc<Env>, idx: usize) {
             Mode::Naive => None,
             Mode::Guarded => {
                 let request = AcquireRequest { holder: actor.clone(), ttl_ms: lease_ttl_ms(&env) };
-                match env.client.acquire_lease(&env.ns, LEASE, &request, &opts).await {
+                let acquire = env.opts(&format!("{corr}.acquire"));
+                match env.client.acquire_lease(&env.ns, LEASE, &request, &acquire).await {
                     Ok(held) => Some(held.value.token),
                     Err(e) => {
                         let waiting = e.code() == Some("lease_held");
@@ -136,7 +137,8 @@ async fn pipeline(env: Arc<Env>, idx: usize) {
         let failed = matches!(op.outcome, Outcome::Failed { .. });
         env.record(op);
         if let Some(token) = token {
-            let _ = env.client.release_lease(&env.ns, LEASE, &LeaseReleaseRequest { token }, &opts).await;
+            let release = env.opts(&format!("{corr}.release"));
+            let _ = env.client.release_lease(&env.ns, LEASE, &LeaseReleaseRequest { token }, &release).await;
         }
         if failed {
             backoff().await;

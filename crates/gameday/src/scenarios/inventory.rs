@@ -78,7 +78,8 @@ async fn naive_buy(env: &Env, op: &mut OpRecord, delay: Duration) -> Duration {
     op.use_at_ms = Some(env.now_ms());
     op.written = json!({ "stock": seen - 1, "order": format!("{ORDERS}{}", op.correlation_id) });
     let opts = env.opts(&op.correlation_id);
-    if let Err(e) = env.client.put(&env.ns, STOCK, &json!(seen - 1), &opts).await {
+    let stock_opts = env.opts(&format!("{}.stock", op.correlation_id));
+    if let Err(e) = env.client.put(&env.ns, STOCK, &json!(seen - 1), &stock_opts).await {
         op.outcome = Outcome::from_error(&e);
         return Duration::ZERO;
     }

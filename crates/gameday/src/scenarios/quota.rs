@@ -127,7 +127,9 @@ async fn naive(env: &Env, op: &mut OpRecord, tenant: &str, amount: u64, crash: b
     let vm = vm_key(tenant, &op.correlation_id);
     op.written = json!({ "vm": vm, "amount": amount, "used": used + amount });
     let opts = env.opts(&op.correlation_id);
-    let building = match env.client.put(&env.ns, &vm, &json!({ "state": "building", "amount": amount }), &opts).await {
+    let build_opts = env.opts(&format!("{}.build", op.correlation_id));
+    let count_opts = env.opts(&format!("{}.count", op.correlation_id));
+    let building = match env.client.put(&env.ns, &vm, &json!({ "state": "building", "amount": amount }), &build_opts).await {
         Ok(done) => done.value.revision,
         Err(e) => {
             op.outcome = Outcome::from_error(&e);
@@ -138,7 +140,7 @@ async fn naive(env: &Env, op: &mut OpRecord, tenant: &str, amount: u64, crash: b
         op.outcome = Outcome::Crashed { revision: Some(building) };
         return false;
     }
-    if let Err(e) = env.client.put(&env.ns, &used_key(tenant), &json!(used + amount), &opts).await {
+    if let Err(e) = env.client.put(&env.ns, &used_key(tenant), &json!(used + amount), &count_opts).await {
         op.outcome = Outcome::from_error(&e);
         return false;
     }
@@ -153,7 +155,8 @@ async fn guarded(env: &Env, op: &mut OpRecord, tenant: &str, amount: u64, crash:
     let vm = vm_key(tenant, &op.correlation_id);
     let opts = env.opts(&op.correlation_id);
     let request = ReserveRequest { amount, ttl_ms: reservation_ttl_ms(env), context: Some(json!({ "vm": vm })) };
-    let reservation = match env.client.reserve(&env.ns, &pool(tenant), &request, &opts).await {
+    let reserve_opts = env.opts(&format!("{}.reserve", op.correlation_id));
+    let reservation = match env.client.reserve(&env.ns, &pool(tenant), &request, &reserve_opts).await {
         Ok(held) => held.value.reservation,
         Err(e) => {
             op.check_at_ms = Some(env.now_ms());
@@ -173,7 +176,7 @@ async fn guarded(env: &Env, op: &mut OpRecord, tenant: &str, amount: u64, crash:
         ops: vec![Op::Put(PutOp { key: vm.clone(), value: json!({ "state": "building", "amount": amount }) })],
         flow: Some("gameday-quota".into()),
     };
-    let building = match env.client.act(&env.ns, &create, &opts).await {
+    let building = match env.client.act(&env.ns, &create, &env.opts(&format!("{}.build", op.correlation_id))).await {
         Ok(done) => done.value.revision,
         Err(e) => {
             op.outcome = Outcome::from_error(&e);
