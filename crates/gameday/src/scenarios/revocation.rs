@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gapguard_api::{ActRequest, CheckRequest, Condition, GrantTuple, Op, PutOp};
+use gapguard_client::ClientError;
 use rand::Rng as _;
 use serde_json::json;
 
@@ -40,10 +41,9 @@ fn acl_key(subject: &str) -> String {
 pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     for subject_idx in 0..SUBJECTS {
         let corr = env.correlation_id("setup", subject_idx as u64);
-        let mut op = OpRecord::new("setup", "grant", corr.clone());
-        op.written = json!({ "subject": subject(subject_idx) });
-        op.outcome = Outcome::Committed { revision: set(&env, &subject(subject_idx), true, &corr).await?, resolved: false };
-        env.record(op);
+        if !set_recorded(&env, "setup", &subject(subject_idx), true, &corr).await {
+            return Err(GamedayError::InvalidConfig(format!("{}: could not grant the initial permissions", env.ns)));
+        }
     }
     let admin = tokio::spawn(admin(env.clone()));
     spawn_all(&env, env.actors, worker).await?;
@@ -51,23 +51,41 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     Ok(())
 }
 
-/// Grants (`permitted: true`) or revokes a subject's permission; returns the revision.
-async fn set(env: &Env, subject: &str, permitted: bool, correlation_id: &str) -> Result<u64, GamedayError> {
+/// Grants (`permitted: true`) or revokes a subject's permission, once; returns the revision.
+async fn set(env: &Env, subject: &str, permitted: bool, correlation_id: &str) -> Result<u64, ClientError> {
     let opts = env.opts(correlation_id);
-    let (key, value, tuple) = (acl_key(subject), json!(permitted), tuple(subject));
-    match env.mode {
-        Mode::Naive => Ok(env
-            .retrying("set the ACL", || env.client.put(&env.ns, &key, &value, &opts))
-            .await?
-            .value
-            .revision),
-        Mode::Guarded if permitted => {
-            Ok(env.retrying("grant", || env.client.grant(&env.ns, &tuple, &opts)).await?.value.revision)
-        }
-        Mode::Guarded => {
-            Ok(env.retrying("revoke", || env.client.revoke(&env.ns, &tuple, &opts)).await?.value.revision)
+    let done = match env.mode {
+        Mode::Naive => env.client.put(&env.ns, &acl_key(subject), &json!(permitted), &opts).await?.value.revision,
+        Mode::Guarded if permitted => env.client.grant(&env.ns, &tuple(subject), &opts).await?.value.revision,
+        Mode::Guarded => env.client.revoke(&env.ns, &tuple(subject), &opts).await?.value.revision,
+    };
+    Ok(done)
+}
+
+/// Grants or revokes until the server answers (for up to 30 s), recording every attempt under
+/// its own correlation id: an attempt whose answer was lost may still have been applied, and
+/// the audit log then gives its revision (a retry must not stand in for it, or the timeline
+/// of the subject's permission would be wrong). Returns whether it was applied.
+async fn set_recorded(env: &Env, actor: &str, subject: &str, permitted: bool, correlation_id: &str) -> bool {
+    let kind = if permitted { "grant" } else { "revoke" };
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    for attempt_idx in 0.. {
+        let corr = if attempt_idx == 0 { correlation_id.to_owned() } else { format!("{correlation_id}.r{attempt_idx}") };
+        let mut op = OpRecord::new(actor, kind, corr.clone());
+        op.written = json!({ "subject": subject });
+        op.outcome = match set(env, subject, permitted, &corr).await {
+            Ok(revision) => Outcome::Committed { revision, resolved: false },
+            Err(e) => Outcome::from_error(&e),
+        };
+        let outcome = op.outcome.clone();
+        env.record(op);
+        match outcome {
+            Outcome::Failed { .. } if std::time::Instant::now() < give_up => backoff().await,
+            Outcome::Committed { .. } => return true,
+            _ => return false,
         }
     }
+    false
 }
 
 /// Revokes a random subject for two mean delays, grants it again, waits one mean delay.
@@ -78,16 +96,10 @@ async fn admin(env: Arc<Env>) {
     while env.running() {
         sleep(gap).await;
         let subject = subject(rng.gen_range(0..SUBJECTS));
-        for (kind, permitted, hold) in [("revoke", false, gap * 2), ("grant", true, Duration::ZERO)] {
+        for (permitted, hold) in [(false, gap * 2), (true, Duration::ZERO)] {
             let corr = env.correlation_id("admin", op_idx);
             op_idx += 1;
-            let mut op = OpRecord::new("admin", kind, corr.clone());
-            op.written = json!({ "subject": subject });
-            op.outcome = match set(&env, &subject, permitted, &corr).await {
-                Ok(revision) => Outcome::Committed { revision, resolved: false },
-                Err(e) => Outcome::Failed { error: e.to_string() },
-            };
-            env.record(op);
+            set_recorded(&env, "admin", &subject, permitted, &corr).await;
             sleep(hold).await;
         }
     }
