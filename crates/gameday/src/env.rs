@@ -49,7 +49,9 @@ impl Env {
     /// guarded run draw the same delays, amounts and choices.
     pub fn rng(&self, stream: u64) -> ChaCha8Rng {
         let scenario = Scenario::ALL.iter().position(|s| *s == self.scenario).unwrap_or(0) as u64;
-        let mixed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (scenario << 48) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mixed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (scenario << 48)
+            ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
         ChaCha8Rng::seed_from_u64(mixed)
     }
 
@@ -85,7 +87,11 @@ impl Env {
 
     /// An error of the setup or the final read.
     pub fn fail(&self, what: impl Into<String>, source: ClientError) -> GamedayError {
-        GamedayError::Client { scenario: format!("{} ({})", self.scenario, self.mode), what: what.into(), source }
+        GamedayError::Client {
+            scenario: format!("{} ({})", self.scenario, self.mode),
+            what: what.into(),
+            source: Box::new(source),
+        }
     }
 
     /// Retries a setup or final request while the server is unreachable (it may be

@@ -22,7 +22,9 @@ pub enum GamedayError {
         name: String,
     },
     /// A network fault spec that does not parse (`--net`).
-    #[error("invalid network faults {spec:?}: {reason} (expected e.g. `latency=20ms,jitter=5ms,reset=0.02,timeout=0.01`)")]
+    #[error(
+        "invalid network faults {spec:?}: {reason} (expected e.g. `latency=20ms,jitter=5ms,reset=0.02,timeout=0.01`)"
+    )]
     InvalidNetwork {
         /// The spec as given.
         spec: String,
@@ -48,9 +50,9 @@ pub enum GamedayError {
         scenario: String,
         /// What was being done.
         what: String,
-        /// The client's error.
+        /// The client's error (boxed: it is large, and errors are rare).
         #[source]
-        source: gapguard_client::ClientError,
+        source: Box<gapguard_client::ClientError>,
     },
     /// Local I/O: the temp directory, the proxy's socket, a report file.
     #[error("{what}: {source}")]
@@ -68,7 +70,10 @@ impl GamedayError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::InvalidDelay { .. } | Self::UnknownScenario { .. } | Self::InvalidNetwork { .. } | Self::InvalidConfig(_)
+            Self::InvalidDelay { .. }
+                | Self::UnknownScenario { .. }
+                | Self::InvalidNetwork { .. }
+                | Self::InvalidConfig(_)
         )
     }
 

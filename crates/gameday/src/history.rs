@@ -131,6 +131,11 @@ impl History {
     pub fn len(&self) -> usize {
         self.ops.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// Whether nothing is recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Turns the `Failed` outcomes (no answer) into `Committed { resolved: true }` where the audit

@@ -89,15 +89,8 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 7] = [
-        Self::Inventory,
-        Self::Quota,
-        Self::Revocation,
-        Self::Lease,
-        Self::Retry,
-        Self::Cache,
-        Self::Deploy,
-    ];
+    pub const ALL: [Scenario; 7] =
+        [Self::Inventory, Self::Quota, Self::Revocation, Self::Lease, Self::Retry, Self::Cache, Self::Deploy];
 
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -277,7 +270,9 @@ impl Config {
         }
         if let (Some(net), Target::Url { url, .. }) = (&self.network, &self.target) {
             if net.any() && !url.starts_with("http://") {
-                return invalid("network faults against --url need an http:// URL (the proxy does not speak TLS)".into());
+                return invalid(
+                    "network faults against --url need an http:// URL (the proxy does not speak TLS)".into(),
+                );
             }
         }
         Ok(())

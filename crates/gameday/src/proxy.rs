@@ -67,7 +67,9 @@ impl FromStr for NetworkFaults {
                 "timeout" => faults.timeout_probability = probability(value)?,
                 "timeout_after" => faults.timeout_ms = parse_ms(value).map_err(invalid)?,
                 other => {
-                    return Err(invalid(format!("unknown toxic {other:?} (latency, jitter, reset, timeout, timeout_after)")))
+                    return Err(invalid(format!(
+                        "unknown toxic {other:?} (latency, jitter, reset, timeout, timeout_after)"
+                    )))
                 }
             }
         }
@@ -119,9 +121,8 @@ impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream` with `faults`; each
     /// connection's toxics are drawn from a generator seeded by `seed` and its number.
     pub async fn start(upstream: SocketAddr, faults: NetworkFaults, seed: u64) -> Result<Self, GamedayError> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| GamedayError::io("cannot bind the gameday proxy", e))?;
+        let listener =
+            TcpListener::bind("127.0.0.1:0").await.map_err(|e| GamedayError::io("cannot bind the gameday proxy", e))?;
         let addr = listener.local_addr().map_err(|e| GamedayError::io("the proxy's address", e))?;
         let upstream = Arc::new(RwLock::new(upstream));
         let counters = Arc::new(Counters::default());
@@ -289,9 +290,12 @@ mod tests {
         assert_eq!(faults.timeout_probability, 0.01);
         assert!(faults.any());
         assert_eq!(faults.to_string().parse::<NetworkFaults>().unwrap(), faults);
-        for (spec, needle) in
-            [("latency=20", "needs a unit"), ("reset=2", "probability"), ("drop=0.1", "unknown toxic"), ("reset", "NAME=VALUE")]
-        {
+        for (spec, needle) in [
+            ("latency=20", "needs a unit"),
+            ("reset=2", "probability"),
+            ("drop=0.1", "unknown toxic"),
+            ("reset", "NAME=VALUE"),
+        ] {
             let err = spec.parse::<NetworkFaults>().unwrap_err().to_string();
             assert!(err.contains(needle), "{spec}: {err}");
         }

@@ -306,9 +306,9 @@ impl Report {
                     .iter()
                     .map(|v| format!("<code>{}</code> {}", escape(&v.correlation_id), escape(&v.what)))
                     .collect();
-                let _ = write!(
+                let _ = writeln!(
                     rows,
-                    "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>\n",
+                    "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
                     if bad { "bad" } else { "ok" },
                     scenario.scenario,
                     run.mode,
@@ -329,13 +329,16 @@ impl Report {
         let verdict = if self.verdict.passed {
             "<p class=\"ok\">PASS: every naive run broke its invariant, no guarded run did.</p>".to_owned()
         } else {
-            let problems: Vec<String> = self.verdict.problems.iter().map(|p| format!("<li>{}</li>", escape(p))).collect();
+            let problems: Vec<String> =
+                self.verdict.problems.iter().map(|p| format!("<li>{}</li>", escape(p))).collect();
             format!("<p class=\"bad\">FAIL</p><ul>{}</ul>", problems.join(""))
         };
         let invariants: Vec<String> = self
             .scenarios
             .iter()
-            .map(|s| format!("<li><b>{}</b>: {}; guarded with {}</li>", s.scenario, escape(s.invariant), escape(s.guard)))
+            .map(|s| {
+                format!("<li><b>{}</b>: {}; guarded with {}</li>", s.scenario, escape(s.invariant), escape(s.guard))
+            })
             .collect();
         format!(
             r#"<!DOCTYPE html>

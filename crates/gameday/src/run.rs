@@ -34,7 +34,8 @@ pub async fn run(config: &Config, progress: &MultiProgress) -> Result<Report, Ga
     config.validate()?;
     let stage = stage(config).await?;
     // Fresh namespaces per gameday, so runs against one server never meet.
-    let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default() % 0x1_0000_0000;
+    let nonce =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default() % 0x1_0000_0000;
     let mut reports = Vec::new();
     for scenario in &config.scenarios {
         let bar = progress.add(ProgressBar::new(config.duration.as_millis() as u64 * 2));
@@ -88,7 +89,8 @@ async fn stage(config: &Config) -> Result<Stage, GamedayError> {
             (Some(Arc::new(tokio::sync::Mutex::new(server))), Some(Arc::new(proxy)), base, None)
         }
         Target::Url { url, api_key } if faults.any() => {
-            let parsed = reqwest::Url::parse(url).map_err(|e| GamedayError::InvalidConfig(format!("--url {url}: {e}")))?;
+            let parsed =
+                reqwest::Url::parse(url).map_err(|e| GamedayError::InvalidConfig(format!("--url {url}: {e}")))?;
             let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
             let port = parsed.port_or_known_default().unwrap_or(80);
             let upstream = tokio::net::lookup_host((host.as_str(), port))
@@ -110,11 +112,13 @@ async fn stage(config: &Config) -> Result<Stage, GamedayError> {
         headers.insert(AUTHORIZATION, value);
     }
     let build = |timeout: Option<Duration>| {
-        let mut http = reqwest::Client::builder().default_headers(headers.clone()).connect_timeout(Duration::from_secs(5));
+        let mut http =
+            reqwest::Client::builder().default_headers(headers.clone()).connect_timeout(Duration::from_secs(5));
         if let Some(timeout) = timeout {
             http = http.timeout(timeout);
         }
-        let http = http.build().map_err(|e| GamedayError::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
+        let http =
+            http.build().map_err(|e| GamedayError::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
         Client::with_http(http, &base).map_err(|e| GamedayError::InvalidConfig(e.to_string()))
     };
     let client = build(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)))?;
@@ -169,7 +173,9 @@ async fn run_mode(
     };
     let outcome = scenarios::run(env.clone()).await;
     let restarts = match crashes {
-        Some(task) => task.await.map_err(|e| GamedayError::io("the crash schedule", std::io::Error::other(e.to_string())))??,
+        Some(task) => {
+            task.await.map_err(|e| GamedayError::io("the crash schedule", std::io::Error::other(e.to_string())))??
+        }
         None => Vec::new(),
     };
     ticker.abort();
@@ -221,9 +227,7 @@ fn crash_schedule(config: &Config, scenario: Scenario, crashes: u32) -> Vec<u64>
     let scenario_idx = Scenario::ALL.iter().position(|s| *s == scenario).unwrap_or(0) as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xC0A5_4000 ^ (scenario_idx << 32));
     let spacing = config.duration.as_millis() as f64 / f64::from(crashes + 1);
-    (1..=crashes)
-        .map(|idx| (spacing * f64::from(idx) + rng.gen_range(-0.1..0.1) * spacing).max(0.0) as u64)
-        .collect()
+    (1..=crashes).map(|idx| (spacing * f64::from(idx) + rng.gen_range(-0.1..0.1) * spacing).max(0.0) as u64).collect()
 }
 
 async fn crash(

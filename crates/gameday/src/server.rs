@@ -55,10 +55,10 @@ impl EmbeddedServer {
     pub async fn crash_and_restart(&mut self) -> Result<Restart, GamedayError> {
         let killed_pid = self.child.id();
         let started = Instant::now();
-        self.child
-            .kill()
-            .await
-            .map_err(|e| GamedayError::Server { binary: self.binary.clone(), reason: format!("kill -9 failed: {e}") })?;
+        self.child.kill().await.map_err(|e| GamedayError::Server {
+            binary: self.binary.clone(),
+            reason: format!("kill -9 failed: {e}"),
+        })?;
         let (child, addr) = spawn(&self.binary, self.data.path()).await?;
         self.child = child;
         self.addr = addr;
@@ -103,22 +103,23 @@ async fn spawn(binary: &Path, data: &Path) -> Result<(Child, SocketAddr), Gameda
         .map_err(|e| fail(format!("cannot run it: {e}")))?;
     let stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
     let mut first = String::new();
-    let read = tokio::time::timeout(
-        Duration::from_millis(START_TIMEOUT_MS),
-        BufReader::new(stdout).read_line(&mut first),
-    )
-    .await;
+    let read =
+        tokio::time::timeout(Duration::from_millis(START_TIMEOUT_MS), BufReader::new(stdout).read_line(&mut first))
+            .await;
     let log_hint = || format!("see {}", data.join("server.log").display());
     match read {
-        Err(_) => return Err(fail(format!("it did not print `listening on ADDR` within {START_TIMEOUT_MS} ms; {}", log_hint()))),
+        Err(_) => {
+            return Err(fail(format!(
+                "it did not print `listening on ADDR` within {START_TIMEOUT_MS} ms; {}",
+                log_hint()
+            )))
+        }
         Ok(Err(e)) => return Err(fail(format!("cannot read its stdout: {e}"))),
         Ok(Ok(_)) => {}
     }
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| fail(format!("its first line was {:?}, not `listening on ADDR`; {}", first.trim(), log_hint())))?;
+    let addr = first.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()).ok_or_else(|| {
+        fail(format!("its first line was {:?}, not `listening on ADDR`; {}", first.trim(), log_hint()))
+    })?;
     tracing::debug!(%addr, pid = ?child.id(), "embedded gapguard started");
     Ok((child, addr))
 }

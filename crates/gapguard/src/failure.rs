@@ -254,9 +254,14 @@ mod tests {
 
     #[test]
     fn the_exit_code_table_of_the_help_matches_the_constants() {
-        for (code, word) in
-            [(OK, "ok"), (NOT_FOUND, "404"), (REFUSED, "412"), (UNAVAILABLE, "503"), (CHAIN_BROKEN, "audit"), (GAMEDAY_FAILED, "gameday")]
-        {
+        for (code, word) in [
+            (OK, "ok"),
+            (NOT_FOUND, "404"),
+            (REFUSED, "412"),
+            (UNAVAILABLE, "503"),
+            (CHAIN_BROKEN, "audit"),
+            (GAMEDAY_FAILED, "gameday"),
+        ] {
             let line = EXIT_CODES_HELP.lines().find(|l| l.trim_start().starts_with(&format!("{code} "))).unwrap();
             assert!(line.contains(word), "{line}");
         }

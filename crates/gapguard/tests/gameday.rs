@@ -64,7 +64,8 @@ fn assert_proved_and_table_matches(output: &Output, report: &Value, scenarios: &
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let rows = table(&stdout);
-    let reported: Vec<&str> = report["scenarios"].as_array().unwrap().iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    let reported: Vec<&str> =
+        report["scenarios"].as_array().unwrap().iter().map(|s| s["scenario"].as_str().unwrap()).collect();
     assert_eq!(reported, scenarios, "stdout:\n{stdout}");
     assert_eq!(rows.len(), scenarios.len() * 2, "stdout:\n{stdout}");
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -74,7 +75,9 @@ fn assert_proved_and_table_matches(output: &Output, report: &Value, scenarios: &
             let violations = run["violations"].as_u64().unwrap();
             match mode {
                 "naive" => assert!(violations > 0, "{name} naive showed no violation:\n{stdout}\n{stderr}"),
-                _ => assert_eq!(violations, 0, "{name} guarded violated its invariant: {:#}\n{stdout}", run["examples"]),
+                _ => {
+                    assert_eq!(violations, 0, "{name} guarded violated its invariant: {:#}\n{stdout}", run["examples"])
+                }
             }
             assert!(run["attempted"].as_u64().unwrap() > 0, "{name} {mode} attempted nothing");
             let row = &rows[&(name.to_owned(), mode.to_owned())];
@@ -143,8 +146,13 @@ fn the_crash_fault_kills_and_restarts_the_server_and_guarded_invariants_hold_acr
 
 #[test]
 fn network_faults_lose_answers_and_the_guarded_runs_still_hold() {
-    let (output, report) =
-        gameday(&["--scenario", "retry,deploy", "--quick", "--net", "latency=1ms,jitter=2ms,reset=0.05,timeout=0.02,timeout_after=100ms"]);
+    let (output, report) = gameday(&[
+        "--scenario",
+        "retry,deploy",
+        "--quick",
+        "--net",
+        "latency=1ms,jitter=2ms,reset=0.05,timeout=0.02,timeout_after=100ms",
+    ]);
     assert_proved_and_table_matches(&output, &report, &["retry", "deploy"]);
     let mut resets = 0;
     for scenario in report["scenarios"].as_array().unwrap() {

@@ -66,7 +66,12 @@ async fn operator(env: Arc<Env>) {
 
 async fn read(env: &Env) -> Option<Cached> {
     let record = env.client.get(&env.ns, FLAG).await.ok()?;
-    Some(Cached { value: record.value, version: record.version, mod_revision: record.mod_revision, fetched: Instant::now() })
+    Some(Cached {
+        value: record.value,
+        version: record.version,
+        mod_revision: record.mod_revision,
+        fetched: Instant::now(),
+    })
 }
 
 /// Keeps `cache` current from a watch of the flag until the run ends; a broken stream empties
@@ -80,7 +85,8 @@ async fn watcher(env: Arc<Env>, cache: Arc<Mutex<Option<Cached>>>) {
         };
         let from_revision = current.mod_revision + 1;
         *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(current);
-        let query = WatchQuery { prefix: Some(FLAG.into()), from_revision: Some(from_revision), types: vec!["kv".into()] };
+        let query =
+            WatchQuery { prefix: Some(FLAG.into()), from_revision: Some(from_revision), types: vec!["kv".into()] };
         let mut stream = match env.watch_client.watch(&env.ns, &query).await {
             Ok(stream) => stream,
             Err(_) => {
@@ -139,7 +145,8 @@ async fn service(env: Arc<Env>, idx: usize) {
         }
         let mut op = OpRecord::new(&actor, "act", corr.clone());
         op.check_at_ms = Some(env.now_ms());
-        op.checked = json!({ "flag": decision.value, "version": decision.version, "mod_revision": decision.mod_revision });
+        op.checked =
+            json!({ "flag": decision.value, "version": decision.version, "mod_revision": decision.mod_revision });
         sleep(delay).await;
         let variant = if decision.value["on"] == json!(true) { "new-checkout" } else { "legacy-checkout" };
         let key = format!("actions/{corr}");

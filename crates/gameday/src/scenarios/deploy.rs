@@ -109,7 +109,8 @@ async fn pipeline(env: Arc<Env>, idx: usize) {
             }
         };
         op.check_at_ms = Some(env.now_ms());
-        op.checked = json!({ "state": preflight.value, "version": preflight.version, "mod_revision": preflight.mod_revision });
+        op.checked =
+            json!({ "state": preflight.value, "version": preflight.version, "mod_revision": preflight.mod_revision });
         // Build, approval.
         sleep(delay).await;
         let release = json!({ "release": corr, "config": preflight.value["config"] });

@@ -191,7 +191,11 @@ pub async fn judge(env: &Env, ops: &[OpRecord]) -> Result<Judgement, GamedayErro
         for (unit_idx, op) in named.iter().enumerate() {
             judgement.violations.push(Violation {
                 correlation_id: op.correlation_id.clone(),
-                what: format!("unit {} sold of {supplied} supplied (checked {})", supplied as usize + unit_idx + 1, op.checked),
+                what: format!(
+                    "unit {} sold of {supplied} supplied (checked {})",
+                    supplied as usize + unit_idx + 1,
+                    op.checked
+                ),
             });
         }
         for unit_idx in named.len()..oversold {

@@ -152,7 +152,8 @@ async fn release(env: &Env, actor: &str, hold: &Hold, correlation_id: &str) {
         Mode::Naive => {
             if let Ok(lock) = env.client.get(&env.ns, LOCK_KEY).await {
                 if lock.value["holder"].as_str() == Some(actor) {
-                    let _ = env.client.put(&env.ns, LOCK_KEY, &json!({ "holder": null, "expires_at_ms": 0 }), &opts).await;
+                    let _ =
+                        env.client.put(&env.ns, LOCK_KEY, &json!({ "holder": null, "expires_at_ms": 0 }), &opts).await;
                 }
             }
         }

@@ -72,7 +72,9 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     let reconciler = (env.mode == Mode::Guarded).then(|| tokio::spawn(reconciler(env.clone())));
     spawn_all(&env, env.actors, provisioner).await?;
     if let Some(reconciler) = reconciler {
-        reconciler.await.map_err(|e| GamedayError::io("the reconciler panicked", std::io::Error::other(e.to_string())))?;
+        reconciler
+            .await
+            .map_err(|e| GamedayError::io("the reconciler panicked", std::io::Error::other(e.to_string())))?;
     }
     Ok(())
 }
@@ -129,13 +131,14 @@ async fn naive(env: &Env, op: &mut OpRecord, tenant: &str, amount: u64, crash: b
     let opts = env.opts(&op.correlation_id);
     let build_opts = env.opts(&format!("{}.build", op.correlation_id));
     let count_opts = env.opts(&format!("{}.count", op.correlation_id));
-    let building = match env.client.put(&env.ns, &vm, &json!({ "state": "building", "amount": amount }), &build_opts).await {
-        Ok(done) => done.value.revision,
-        Err(e) => {
-            op.outcome = Outcome::from_error(&e);
-            return false;
-        }
-    };
+    let building =
+        match env.client.put(&env.ns, &vm, &json!({ "state": "building", "amount": amount }), &build_opts).await {
+            Ok(done) => done.value.revision,
+            Err(e) => {
+                op.outcome = Outcome::from_error(&e);
+                return false;
+            }
+        };
     if crash {
         op.outcome = Outcome::Crashed { revision: Some(building) };
         return false;
@@ -316,7 +319,8 @@ pub async fn judge(env: &Env, ops: &[OpRecord]) -> Result<Judgement, GamedayErro
         summary.insert(tenant, tenant_summary);
     }
     let crashed = ops.iter().filter(|op| matches!(op.outcome, Outcome::Crashed { .. })).count();
-    let compensations = ops.iter().filter(|op| op.kind == "compensate" && op.outcome.committed_revision().is_some()).count();
+    let compensations =
+        ops.iter().filter(|op| op.kind == "compensate" && op.outcome.committed_revision().is_some()).count();
     judgement.notes.push(format!("{crashed} provisioners crashed mid-way; {compensations} VMs reclaimed"));
     judgement.final_state = serde_json::Value::Object(summary);
     Ok(judgement)

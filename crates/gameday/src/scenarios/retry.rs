@@ -116,11 +116,17 @@ async fn attempt(env: &Env, op: &mut OpRecord, client: &str, request: &Request, 
                 }
             };
             op.written = json!({ "deposit": amount, "balance": balance + amount });
-            env.client.put(&env.ns, &balance_key(client), &json!(balance + amount), &opts).await.map(|d| (d.value.revision, d.replayed))
+            env.client
+                .put(&env.ns, &balance_key(client), &json!(balance + amount), &opts)
+                .await
+                .map(|d| (d.value.revision, d.replayed))
         }
         (Mode::Naive, Request::Set { seq, .. }) => {
             op.written = json!({ "seq": seq });
-            env.client.put(&env.ns, &profile_key(client), &json!({ "seq": seq }), &opts).await.map(|d| (d.value.revision, d.replayed))
+            env.client
+                .put(&env.ns, &profile_key(client), &json!({ "seq": seq }), &opts)
+                .await
+                .map(|d| (d.value.revision, d.replayed))
         }
         (Mode::Guarded, request) => {
             // Scoped by the namespace so a rerun against the same server never meets an old key.

@@ -70,7 +70,8 @@ async fn set_recorded(env: &Env, actor: &str, subject: &str, permitted: bool, co
     let kind = if permitted { "grant" } else { "revoke" };
     let give_up = std::time::Instant::now() + Duration::from_secs(30);
     for attempt_idx in 0.. {
-        let corr = if attempt_idx == 0 { correlation_id.to_owned() } else { format!("{correlation_id}.r{attempt_idx}") };
+        let corr =
+            if attempt_idx == 0 { correlation_id.to_owned() } else { format!("{correlation_id}.r{attempt_idx}") };
         let mut op = OpRecord::new(actor, kind, corr.clone());
         op.written = json!({ "subject": subject });
         op.outcome = match set(env, subject, permitted, &corr).await {
