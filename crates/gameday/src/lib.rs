@@ -24,7 +24,7 @@
 //!     target: Target::Embedded { binary: "target/debug/gapguard".into() },
 //!     ..Config::default()
 //! };
-//! let report = gapguard_gameday::run(&config, &indicatif::MultiProgress::new()).await?;
+//! let report = gapguard_gameday::run(&config, &gapguard_gameday::indicatif::MultiProgress::new()).await?;
 //! print!("{}", report.table());
 //! assert!(report.verdict.passed, "{:?}", report.verdict.problems);
 //! # Ok(()) }
@@ -146,7 +146,8 @@ impl Scenario {
                 scenarios.push(name.parse()?);
             }
         }
-        scenarios.dedup();
+        let mut seen = std::collections::HashSet::new();
+        scenarios.retain(|s| seen.insert(*s));
         Ok(scenarios)
     }
 }
@@ -276,5 +277,39 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_lists_parse_in_order_without_repeats() {
+        assert_eq!(Scenario::parse_list("all").unwrap(), Scenario::ALL.to_vec());
+        assert_eq!(Scenario::parse_list("lease, quota,lease").unwrap(), vec![Scenario::Lease, Scenario::Quota]);
+        let err = Scenario::parse_list("lease,oversell").unwrap_err();
+        assert!(err.is_usage());
+        assert!(err.to_string().contains("unknown scenario \"oversell\" (one of: all, inventory, quota"), "{err}");
+    }
+
+    #[test]
+    fn configs_out_of_bounds_are_refused() {
+        let ok = Config::default();
+        ok.validate().unwrap();
+        let url = Target::Url { url: "https://gapguard.internal".into(), api_key: None };
+        for (config, needle) in [
+            (Config { actors: 0, ..ok.clone() }, "actors"),
+            (Config { actors: ACTORS_MAX + 1, ..ok.clone() }, "actors"),
+            (Config { duration: Duration::from_millis(99), ..ok.clone() }, "duration"),
+            (Config { crashes: CRASHES_MAX + 1, ..ok.clone() }, "crashes"),
+            (Config { crashes: 1, target: url.clone(), ..ok.clone() }, "embedded server"),
+            (Config { network: Some("reset=0.1".parse().unwrap()), target: url, ..ok.clone() }, "http://"),
+            (Config { scenarios: vec![], ..ok.clone() }, "no scenario"),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        Config { actors: ACTORS_MAX, crashes: CRASHES_MAX, ..ok }.validate().unwrap();
     }
 }

@@ -27,7 +27,6 @@ const TENANTS: usize = 2;
 /// Probability that a provisioner crashes after its first step.
 const CRASH_PROBABILITY: f64 = 0.15;
 const VMS: &str = "vm/";
-const RECONCILER_STREAM: u64 = 1_000;
 /// How long the guarded run waits, after its actors stopped, for reservations to expire and
 /// their orphans to be reconciled.
 const SETTLE_MS_MAX: u64 = 10_000;
@@ -230,7 +229,6 @@ async fn compensate(env: &Env, actor: &str, vm: &str, correlation_id: &str) {
 /// orphan is left (or [`SETTLE_MS_MAX`]).
 async fn reconciler(env: Arc<Env>) {
     let mut op_idx = 0;
-    let _ = env.rng(RECONCILER_STREAM);
     let mut settle_deadline = None;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
