@@ -12,6 +12,7 @@
 //! | 5 | unauthorized or forbidden (401, 403) |
 //! | 6 | the server is unavailable (503) |
 //! | 7 | `audit verify`: the audit chain does not verify |
+//! | 8 | `gameday`: a guarded run violated its invariant, or a naive run showed no violation |
 
 use std::fmt::Write as _;
 
@@ -36,6 +37,8 @@ pub const FORBIDDEN: u8 = 5;
 pub const UNAVAILABLE: u8 = 6;
 /// The audit chain does not verify.
 pub const CHAIN_BROKEN: u8 = 7;
+/// `gameday`: a guarded run violated its invariant, or a naive run proved nothing.
+pub const GAMEDAY_FAILED: u8 = 8;
 
 /// The exit-code table of `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -50,6 +53,7 @@ Exit codes:
   5  unauthorized or forbidden (401, 403)
   6  server unavailable (503)
   7  audit verify: the audit chain does not verify
+  8  gameday: a guarded run violated its invariant, or a naive run showed no violation
 
 Output is JSON on stdout (pretty, or one line with --compact; `watch` prints one line per change);
 errors go to stderr.";
@@ -250,9 +254,14 @@ mod tests {
 
     #[test]
     fn the_exit_code_table_of_the_help_matches_the_constants() {
-        for (code, word) in
-            [(OK, "ok"), (NOT_FOUND, "404"), (REFUSED, "412"), (UNAVAILABLE, "503"), (CHAIN_BROKEN, "audit")]
-        {
+        for (code, word) in [
+            (OK, "ok"),
+            (NOT_FOUND, "404"),
+            (REFUSED, "412"),
+            (UNAVAILABLE, "503"),
+            (CHAIN_BROKEN, "audit"),
+            (GAMEDAY_FAILED, "gameday"),
+        ] {
             let line = EXIT_CODES_HELP.lines().find(|l| l.trim_start().starts_with(&format!("{code} "))).unwrap();
             assert!(line.contains(word), "{line}");
         }

@@ -22,6 +22,7 @@
 //! | `audit tail\|verify`, `health`, `openapi` | the audit log and the server |
 //! | `keys new --id ID --namespaces a,b --role R` | a new API key: its secret once, and the config block ([`keys`]) |
 //! | `rules --config FILE --out DIR` | Prometheus SLO rules and Grafana dashboards for the config's flows ([`rules`]) |
+//! | `gameday` | race scenarios, naive versus guarded, against an embedded server or `--url` ([`gameday`]) |
 //!
 //! Client commands send `--api-key` (env `GAPGUARD_API_KEY`) as `Authorization: Bearer`, and
 //! trust the CAs of `--ca-file` (env `GAPGUARD_CA_FILE`) for an `https://` URL.
@@ -31,6 +32,7 @@
 
 mod audit;
 mod failure;
+mod gameday;
 mod grant;
 mod guard;
 mod info;
@@ -47,7 +49,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use gapguard_api::{Condition, Op};
 use gapguard_client::Client;
 
@@ -127,6 +130,9 @@ enum Command {
     Keys(KeysCommand),
     /// Write Prometheus rules (SLO recordings, burn-rate alerts) and Grafana dashboards for the config's flows.
     Rules(rules::RulesArgs),
+    /// Run race scenarios naive and guarded, with injected delays and faults, and judge their invariants
+    /// (against an embedded server, or a running one given with --url; exit 8 if the verdict fails).
+    Gameday(gameday::GamedayArgs),
 }
 
 /// `gapguard serve`.
@@ -339,8 +345,11 @@ impl Ctx {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(&cli).await {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `gameday` plays against --url only when one was given; otherwise it starts its own server.
+    let url_given = matches!(matches.value_source("url"), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    match run(&cli, url_given).await {
         Ok(()) => ExitCode::from(failure::OK),
         Err(e) if failure::is_broken_pipe(&e) => ExitCode::from(failure::OK),
         Err(e) => {
@@ -350,7 +359,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: &Cli) -> anyhow::Result<()> {
+async fn run(cli: &Cli, url_given: bool) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Kv(command) => {
@@ -378,6 +387,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Openapi(args) => info::openapi(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
         Command::Keys(KeysCommand::New(args)) => keys::new(args),
         Command::Rules(args) => rules::run(args),
+        Command::Gameday(args) => {
+            gameday::run(args, url_given.then_some(cli.url.as_str()), cli.api_key.as_deref()).await
+        }
     }
 }
 
