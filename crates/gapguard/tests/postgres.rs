@@ -333,3 +333,31 @@ fn a_bad_url_an_absent_database_and_a_newer_schema_stop_the_start_with_a_message
     let err = refused(&["--backend", &url]);
     assert!(err.contains("schema is version 99") && err.contains("newer than this gapguard"), "{err}");
 }
+
+#[test]
+fn gameday_against_two_nodes_over_postgres_breaks_naive_and_holds_guarded() {
+    let (_pg, _url, nodes) = cluster(2);
+    let report = tempfile::NamedTempFile::new().unwrap();
+    // Half the scenarios through each node: both serve one state.
+    for (node, scenarios) in nodes.iter().zip(["inventory,quota,revocation", "lease,retry,cache,deploy"]) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gapguard"))
+            .args(["--url", &node.url, "gameday", "--quick", "--no-progress", "--seed", "11", "--scenario", scenarios])
+            .arg("--report")
+            .arg(report.path())
+            .output()
+            .expect("run gapguard gameday");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "gameday failed over PostgreSQL:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&std::fs::read(report.path()).unwrap()).unwrap();
+        let runs = json["scenarios"].as_array().expect("scenarios in the report");
+        assert_eq!(runs.len(), scenarios.split(',').count(), "{json}");
+        for run in runs {
+            let violations = |mode: &str| run[mode]["violations"].as_u64().unwrap_or_else(|| panic!("{run}"));
+            assert!(violations("naive") > 0 && violations("guarded") == 0, "{run}");
+        }
+    }
+}
