@@ -118,6 +118,9 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr()?;
+    // Handlers in place before anyone learns the address: a SIGTERM right after the first
+    // answer must stop the server gracefully, not kill it.
+    let stopped = shutdown_signal()?;
     on_bound(addr);
     match &config.backend {
         Some(url) => tracing::info!(%addr, backend = %redact(url), tls = tls.is_some(), "serving"),
@@ -131,7 +134,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         streams_stop,
     );
     let signal = async move {
-        shutdown_signal().await;
+        stopped.await;
         // End the watch streams, or graceful shutdown would wait for them forever.
         let _ = stop_streams.send(true);
     };
@@ -161,20 +164,21 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers SIGINT and SIGTERM handlers now, and resolves when either arrives.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
 }
