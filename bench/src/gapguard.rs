@@ -78,9 +78,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A running gapguard server.
+/// A running gapguard server, or several nodes serving one database.
 pub struct Gapguard {
-    addr: SocketAddr,
+    /// Every node's address; load connections are spread over them round-robin, set-up
+    /// and read-back requests go to the first.
+    addrs: Vec<SocketAddr>,
     /// `Authorization` of every request, when the server runs with an API key.
     auth: Option<HeaderValue>,
     /// Which hot pool the `reserve` workload uses now: `hot-{n}`. A pool's `used` only
@@ -131,12 +133,23 @@ struct Record {
 impl Gapguard {
     /// A handle on the server listening at `addr`; every request presents `key`, when given.
     pub fn new(addr: SocketAddr, key: Option<&ApiKey>) -> Self {
-        Gapguard { addr, auth: key.map(|k| k.header().clone()), pool: AtomicU64::new(0) }
+        Self::cluster(vec![addr], key)
     }
 
-    /// Opens a connection whose requests carry this server's API key, if any.
+    /// A handle on the nodes listening at `addrs` (at least one), all serving the same data.
+    pub fn cluster(addrs: Vec<SocketAddr>, key: Option<&ApiKey>) -> Self {
+        assert!(!addrs.is_empty(), "a gapguard cluster has at least one node");
+        Gapguard { addrs, auth: key.map(|k| k.header().clone()), pool: AtomicU64::new(0) }
+    }
+
+    /// Opens a connection to the first node whose requests carry the API key, if any.
     async fn connect(&self) -> Result<HttpConn> {
-        HttpConn::connect(self.addr, self.auth.clone()).await
+        self.connect_to(0).await
+    }
+
+    /// Opens a connection to node `node_idx % n_nodes`.
+    async fn connect_to(&self, node_idx: usize) -> Result<HttpConn> {
+        HttpConn::connect(self.addrs[node_idx % self.addrs.len()], self.auth.clone()).await
     }
 
     /// The path of the hot pool the `reserve` workload uses now.
@@ -203,14 +216,15 @@ impl Gapguard {
         json_integer(&record.value).with_context(|| format!("GET stock: value {} is not an integer", record.value))
     }
 
-    /// Opens `connections` keep-alive connections, each ready to run `workload`.
+    /// Opens `connections` keep-alive connections, each ready to run `workload`; connection
+    /// `i` goes to node `i % n_nodes`.
     pub async fn workers(&self, workload: Workload, connections: usize) -> Result<Vec<GapguardWorker>> {
         let mut workers = Vec::with_capacity(connections);
         let reserve_uri: Uri = format!("{}/reserve", self.pool_path()).parse()?;
         for index in 0..connections {
             let key_uri: Uri = format!("/v1/ns/bench/kv/k{index}").parse()?;
             workers.push(GapguardWorker {
-                conn: self.connect().await?,
+                conn: self.connect_to(index).await?,
                 workload,
                 key_uri,
                 check_uri: Uri::from_static(CHECK_PATH),
