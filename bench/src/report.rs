@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::gapguard::PoolLevel;
+use crate::gapguard::{CommitStats, PoolLevel};
 use crate::runner::Tally;
 use crate::workload::{System, Workload};
 
@@ -43,6 +43,9 @@ pub struct RunResult {
     pub first_error: Option<String>,
     /// Whether the stock ran out during a timed contended run (figures then undercount).
     pub stock_ran_out: bool,
+    /// gapguard on PostgreSQL: the nodes' group commits over the whole run (warm-up included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits: Option<CommitStats>,
 }
 
 impl RunResult {
@@ -65,6 +68,7 @@ impl RunResult {
             errors: tally.errors,
             first_error: tally.first_error.clone(),
             stock_ran_out: tally.exhausted > 0,
+            commits: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl RunResult {
             errors: 1,
             first_error: Some(format!("{error:#}")),
             stock_ran_out: false,
+            commits: None,
         }
     }
 }
@@ -242,6 +247,16 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
         }
     }
     for r in &rows {
+        if let Some(c) = &r.commits {
+            println!(
+                "  {} x{}: {} group commits, {:.1} writes each, {:.2} ms each from BEGIN to COMMIT",
+                r.system.name(),
+                r.connections,
+                thousands(c.batches as f64),
+                c.mean_batch(),
+                c.mean_commit_ms()
+            );
+        }
         if let Some(error) = &r.first_error {
             println!("  ! {} x{}: {error}", r.system.name(), r.connections);
         }

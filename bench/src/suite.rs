@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::etcd::Etcd;
-use crate::gapguard::{Gapguard, PoolLevel};
+use crate::gapguard::{CommitStats, Gapguard, PoolLevel};
 use crate::gapguard_pg::GapguardPg;
 use crate::pgbench::Pgbench;
 use crate::postgres::Postgres;
@@ -227,7 +227,14 @@ async fn timed(
     plan: &Plan,
 ) -> Result<(RunResult, Option<Verification>)> {
     let tally = timed_tally(sut, workload, connections, plan).await?;
-    let result = RunResult::new(workload, sut.system(), connections, &tally);
+    let mut result = RunResult::new(workload, sut.system(), connections, &tally);
+    if let Sut::GapguardPg(s) = sut {
+        let stats: Result<CommitStats> = async { with_cluster!(s, c => c.commit_stats().await) }.await;
+        match stats {
+            Ok(stats) => result.commits = Some(stats),
+            Err(e) => eprintln!("warning: {} x{connections}: no commit figures: {e:#}", sut.system().name()),
+        }
+    }
     if !workload.contended() {
         return Ok((result, None));
     }
