@@ -78,9 +78,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A running gapguard server.
+/// A running gapguard server, or several nodes serving one database.
 pub struct Gapguard {
-    addr: SocketAddr,
+    /// Every node's address; load connections are spread over them round-robin, set-up
+    /// and read-back requests go to the first.
+    addrs: Vec<SocketAddr>,
     /// `Authorization` of every request, when the server runs with an API key.
     auth: Option<HeaderValue>,
     /// Which hot pool the `reserve` workload uses now: `hot-{n}`. A pool's `used` only
@@ -99,6 +101,46 @@ pub struct PoolLevel {
     pub reserved: i64,
     /// Units free to reserve.
     pub available: i64,
+}
+
+/// The group commits of a run, summed over every node from its `/metrics`
+/// (`gapguard_commit_batch_size` and `gapguard_commit_seconds`, since the node started).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CommitStats {
+    /// Group commits (batch transactions).
+    pub batches: u64,
+    /// Write requests they carried.
+    pub requests: f64,
+    /// Time from the start of each batch's transaction to its commit, summed, in seconds
+    /// (on the PostgreSQL backend: how long the counter row stayed locked).
+    pub seconds: f64,
+}
+
+impl CommitStats {
+    /// Write requests per group commit.
+    pub fn mean_batch(&self) -> f64 {
+        self.requests / self.batches.max(1) as f64
+    }
+
+    /// Mean time of one group commit, in milliseconds.
+    pub fn mean_commit_ms(&self) -> f64 {
+        1000.0 * self.seconds / self.batches.max(1) as f64
+    }
+
+    /// Adds the `_sum` and `_count` samples of a Prometheus text exposition.
+    fn add_exposition(&mut self, text: &str) -> Result<()> {
+        for line in text.lines() {
+            let Some((name, value)) = line.split_once(' ') else { continue };
+            let value = || value.trim().parse::<f64>().with_context(|| format!("bad sample {line:?}"));
+            match name {
+                "gapguard_commit_batch_size_sum" => self.requests += value()?,
+                "gapguard_commit_batch_size_count" => self.batches += value()? as u64,
+                "gapguard_commit_seconds_sum" => self.seconds += value()?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The part of a 200 answer to a reserve that the bench uses.
@@ -131,12 +173,23 @@ struct Record {
 impl Gapguard {
     /// A handle on the server listening at `addr`; every request presents `key`, when given.
     pub fn new(addr: SocketAddr, key: Option<&ApiKey>) -> Self {
-        Gapguard { addr, auth: key.map(|k| k.header().clone()), pool: AtomicU64::new(0) }
+        Self::cluster(vec![addr], key)
     }
 
-    /// Opens a connection whose requests carry this server's API key, if any.
+    /// A handle on the nodes listening at `addrs` (at least one), all serving the same data.
+    pub fn cluster(addrs: Vec<SocketAddr>, key: Option<&ApiKey>) -> Self {
+        assert!(!addrs.is_empty(), "a gapguard cluster has at least one node");
+        Gapguard { addrs, auth: key.map(|k| k.header().clone()), pool: AtomicU64::new(0) }
+    }
+
+    /// Opens a connection to the first node whose requests carry the API key, if any.
     async fn connect(&self) -> Result<HttpConn> {
-        HttpConn::connect(self.addr, self.auth.clone()).await
+        self.connect_to(0).await
+    }
+
+    /// Opens a connection to node `node_idx % n_nodes`.
+    async fn connect_to(&self, node_idx: usize) -> Result<HttpConn> {
+        HttpConn::connect(self.addrs[node_idx % self.addrs.len()], self.auth.clone()).await
     }
 
     /// The path of the hot pool the `reserve` workload uses now.
@@ -161,6 +214,18 @@ impl Gapguard {
         let (status, body) = conn.request(Method::GET, &path.parse()?, None).await?;
         expect(status, StatusCode::OK, &body, &format!("GET {path}"))?;
         serde_json::from_slice(&body).with_context(|| format!("GET {path}: bad JSON"))
+    }
+
+    /// Every node's group commits so far, from `GET /metrics`.
+    pub async fn commit_stats(&self) -> Result<CommitStats> {
+        let mut stats = CommitStats::default();
+        for node_idx in 0..self.addrs.len() {
+            let mut conn = self.connect_to(node_idx).await?;
+            let (status, body) = conn.request(Method::GET, &Uri::from_static("/metrics"), None).await?;
+            expect(status, StatusCode::OK, &body, "GET /metrics")?;
+            stats.add_exposition(&String::from_utf8_lossy(&body))?;
+        }
+        Ok(stats)
     }
 
     /// Succeeds when `GET /healthz` answers 200.
@@ -203,14 +268,15 @@ impl Gapguard {
         json_integer(&record.value).with_context(|| format!("GET stock: value {} is not an integer", record.value))
     }
 
-    /// Opens `connections` keep-alive connections, each ready to run `workload`.
+    /// Opens `connections` keep-alive connections, each ready to run `workload`; connection
+    /// `i` goes to node `i % n_nodes`.
     pub async fn workers(&self, workload: Workload, connections: usize) -> Result<Vec<GapguardWorker>> {
         let mut workers = Vec::with_capacity(connections);
         let reserve_uri: Uri = format!("{}/reserve", self.pool_path()).parse()?;
         for index in 0..connections {
             let key_uri: Uri = format!("/v1/ns/bench/kv/k{index}").parse()?;
             workers.push(GapguardWorker {
-                conn: self.connect().await?,
+                conn: self.connect_to(index).await?,
                 workload,
                 key_uri,
                 check_uri: Uri::from_static(CHECK_PATH),
@@ -382,7 +448,7 @@ fn unexpected(status: StatusCode, body: &[u8], what: &str) -> Result<Outcome> {
 
 #[cfg(test)]
 mod tests {
-    use super::{hex, percent_encode_segment, ApiKey};
+    use super::{hex, percent_encode_segment, ApiKey, CommitStats};
     use sha2::{Digest, Sha256};
 
     #[test]
@@ -396,6 +462,18 @@ mod tests {
         assert!(config.contains("id = \"bench\"\n") && config.contains("role = \"admin\"\n"));
         assert!(config.contains("namespaces = [\"bench\"]\n"));
         assert_ne!(ApiKey::random().secret_sha256, key.secret_sha256);
+    }
+
+    #[test]
+    fn commit_stats_sum_the_histograms_of_every_node() {
+        let text = "# TYPE gapguard_commit_batch_size histogram\ngapguard_commit_batch_size_sum 120.0\n\
+                    gapguard_commit_batch_size_count 10\ngapguard_commit_batch_size_bucket{le=\"1.0\"} 0\n\
+                    gapguard_commit_seconds_sum 0.02\ngapguard_commit_seconds_count 10\n";
+        let mut stats = CommitStats::default();
+        stats.add_exposition(text).unwrap();
+        stats.add_exposition(text).unwrap();
+        assert_eq!((stats.batches, stats.requests), (20, 240.0));
+        assert!((stats.mean_batch() - 12.0).abs() < 1e-9 && (stats.mean_commit_ms() - 2.0).abs() < 1e-9);
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! `gapguard-bench`: starts gapguard, etcd, Redis and PostgreSQL on loopback, drives the same
-//! workloads against each with keep-alive connections, and prints figures, ratios and targets.
+//! workloads against each with keep-alive connections (and gapguard's PostgreSQL backend
+//! against pgbench on the same PostgreSQL), and prints figures, ratios and targets.
 //!
 //! Exit status: 0 when every no-oversell verification passed, 1 when one failed, 2 on an
 //! error that stopped the run, 130 when interrupted. Targets not met do not change it.
 
 mod etcd;
 mod gapguard;
+mod gapguard_pg;
 mod http;
 mod overhead;
+mod pgbench;
 mod postgres;
 mod procs;
 mod redis;
@@ -27,7 +30,7 @@ use clap::Parser;
 
 use crate::report::Report;
 use crate::suite::{Plan, Sut};
-use crate::workload::{System, Workload};
+use crate::workload::{System, SystemArg, Workload};
 
 /// Side-by-side benchmark of gapguard against etcd, Redis (appendfsync always) and PostgreSQL
 /// 15 (fsync and synchronous_commit on), all started by the bench on loopback in temp dirs
@@ -48,9 +51,11 @@ struct Cli {
     only: Vec<Workload>,
 
     /// Systems to run (comma-separated). PostgreSQL runs only the `reserve` workload, Redis
-    /// every workload but `reserve`.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "gapguard,etcd,redis,postgres")]
-    systems: Vec<System>,
+    /// every workload but `reserve`; gapguard-pg (gapguard on PostgreSQL with 1 node and with
+    /// 3 nodes; gapguard-pg1, gapguard-pg3: one of them) and pgbench run `puts`, `decrement`
+    /// and `reserve`, all on the one PostgreSQL the bench starts.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gapguard,etcd,redis,postgres,gapguard-pg,pgbench")]
+    systems: Vec<SystemArg>,
 
     /// Also write every figure, verification and target as JSON to this file.
     #[arg(long)]
@@ -68,7 +73,7 @@ struct Cli {
     #[arg(long, default_value = "redis-server")]
     redis_server: PathBuf,
 
-    /// The directory of PostgreSQL 15's binaries (postgres, initdb, pg_ctl).
+    /// The directory of PostgreSQL 15's binaries (postgres, initdb, pg_ctl, pgbench).
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
     pg_bin: PathBuf,
 
@@ -150,7 +155,8 @@ async fn run(cli: &Cli) -> Result<bool> {
         return run_auth_overhead(cli).await;
     }
     let workloads = selected(&cli.only, &Workload::ALL);
-    let chosen = selected(&cli.systems, &System::ALL);
+    let chosen_args: Vec<System> = cli.systems.iter().flat_map(|arg| arg.systems().iter().copied()).collect();
+    let chosen = selected(&chosen_args, &System::ALL);
     if chosen.is_empty() {
         bail!("--systems names no system");
     }
@@ -163,22 +169,38 @@ async fn run(cli: &Cli) -> Result<bool> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the bench; build it with --release");
     }
-    let gapguard_bin = match systems.contains(&System::Gapguard) {
-        true => Some(gapguard_binary(cli.gapguard.as_deref())?),
-        false => None,
-    };
+    let gapguard_bin =
+        match systems.iter().any(|s| matches!(s, System::Gapguard | System::GapguardPg1 | System::GapguardPg3)) {
+            true => Some(gapguard_binary(cli.gapguard.as_deref())?),
+            false => None,
+        };
     let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
 
     let mut versions = BTreeMap::new();
     // Held until the end of this function: dropping a server stops it.
     let mut servers = Vec::new();
     let mut suts = Vec::new();
+    // One PostgreSQL for every system that needs one: the same server and settings for
+    // the bench's own driver, gapguard's PostgreSQL backend and pgbench.
+    let pg_addr = match systems.iter().any(|s| s.needs_postgres()) {
+        true => {
+            let server = procs::start_postgres(&cli.pg_bin, &base).await?;
+            if let Some(v) = procs::version(&cli.pg_bin.join("postgres")) {
+                versions.insert("postgres", v);
+            }
+            eprintln!("postgres listening on {}", server.addr);
+            let addr = server.addr;
+            servers.push(server);
+            Some(addr)
+        }
+        false => None,
+    };
     for &system in &systems {
         let (server, sut) = match system {
             System::Gapguard => {
                 let bin = gapguard_bin.as_deref().context("gapguard binary")?;
                 let key = cli.auth.then(gapguard::ApiKey::random);
-                let server = procs::start_gapguard(bin, &base, key.as_ref()).await?;
+                let server = procs::start_gapguard(bin, &base, key.as_ref(), None).await?;
                 let sut = Sut::Gapguard(gapguard::Gapguard::new(server.addr, key.as_ref()));
                 (server, sut)
             }
@@ -199,12 +221,24 @@ async fn run(cli: &Cli) -> Result<bool> {
                 (server, sut)
             }
             System::Postgres => {
-                let server = procs::start_postgres(&cli.pg_bin, &base).await?;
-                if let Some(v) = procs::version(&cli.pg_bin.join("postgres")) {
-                    versions.insert("postgres", v);
+                suts.push(Sut::Postgres(postgres::Postgres::new(pg_addr.context("PostgreSQL")?)));
+                continue;
+            }
+            System::GapguardPg1 | System::GapguardPg3 => {
+                let bin = gapguard_bin.as_deref().context("gapguard binary")?;
+                let n_nodes = system.pg_nodes().context("node count")?;
+                let pg = pg_addr.context("PostgreSQL")?;
+                let key = cli.auth.then(gapguard::ApiKey::random);
+                suts.push(Sut::GapguardPg(Box::new(gapguard_pg::GapguardPg::new(bin, &base, pg, n_nodes, key))));
+                continue;
+            }
+            System::Pgbench => {
+                let pgbench = pgbench::Pgbench::new(&cli.pg_bin, &base, pg_addr.context("PostgreSQL")?)?;
+                if let Some(v) = procs::version(pgbench.bin()) {
+                    versions.insert("pgbench", v);
                 }
-                let sut = Sut::Postgres(postgres::Postgres::new(server.addr));
-                (server, sut)
+                suts.push(Sut::Pgbench(pgbench));
+                continue;
             }
         };
         eprintln!("{} listening on {}", system.name(), server.addr);
@@ -220,6 +254,11 @@ async fn run(cli: &Cli) -> Result<bool> {
         verify_stock: cli.verify_stock,
     };
     let findings = suite::run(&suts, &plan).await;
+    // gapguard-pg's nodes stop before the PostgreSQL under them.
+    for sut in &suts {
+        sut.stop().await;
+    }
+    drop(suts);
     for server in &mut servers {
         if let Err(e) = server.check_alive() {
             eprintln!("warning: {e:#}");
@@ -229,7 +268,9 @@ async fn run(cli: &Cli) -> Result<bool> {
     drop(servers);
 
     println!("gapguard-bench: {} s per run after {} ms warm-up", cli.seconds, cli.warmup_ms);
-    if cli.auth && systems.contains(&System::Gapguard) {
+    let gapguard_auth =
+        cli.auth && systems.iter().any(|s| matches!(s, System::Gapguard | System::GapguardPg1 | System::GapguardPg3));
+    if gapguard_auth {
         println!("  gapguard: with authentication (API key {:?}, role admin, namespace bench)", gapguard::ApiKey::ID);
     }
     for (name, version) in &versions {
@@ -251,7 +292,7 @@ async fn run(cli: &Cli) -> Result<bool> {
         let report = Report {
             seconds: plan.measure.as_secs_f64(),
             warmup_seconds: plan.warmup.as_secs_f64(),
-            gapguard_auth: cli.auth && systems.contains(&System::Gapguard),
+            gapguard_auth,
             versions,
             results: &findings.results,
             verifications: &findings.verifications,

@@ -131,10 +131,10 @@ impl Servers {
     /// Starts gapguard twice, each in its own temp dir under `base`: without API keys, and
     /// with one random key.
     pub async fn start(bin: &Path, base: &Path) -> Result<Self> {
-        let plain = procs::start_gapguard(bin, base, None).await?;
+        let plain = procs::start_gapguard(bin, base, None, None).await?;
         eprintln!("gapguard (no auth) listening on {}", plain.addr);
         let key = ApiKey::random();
-        let keyed = procs::start_gapguard(bin, base, Some(&key)).await?;
+        let keyed = procs::start_gapguard(bin, base, Some(&key), None).await?;
         eprintln!("gapguard (auth: API key {:?}) listening on {}", ApiKey::ID, keyed.addr);
         let no_auth = Sut::Gapguard(Gapguard::new(plain.addr, None));
         let auth = Sut::Gapguard(Gapguard::new(keyed.addr, Some(&key)));

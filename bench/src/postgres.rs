@@ -1,5 +1,7 @@
 //! PostgreSQL's side of the `reserve` workload, with `tokio-postgres`: one connection per load
-//! task, one prepared autocommit `UPDATE` per pair (each its own durable transaction).
+//! task, one prepared autocommit `UPDATE` per pair (each its own durable transaction). Also
+//! the helpers the PostgreSQL backend and pgbench runs share: URLs, connections to a named
+//! database, a fresh database per run.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -88,15 +90,52 @@ impl Worker for PostgresWorker {
 }
 
 fn config(addr: SocketAddr, connect_timeout: Duration) -> Config {
+    config_db(addr, "postgres", connect_timeout)
+}
+
+fn config_db(addr: SocketAddr, db: &str, connect_timeout: Duration) -> Config {
     let mut config = Config::new();
     config
         .host(addr.ip().to_string())
         .port(addr.port())
         .user(USER)
-        .dbname("postgres")
+        .dbname(db)
         .application_name("gapguard-bench")
         .connect_timeout(connect_timeout);
     config
+}
+
+/// The URL of database `db` on the PostgreSQL at `addr`, as `gapguard serve --backend` takes it.
+pub fn url(addr: SocketAddr, db: &str) -> String {
+    format!("postgres://{USER}@{addr}/{db}")
+}
+
+/// Opens one connection to database `db` on the PostgreSQL at `addr`.
+pub async fn connect_db(addr: SocketAddr, db: &str) -> Result<Client> {
+    connect(&config_db(addr, db, Duration::from_secs(5))).await
+}
+
+/// Creates database `db` (a plain identifier: the bench's own names), dropping any database
+/// of that name first; each run gets a fresh one so that none inherits the dead row
+/// versions, change log or audit chain of the one before.
+pub async fn create_database(addr: SocketAddr, db: &str) -> Result<()> {
+    let client = connect(&config(addr, Duration::from_secs(5))).await?;
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .with_context(|| format!("dropping database {db}"))?;
+    client.batch_execute(&format!("CREATE DATABASE {db}")).await.with_context(|| format!("creating database {db}"))?;
+    Ok(())
+}
+
+/// Drops database `db` if it exists (its clients are disconnected).
+pub async fn drop_database(addr: SocketAddr, db: &str) -> Result<()> {
+    let client = connect(&config(addr, Duration::from_secs(5))).await?;
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .with_context(|| format!("dropping database {db}"))?;
+    Ok(())
 }
 
 /// Opens one connection (TCP, no TLS) and spawns the task that drives it, which ends when

@@ -246,18 +246,28 @@ where
     }
 }
 
-/// Starts `gapguard serve --data <tempdir>/data --listen 127.0.0.1:0` and reads the bound
-/// address from the first line of its stdout. With `key`, it also writes a config file
-/// holding that one `[[api_key]]` (mode 0600, in the temp dir), adds `--config <file>`, and
-/// checks once ready that the server refuses a request without the key.
-pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>) -> Result<Server> {
+/// Starts `gapguard serve --data <tempdir>/data --listen 127.0.0.1:0` (with `backend`:
+/// `--backend <url>` instead of `--data`) and reads the bound address from the first line of
+/// its stdout. With `key`, it also writes a config file holding that one `[[api_key]]` (mode
+/// 0600, in the temp dir), adds `--config <file>`, and checks once ready that the server
+/// refuses a request without the key.
+pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>, backend: Option<&str>) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data)?;
     let log = dir.path().join("gapguard.log");
     let stderr = append(&log)?;
     let mut cmd = Command::new(bin);
-    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]);
+    cmd.arg("serve");
+    match backend {
+        Some(url) => {
+            cmd.arg("--backend").arg(url);
+        }
+        None => {
+            let data = dir.path().join("data");
+            std::fs::create_dir(&data)?;
+            cmd.arg("--data").arg(&data);
+        }
+    }
+    cmd.args(["--listen", "127.0.0.1:0"]);
     if let Some(key) = key {
         let config = dir.path().join("gapguard.toml");
         let mut file = std::fs::OpenOptions::new()
@@ -470,4 +480,38 @@ pub fn version(bin: &Path) -> Option<String> {
     let out = Command::new(bin).arg("--version").stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().next().map(|line| line.trim().to_owned())
+}
+
+/// A temp dir in `base` that the PostgreSQL tools can write to: handed to the `postgres` user
+/// when the bench runs as root.
+pub fn postgres_temp_dir(base: &Path, name: &str) -> Result<TempDir> {
+    let dir = temp_dir(base, name)?;
+    if let Some(user) = postgres_user()? {
+        std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))
+            .with_context(|| format!("handing {} to the postgres user", dir.path().display()))?;
+    }
+    Ok(dir)
+}
+
+/// Runs `bin` with `args` in `dir` to completion, as the `postgres` user when the bench runs
+/// as root (like the other PostgreSQL binaries), and returns its stdout. Fails with the tail
+/// of its stderr if it fails. Killed if the bench stops waiting (Ctrl-C).
+pub async fn run_postgres_tool(bin: &Path, args: &[String], dir: &Path) -> Result<String> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(user) = postgres_user()? {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    let out = cmd.output().await.with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        bail!("{} failed ({}):\n{}", bin.display(), out.status, lines[lines.len().saturating_sub(12)..].join("\n"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -58,7 +58,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn new(seconds: f64) -> Self {
+    /// An empty tally of a measured window `seconds` long.
+    pub fn new(seconds: f64) -> Self {
         Tally {
             seconds,
             ops: 0,

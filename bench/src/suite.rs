@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::etcd::Etcd;
-use crate::gapguard::{Gapguard, PoolLevel};
+use crate::gapguard::{CommitStats, Gapguard, PoolLevel};
+use crate::gapguard_pg::GapguardPg;
+use crate::pgbench::Pgbench;
 use crate::postgres::Postgres;
 use crate::redis::Redis;
 use crate::report::{RunResult, Verification};
@@ -26,6 +28,19 @@ pub enum Sut {
     Redis(Redis),
     /// PostgreSQL.
     Postgres(Postgres),
+    /// gapguard on PostgreSQL, one or more nodes.
+    GapguardPg(Box<GapguardPg>),
+    /// PostgreSQL driven by pgbench.
+    Pgbench(Pgbench),
+}
+
+/// The cluster of a [`Sut::GapguardPg`], as `let` binding `$client: &Gapguard`.
+macro_rules! with_cluster {
+    ($sut:expr, $client:ident => $body:expr) => {{
+        let guard = $sut.cluster().await?;
+        let $client = &guard.as_ref().context("gapguard-pg: no cluster")?.client;
+        $body
+    }};
 }
 
 /// The stock read back after a run.
@@ -50,6 +65,27 @@ impl Sut {
             Sut::Etcd(_) => System::Etcd,
             Sut::Redis(_) => System::Redis,
             Sut::Postgres(_) => System::Postgres,
+            Sut::GapguardPg(s) if s.n_nodes() == 1 => System::GapguardPg1,
+            Sut::GapguardPg(_) => System::GapguardPg3,
+            Sut::Pgbench(_) => System::Pgbench,
+        }
+    }
+
+    /// Gives the next run a clean slate where the system shares state between runs: a fresh
+    /// database (and, for gapguard on PostgreSQL, fresh nodes on it).
+    async fn fresh(&self) -> Result<()> {
+        match self {
+            Sut::GapguardPg(s) => s.fresh().await.context("starting a fresh gapguard-pg cluster"),
+            Sut::Pgbench(s) => s.fresh().await.context("creating a fresh pgbench database"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops whatever the system started for its runs (gapguard-pg's nodes, which must stop
+    /// before the PostgreSQL under them).
+    pub async fn stop(&self) {
+        if let Sut::GapguardPg(s) = self {
+            s.stop().await;
         }
     }
 
@@ -62,6 +98,9 @@ impl Sut {
             Sut::Etcd(s) => s.set_stock(n).await,
             Sut::Redis(s) => s.set_stock(n).await,
             Sut::Postgres(s) => s.set_stock(n).await,
+            Sut::GapguardPg(s) if workload == Workload::Reserve => with_cluster!(s, c => c.new_pool(n).await),
+            Sut::GapguardPg(s) => with_cluster!(s, c => c.set_stock(n).await),
+            Sut::Pgbench(s) => s.set_stock(n).await,
         }
         .context("setting stock")
     }
@@ -75,6 +114,12 @@ impl Sut {
             Sut::Etcd(s) => s.read_stock().await.map(Level::plain),
             Sut::Redis(s) => s.read_stock().await.map(Level::plain),
             Sut::Postgres(s) => s.read_stock().await.map(Level::plain),
+            Sut::GapguardPg(s) if workload == Workload::Reserve => with_cluster!(s, c => c
+                .read_pool()
+                .await
+                .map(|pool| Level { remaining: pool.available, pool: Some(pool) })),
+            Sut::GapguardPg(s) => with_cluster!(s, c => c.read_stock().await.map(Level::plain)),
+            Sut::Pgbench(s) => s.read_stock().await.map(Level::plain),
         }
         .context("reading stock")
     }
@@ -101,6 +146,11 @@ impl Sut {
             Sut::Etcd(s) => go!(s.workers(workload, connections)),
             Sut::Redis(s) => go!(s.workers(workload, connections)),
             Sut::Postgres(s) => go!(s.workers(workload, connections)),
+            Sut::GapguardPg(s) => with_cluster!(s, c => go!(c.workers(workload, connections))),
+            Sut::Pgbench(s) => match window {
+                Some((warmup, measure)) => s.run(workload, connections, warmup, measure).await,
+                None => bail!("pgbench runs only timed"),
+            },
         }
     }
 }
@@ -134,7 +184,7 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
     for &workload in &plan.workloads {
         let suts: Vec<&Sut> = suts.iter().filter(|sut| sut.system().supports(workload)).collect();
         for &connections in workload.connections() {
-            for &sut in &suts {
+            for &sut in suts.iter().filter(|sut| sut.system().connections(workload).contains(&connections)) {
                 let system = sut.system();
                 eprintln!(
                     "running {} x{connections} on {} ({:.0} s + {:.0} s warm-up)",
@@ -153,7 +203,7 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
             }
         }
         if workload.contended() {
-            for &sut in &suts {
+            for &sut in suts.iter().filter(|sut| sut.system().verifies_exhaustion()) {
                 eprintln!(
                     "verifying {} on {}: stock {} until exhausted",
                     workload.name(),
@@ -177,7 +227,14 @@ async fn timed(
     plan: &Plan,
 ) -> Result<(RunResult, Option<Verification>)> {
     let tally = timed_tally(sut, workload, connections, plan).await?;
-    let result = RunResult::new(workload, sut.system(), connections, &tally);
+    let mut result = RunResult::new(workload, sut.system(), connections, &tally);
+    if let Sut::GapguardPg(s) = sut {
+        let stats: Result<CommitStats> = async { with_cluster!(s, c => c.commit_stats().await) }.await;
+        match stats {
+            Ok(stats) => result.commits = Some(stats),
+            Err(e) => eprintln!("warning: {} x{connections}: no commit figures: {e:#}", sut.system().name()),
+        }
+    }
     if !workload.contended() {
         return Ok((result, None));
     }
@@ -209,6 +266,7 @@ async fn timed(
 /// One timed run (warm-up, then the measured window), after setting the stock to
 /// `plan.stock` when `workload` draws on it; its raw tally.
 pub async fn timed_tally(sut: &Sut, workload: Workload, connections: usize, plan: &Plan) -> Result<Tally> {
+    sut.fresh().await?;
     if workload.contended() || workload == Workload::Checks {
         sut.set_stock(workload, plan.stock).await?;
     }
