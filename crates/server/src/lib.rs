@@ -122,21 +122,19 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         let _ = stop_streams.send(true);
         let _ = stop_all.send(true);
     };
-    let limits = load::LoadLimits {
-        max_in_flight: config.max_in_flight,
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
-    };
+    let request_timeout = Duration::from_millis(config.request_timeout_ms);
+    let limits = load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout };
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let metrics_server = metrics_listener.map(|listener| {
         let state = routes::AppState { engine: engine.clone(), keys: Arc::new(keys), metrics, shutdown: streams_stop };
-        let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout };
+        let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout, request_timeout };
         let mut stopped = stopped.clone();
         let stop = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         tokio::spawn(accept::serve(listener, metrics::router(state), connections, stop))
     });
-    let connections = accept::ConnectionConfig { tls, header_read_timeout };
+    let connections = accept::ConnectionConfig { tls, header_read_timeout, request_timeout };
     let served = accept::serve(listener, load::layer(router, limits), connections, signal).await;
     if let Some(metrics_server) = metrics_server {
         // It stops on the same signal; a scrape in progress finishes first.
