@@ -251,14 +251,26 @@ where
 /// holding that one `[[api_key]]` (mode 0600, in the temp dir), adds `--config <file>`, and
 /// checks once ready that the server refuses a request without the key.
 pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>) -> Result<Server> {
+    start_gapguard_with(bin, base, key, "", &[]).await
+}
+
+/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty) and
+/// `args` after `serve`.
+pub async fn start_gapguard_with(
+    bin: &Path,
+    base: &Path,
+    key: Option<&ApiKey>,
+    config_toml: &str,
+    args: &[&str],
+) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
     let data = dir.path().join("data");
     std::fs::create_dir(&data)?;
     let log = dir.path().join("gapguard.log");
     let stderr = append(&log)?;
     let mut cmd = Command::new(bin);
-    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]);
-    if let Some(key) = key {
+    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]).args(args);
+    if key.is_some() || !config_toml.is_empty() {
         let config = dir.path().join("gapguard.toml");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -266,7 +278,9 @@ pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>) -> Re
             .mode(0o600)
             .open(&config)
             .with_context(|| format!("creating {}", config.display()))?;
-        file.write_all(key.config_toml().as_bytes()).with_context(|| format!("writing {}", config.display()))?;
+        // Top-level keys first: the key's config ends in an [[api_key]] table.
+        let text = format!("{config_toml}\n{}", key.map(ApiKey::config_toml).unwrap_or_default());
+        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", config.display()))?;
         cmd.arg("--config").arg(&config);
     }
     let mut child =
