@@ -9,6 +9,7 @@ mod etcd;
 mod gapguard;
 mod gapguard_pg;
 mod http;
+mod obs;
 mod overhead;
 mod pgbench;
 mod postgres;
@@ -101,6 +102,15 @@ struct Cli {
     /// overhead against the target (under 5 %).
     #[arg(long, conflicts_with_all = ["auth", "only", "systems"])]
     auth_overhead: bool,
+
+    /// Instead of the comparison, measure what metrics and tracing cost gapguard: durable
+    /// puts (x16, x64) and checks (x16) on three servers in one run: metrics and tracing off
+    /// (`metrics = false`), metrics on (the default), and metrics on with every request's span
+    /// exported over OTLP/HTTP to a sink in this process; rounds ordered off, metrics,
+    /// metrics+otlp, metrics+otlp, metrics, off; prints each variant's ops/s and overhead
+    /// against the criterion (under 10 %).
+    #[arg(long, conflicts_with_all = ["auth", "auth_overhead", "only", "systems"])]
+    obs_overhead: bool,
 }
 
 fn main() -> ExitCode {
@@ -153,6 +163,9 @@ async fn shutdown_signal() -> &'static str {
 async fn run(cli: &Cli) -> Result<bool> {
     if cli.auth_overhead {
         return run_auth_overhead(cli).await;
+    }
+    if cli.obs_overhead {
+        return run_obs_overhead(cli).await;
     }
     let workloads = selected(&cli.only, &Workload::ALL);
     let chosen_args: Vec<System> = cli.systems.iter().flat_map(|arg| arg.systems().iter().copied()).collect();
@@ -347,6 +360,60 @@ async fn run_auth_overhead(cli: &Cli) -> Result<bool> {
             warmup_seconds: plan.warmup.as_secs_f64(),
             order: overhead::ORDER,
             api_key_id: gapguard::ApiKey::ID,
+            cases: &cases,
+            targets: &targets,
+        };
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(true)
+}
+
+/// `--obs-overhead`: starts gapguard with metrics and tracing off, on, and exporting spans,
+/// runs the cases on each, prints and writes the overheads. A criterion not met, like a run with
+/// errors, does not fail it.
+async fn run_obs_overhead(cli: &Cli) -> Result<bool> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build of the bench; build it with --release");
+    }
+    let bin = gapguard_binary(cli.gapguard.as_deref())?;
+    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
+    let plan = Plan {
+        workloads: vec![Workload::Puts, Workload::Checks],
+        warmup: Duration::from_millis(cli.warmup_ms),
+        measure: Duration::from_secs(cli.seconds),
+        stock: cli.stock,
+        verify_stock: cli.verify_stock,
+    };
+    let mut servers = obs::Servers::start(&bin, &base).await?;
+    let cases = obs::run(&servers, &plan).await;
+    servers.check_alive();
+    eprintln!("stopping the servers");
+    let sink = servers.sink.received();
+    drop(servers);
+
+    println!(
+        "gapguard-bench --obs-overhead: {} s per run after {} ms warm-up, {} runs per case",
+        cli.seconds,
+        cli.warmup_ms,
+        obs::ORDER.len()
+    );
+    if let Some(version) = procs::version(&bin) {
+        println!("  gapguard: {version}");
+    }
+    obs::print(&cases, sink);
+    let targets = obs::targets(&cases);
+    report::print_targets(&targets);
+
+    if let Some(path) = &cli.json {
+        let report = obs::Report {
+            seconds: plan.measure.as_secs_f64(),
+            warmup_seconds: plan.warmup.as_secs_f64(),
+            order: obs::ORDER,
+            otlp_sink_requests: sink.0,
+            otlp_sink_bytes: sink.1,
             cases: &cases,
             targets: &targets,
         };

@@ -37,6 +37,12 @@ pub enum Variant {
     NoAuth,
     /// One `[[api_key]]`; every request sends `Authorization: Bearer <secret>`.
     Auth,
+    /// `--obs-overhead`: metrics off, no span exporter.
+    ObsOff,
+    /// `--obs-overhead`: metrics on (the default), no span exporter.
+    Metrics,
+    /// `--obs-overhead`: metrics on, spans exported over OTLP/HTTP to a sink.
+    MetricsOtlp,
 }
 
 impl Variant {
@@ -45,6 +51,9 @@ impl Variant {
         match self {
             Variant::NoAuth => "no auth",
             Variant::Auth => "auth",
+            Variant::ObsOff => "off",
+            Variant::Metrics => "metrics",
+            Variant::MetricsOtlp => "metrics+otlp",
         }
     }
 }
@@ -168,8 +177,8 @@ pub async fn run(servers: &Servers, plan: &Plan) -> Vec<Case> {
                 plan.warmup.as_secs_f64()
             );
             let (sut, into) = match variant {
-                Variant::NoAuth => (&servers.no_auth, &mut no_auth),
                 Variant::Auth => (&servers.auth, &mut auth),
+                _ => (&servers.no_auth, &mut no_auth),
             };
             into.push((round, suite::timed_tally(sut, workload, connections, plan).await));
         }
@@ -190,7 +199,7 @@ pub async fn run(servers: &Servers, plan: &Plan) -> Vec<Case> {
 }
 
 /// A variant's figures from its rounds' tallies (or the error that stopped a round).
-fn figures(variant: Variant, runs: Vec<(usize, Result<Tally>)>) -> VariantFigures {
+pub fn figures(variant: Variant, runs: Vec<(usize, Result<Tally>)>) -> VariantFigures {
     let mut rounds = Vec::new();
     let mut merged: Option<Tally> = None;
     let (mut ops, mut seconds) = (0u64, 0.0);

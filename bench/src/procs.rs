@@ -252,6 +252,19 @@ where
 /// 0600, in the temp dir), adds `--config <file>`, and checks once ready that the server
 /// refuses a request without the key.
 pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>, backend: Option<&str>) -> Result<Server> {
+    start_gapguard_with(bin, base, key, backend, "", &[]).await
+}
+
+/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty) and
+/// `args` after `serve`.
+pub async fn start_gapguard_with(
+    bin: &Path,
+    base: &Path,
+    key: Option<&ApiKey>,
+    backend: Option<&str>,
+    config_toml: &str,
+    args: &[&str],
+) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
     let log = dir.path().join("gapguard.log");
     let stderr = append(&log)?;
@@ -267,8 +280,8 @@ pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>, backe
             cmd.arg("--data").arg(&data);
         }
     }
-    cmd.args(["--listen", "127.0.0.1:0"]);
-    if let Some(key) = key {
+    cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+    if key.is_some() || !config_toml.is_empty() {
         let config = dir.path().join("gapguard.toml");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -276,7 +289,9 @@ pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>, backe
             .mode(0o600)
             .open(&config)
             .with_context(|| format!("creating {}", config.display()))?;
-        file.write_all(key.config_toml().as_bytes()).with_context(|| format!("writing {}", config.display()))?;
+        // Top-level keys first: the key's config ends in an [[api_key]] table.
+        let text = format!("{config_toml}\n{}", key.map(ApiKey::config_toml).unwrap_or_default());
+        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", config.display()))?;
         cmd.arg("--config").arg(&config);
     }
     let mut child =

@@ -148,12 +148,26 @@ struct ServeArgs {
     /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:7700, or the config's `listen`].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TOML config file (flags override its `data`, `listen` and `trace_file`).
+    /// TOML config file (flags override its `data`, `listen`, `trace_file`, `otlp_endpoint` and
+    /// `metrics_listen`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Append finished spans to this file as OTLP JSON Lines [default: the config's `trace_file`].
     #[arg(long, value_name = "PATH")]
     trace_file: Option<PathBuf>,
+    /// Send finished spans over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 (spans go to URL/v1/traces) [default: the config's `otlp_endpoint`].
+    #[arg(long, value_name = "URL", value_parser = otlp_endpoint)]
+    otlp_endpoint: Option<String>,
+    /// Serve /metrics (and /healthz) on this address instead of the API's [default: the
+    /// config's `metrics_listen`].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// `--otlp-endpoint`: the traces URL of a valid endpoint, else why not (clap exits 2 with it).
+fn otlp_endpoint(endpoint: &str) -> Result<String, String> {
+    gapguard_server::config::otlp_traces_url(endpoint)
 }
 
 /// Headers of a request that only reads.

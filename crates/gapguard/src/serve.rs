@@ -2,10 +2,9 @@
 
 use std::io::{IsTerminal as _, Write as _};
 
-use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -14,8 +13,8 @@ use crate::ServeArgs;
 
 /// Loads the config, applies the flags over it, and serves until SIGINT or SIGTERM. The first
 /// line on stdout is `listening on ADDR`, printed once the address is bound; logs go to
-/// stderr (`RUST_LOG`, default `info`); spans go to the trace file, if one is set, and are
-/// flushed on the way out.
+/// stderr (`RUST_LOG`, default `info`); spans go to the trace file and/or the OTLP endpoint,
+/// if set, and are flushed on the way out.
 pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = gapguard_server::Config::load(args.config.as_deref())?;
     if let Some(data) = &args.data {
@@ -31,13 +30,14 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.trace_file {
         config.trace_file = Some(path.clone());
     }
-    let provider = match &config.trace_file {
-        Some(path) => Some(
-            gapguard_server::otel::file_provider(path)
-                .with_context(|| format!("cannot open the trace file {}", path.display()))?,
-        ),
-        None => None,
-    };
+    if let Some(url) = &args.otlp_endpoint {
+        config.otlp_traces_url = Some(url.clone());
+    }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics_listen = Some(addr);
+    }
+    let provider =
+        gapguard_server::otel::tracer_provider(config.trace_file.as_deref(), config.otlp_traces_url.as_deref())?;
     init_tracing(provider.as_ref());
     let served = gapguard_server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
@@ -48,7 +48,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(provider) = provider {
         // Exports the spans still batched.
         if let Err(e) = provider.shutdown() {
-            tracing::warn!("could not flush the trace file: {e}");
+            tracing::warn!("could not flush the spans still batched: {e}");
         }
     }
     served?;
@@ -67,9 +67,11 @@ fn init_tracing(provider: Option<&SdkTracerProvider>) {
     let filter = filter
         .add_directive(format!("{}=off", gapguard_server::REQUEST_SPAN_TARGET).parse().expect("a valid directive"));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
-    // RUST_LOG filters the logs only: the request spans are exported whatever it says.
-    let spans = provider
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("gapguard")).with_filter(LevelFilter::INFO));
+    // RUST_LOG filters the logs only: the request spans are exported whatever it says, and
+    // nothing else is (the OTLP exporter's own HTTP client must not trace its exports).
+    let request_spans = Targets::new().with_target(gapguard_server::REQUEST_SPAN_TARGET, LevelFilter::INFO);
+    let spans =
+        provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("gapguard")).with_filter(request_spans));
     tracing_subscriber::registry().with(logs).with(spans).init();
     if let Some(e) = bad_filter {
         tracing::warn!("ignoring RUST_LOG ({e}); logging at info");

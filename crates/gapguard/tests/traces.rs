@@ -90,9 +90,19 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     assert_eq!(links[0]["spanId"], check["spanId"]);
     assert_eq!(attr(&links[0]["attributes"], "toctou.link"), Some("check"));
 
-    // The put is traced too, without toctou attributes.
+    // The put is traced too, as a mutation of its key (what `gapguard analyze` looks for inside
+    // a check-to-use window).
     let put = spans.iter().find(|s| s["name"] == "PUT /v1/ns/{ns}/kv/{*key}").expect("the put span");
-    assert_eq!(attr(&put["attributes"], "toctou.role"), None);
+    assert_eq!(attr(&put["attributes"], "toctou.role"), Some("mutate"));
+    assert_eq!(attr(&put["attributes"], "toctou.resource.key"), Some("stock"));
+    // The version each span saw: an integer attribute (OTLP/JSON: a decimal string).
+    let version = |span: &Value| {
+        span["attributes"].as_array().and_then(|a| {
+            a.iter().find(|kv| kv["key"] == "toctou.resource.version").map(|kv| kv["value"]["intValue"].clone())
+        })
+    };
+    assert_eq!(version(check), Some(json!("1")), "the check saw the stock as put once");
+    assert_eq!(version(act), Some(json!("1")), "so did the act, which did not change it");
 }
 
 #[tokio::test]

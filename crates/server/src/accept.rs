@@ -1,25 +1,31 @@
 //! The accept loop of `serve`: TCP connections, TLS when configured, served as HTTP/1.1 by
-//! hyper with a header read timeout, and a graceful shutdown that lets requests in progress
-//! finish.
+//! hyper, a watchdog that enforces the header read timeout and the request deadline without a
+//! timer per request, and a graceful shutdown that lets requests in progress finish.
 //!
 //! `axum::serve` does not expose hyper's header read timeout, hence this loop. It speaks
 //! HTTP/1.1 only: the header read timeout is an HTTP/1 setting, and HTTP/2 would need its own
 //! defences against slow clients.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::response::Response;
 use axum::Router;
+use hyper::body::Body as _;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
 /// The first byte of a TLS handshake record; anything else on a TLS port is not TLS.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -47,6 +53,8 @@ pub(crate) struct ConnectionConfig {
     /// How long a client may take to send a request's headers (and, with TLS, to complete
     /// the handshake). An idle keep-alive connection is closed after it too.
     pub header_read_timeout: Duration,
+    /// How long a request may take, enforced by `load::layer` with the connection's clock.
+    pub request_timeout: Duration,
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting, lets each
@@ -57,8 +65,10 @@ pub(crate) async fn serve(
     config: ConnectionConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+    // No hyper timer: the watchdog enforces the header read timeout (see [`Watchdog`]).
+    let http = http1::Builder::new();
+    let watchdog = Watchdog::new(config.header_read_timeout, config.request_timeout);
+    let sweeper = tokio::spawn(Arc::clone(&watchdog).sweep());
     // Every connection task holds a receiver; `closed()` below waits for the last one.
     let (stop, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
@@ -79,6 +89,7 @@ pub(crate) async fn serve(
             http: http.clone(),
             tls: config.tls.clone(),
             header_read_timeout: config.header_read_timeout,
+            clock: watchdog.register(),
             stop: stop_rx.clone(),
             peer,
         };
@@ -88,6 +99,7 @@ pub(crate) async fn serve(
     drop(stop_rx);
     let _ = stop.send(true);
     stop.closed().await;
+    sweeper.abort();
     Ok(())
 }
 
@@ -108,6 +120,7 @@ struct Connection {
     http: http1::Builder,
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
+    clock: Arc<ConnectionClock>,
     stop: watch::Receiver<bool>,
     peer: SocketAddr,
 }
@@ -154,10 +167,33 @@ impl Connection {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let Self { router, http, mut stop, peer, .. } = self;
-        let mut conn = pin!(http.serve_connection(io, TowerToHyperService::new(router)));
+        let Self { router, http, mut stop, peer, clock, .. } = self;
+        // The connection's clock goes with each request (for its deadline in `load::layer`)
+        // and learns when a head arrived and when its answer is out.
+        let service = hyper::service::service_fn({
+            let clock = Arc::clone(&clock);
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                clock.head_received();
+                request.extensions_mut().insert(Arc::clone(&clock));
+                let (router, clock) = (router.clone(), Arc::clone(&clock));
+                async move {
+                    let response = match router.oneshot(request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    };
+                    Ok::<_, Infallible>(clock.answered(response))
+                }
+            }
+        });
+        // Waiting for the first head starts once the connection is served (after TLS).
+        clock.waiting_from_now();
+        let mut conn = pin!(http.serve_connection(io, service));
         let result = tokio::select! {
             result = conn.as_mut() => result,
+            () = clock.close.notified() => {
+                tracing::debug!(%peer, "header read timeout: closing the connection");
+                return;
+            }
             () = stopped(&mut stop) => {
                 // Finish the request in progress (if any), then close.
                 conn.as_mut().graceful_shutdown();
@@ -168,6 +204,203 @@ impl Connection {
             // Header read timeouts, clients that hang up: the client's business, not an error.
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// What is left of the connection's header read deadline and request deadline: a coarse clock
+/// and a sweeper task, instead of timers armed and cancelled for every request.
+///
+/// hyper's `header_read_timeout` and a `tokio::time::timeout` around each request put two
+/// entries into Tokio's timer wheel per request (each a lock on the shared wheel and an
+/// allocation); measured, each cost several percent of throughput. Here a request only stores
+/// two timestamps read from a clock the sweeper advances, and the sweeper, every `tick`, closes
+/// connections that have waited too long for a request's head and tells requests past their
+/// deadline to give up. A deadline fires between its timeout and its timeout plus two ticks.
+pub(crate) struct Watchdog {
+    epoch: Instant,
+    /// Milliseconds since `epoch`, advanced by the sweeper every tick.
+    now_ms: AtomicU64,
+    tick: Duration,
+    header_read_timeout: Duration,
+    request_timeout: Duration,
+    connections: Mutex<Vec<Weak<ConnectionClock>>>,
+}
+
+/// "No time": not waiting for a head, or no request in progress.
+const NONE_MS: u64 = u64::MAX;
+/// A response body of at most this many bytes (known in advance) is written at once, so the
+/// connection is waiting for the next head as soon as the response head is out. Larger or
+/// streamed bodies (watch streams) keep the connection busy until they end.
+const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
+impl Watchdog {
+    /// A watchdog whose tick is a sixteenth of the shorter timeout (5 ms to 500 ms).
+    pub(crate) fn new(header_read_timeout: Duration, request_timeout: Duration) -> Arc<Self> {
+        let tick =
+            (header_read_timeout.min(request_timeout) / 16).clamp(Duration::from_millis(5), Duration::from_millis(500));
+        Arc::new(Self {
+            epoch: Instant::now(),
+            now_ms: AtomicU64::new(0),
+            tick,
+            header_read_timeout,
+            request_timeout,
+            connections: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A clock for a new connection, waiting for its first request head from now.
+    fn register(self: &Arc<Self>) -> Arc<ConnectionClock> {
+        let clock = Arc::new(ConnectionClock {
+            watchdog: Arc::clone(self),
+            waiting_since_ms: AtomicU64::new(self.now_ms.load(Ordering::Relaxed)),
+            request_since_ms: AtomicU64::new(NONE_MS),
+            close: Notify::new(),
+            expired: Notify::new(),
+        });
+        self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(&clock));
+        clock
+    }
+
+    /// Advances the clock every tick and enforces the deadlines, until dropped (aborted).
+    async fn sweep(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(self.tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        // The clock a timestamp was read from may be a tick behind: wait one tick more.
+        let header_limit_ms = ms(self.header_read_timeout + self.tick);
+        let request_limit_ms = ms(self.request_timeout + self.tick);
+        loop {
+            ticks.tick().await;
+            let now = ms(self.epoch.elapsed());
+            self.now_ms.store(now, Ordering::Relaxed);
+            let mut connections = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            connections.retain(|weak| {
+                let Some(clock) = weak.upgrade() else { return false };
+                let waiting = clock.waiting_since_ms.load(Ordering::Relaxed);
+                if waiting != NONE_MS && now.saturating_sub(waiting) >= header_limit_ms {
+                    clock.close.notify_one();
+                }
+                let request = clock.request_since_ms.load(Ordering::Relaxed);
+                if request != NONE_MS && now.saturating_sub(request) >= request_limit_ms {
+                    clock.expired.notify_waiters();
+                }
+                true
+            });
+        }
+    }
+}
+
+/// The deadlines of one connection, shared by its task, its requests (as a request
+/// extension, for `load::layer`) and the sweeper.
+pub(crate) struct ConnectionClock {
+    watchdog: Arc<Watchdog>,
+    /// When the connection began waiting for a request head (`NONE_MS` while serving one).
+    waiting_since_ms: AtomicU64,
+    /// When the request in progress began its deadline (`NONE_MS` if none, or exempt).
+    request_since_ms: AtomicU64,
+    /// Notified (with a permit) when the header read timeout passed: the connection closes.
+    close: Notify,
+    /// Notified (waiters only) while the request in progress is past its deadline.
+    expired: Notify,
+}
+
+impl ConnectionClock {
+    fn now_ms(&self) -> u64 {
+        self.watchdog.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Starts the deadline of the request in progress; the returned future completes once it
+    /// is past. Dropping the guard ends the deadline.
+    pub(crate) fn start_request(self: &Arc<Self>) -> RequestDeadline {
+        RequestDeadline { clock: Arc::clone(self) }
+    }
+
+    /// A request head arrived: the connection is no longer waiting for one.
+    fn head_received(&self) {
+        self.waiting_since_ms.store(NONE_MS, Ordering::Relaxed);
+    }
+
+    fn waiting_from_now(&self) {
+        self.waiting_since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The response is ready: the connection waits for the next head once its body is out
+    /// (at once for a small body, else when the body ends or is dropped).
+    fn answered(self: &Arc<Self>, response: Response) -> Response {
+        if response.body().size_hint().exact().is_some_and(|n| n <= SMALL_BODY_BYTES) {
+            self.waiting_from_now();
+            return response;
+        }
+        let clock = Arc::clone(self);
+        response.map(|inner| Body::new(AnswerBody { inner, clock: Some(clock) }))
+    }
+}
+
+/// The deadline of one request (see [`ConnectionClock::start_request`]).
+pub(crate) struct RequestDeadline {
+    clock: Arc<ConnectionClock>,
+}
+
+impl RequestDeadline {
+    /// Completes once the request is past its deadline. Call [`Self::arm`] on the pinned
+    /// future before the request runs, so that no notification is missed.
+    pub(crate) fn expired(&self) -> tokio::sync::futures::Notified<'_> {
+        self.clock.expired.notified()
+    }
+
+    /// Starts the clock (after the `expired` future was enabled).
+    pub(crate) fn arm(&self) {
+        self.clock.request_since_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for RequestDeadline {
+    fn drop(&mut self) {
+        self.clock.request_since_ms.store(NONE_MS, Ordering::Relaxed);
+    }
+}
+
+/// A response body that marks its connection as waiting for the next head when it ends.
+struct AnswerBody {
+    inner: Body,
+    clock: Option<Arc<ConnectionClock>>,
+}
+
+impl AnswerBody {
+    fn done(&mut self) {
+        if let Some(clock) = self.clock.take() {
+            clock.waiting_from_now();
+        }
+    }
+}
+
+impl hyper::body::Body for AnswerBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) {
+            self.done();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 

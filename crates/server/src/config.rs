@@ -46,6 +46,44 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Where finished spans are appended as OTLP JSON Lines (none: spans are not exported).
     pub trace_file: Option<PathBuf>,
+    /// Where finished spans are sent over OTLP/HTTP (protobuf): the full URL of the traces
+    /// endpoint, `…/v1/traces` (see [`otlp_traces_url`]); none: not sent.
+    pub otlp_traces_url: Option<String>,
+    /// A listener of its own for `/metrics` (and `/healthz`); when set, the API listener no
+    /// longer serves `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Whether metrics are recorded and served (default: yes). Off, `/metrics` answers 404
+    /// and `/v1/slo` counts nothing: for measuring what the metrics cost.
+    pub metrics: bool,
+}
+
+/// The OTLP/HTTP traces URL of an OTLP endpoint given as the collector's base URL
+/// (`http://HOST:4318`, spans go to `http://HOST:4318/v1/traces`) or as the traces URL itself
+/// (ending in `/v1/traces`). Only `http://` is accepted: the exporter has no TLS stack (send to
+/// a local collector, which forwards over TLS). The error says what is wrong, for a person.
+pub fn otlp_traces_url(endpoint: &str) -> Result<String, String> {
+    const EXAMPLE: &str = "a URL such as http://127.0.0.1:4318";
+    let uri: axum::http::Uri =
+        endpoint.parse().map_err(|e| format!("OTLP endpoint {endpoint:?} is not {EXAMPLE} ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "OTLP endpoint {endpoint:?}: https is not supported; send to a collector over http (e.g. one on \
+                 loopback) and let it forward over TLS"
+            ))
+        }
+        _ => return Err(format!("OTLP endpoint {endpoint:?} is not {EXAMPLE} (it needs the http:// scheme)")),
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err(format!("OTLP endpoint {endpoint:?} has no host; expected {EXAMPLE}"));
+    };
+    if uri.query().is_some() {
+        return Err(format!("OTLP endpoint {endpoint:?} must not have a query string"));
+    }
+    let path = uri.path().trim_end_matches('/');
+    let path = if path.ends_with("/v1/traces") { path.to_owned() } else { format!("{path}/v1/traces") };
+    Ok(format!("http://{authority}{path}"))
 }
 
 /// Who may call, where, and what: one `[[api_key]]` of the config file.
@@ -92,6 +130,9 @@ impl Default for Config {
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             trace_file: None,
+            otlp_traces_url: None,
+            metrics_listen: None,
+            metrics: true,
         }
     }
 }
@@ -131,6 +172,9 @@ struct File {
     header_read_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     trace_file: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
+    metrics_listen: Option<String>,
+    metrics: Option<bool>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -184,6 +228,13 @@ impl Config {
                  everything. Add [[api_key]] entries to the config (gapguard keys new prints one), or listen \
                  on a loopback address such as 127.0.0.1",
                 self.listen
+            ));
+        }
+        // The same rule for the metrics listener: without keys, nothing leaves loopback.
+        if let Some(addr) = self.metrics_listen.filter(|a| self.api_keys.is_empty() && !a.ip().is_loopback()) {
+            return Err(format!(
+                "refusing to serve metrics on {addr} without API keys: without [[api_key]] entries gapguard \
+                 listens on loopback addresses only (such as 127.0.0.1)"
             ));
         }
         Ok(())
@@ -280,6 +331,16 @@ impl Config {
             config.header_read_timeout_ms = ms.max(1);
         }
         config.trace_file = file.trace_file;
+        if let Some(endpoint) = file.otlp_endpoint {
+            config.otlp_traces_url = Some(otlp_traces_url(&endpoint).map_err(ConfigError::Invalid)?);
+        }
+        if let Some(addr) = file.metrics_listen {
+            config.metrics_listen = Some(
+                addr.parse()
+                    .map_err(|e| ConfigError::Invalid(format!("metrics_listen = {addr:?} is not ADDR:PORT ({e})")))?,
+            );
+        }
+        config.metrics = file.metrics.unwrap_or(true);
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout_ms = ms.max(1);
         }
@@ -315,5 +376,33 @@ mod tests {
         assert!(err.contains("lissen"), "{err}");
         let err = Config::parse("[limits]\nticket_ttl_ms_min = 10\nticket_ttl_ms_max = 5\n").unwrap_err().to_string();
         assert!(err.contains("ticket_ttl_ms_min"), "{err}");
+    }
+
+    #[test]
+    fn otlp_endpoints_become_traces_urls_and_bad_ones_are_refused() {
+        let url = |e: &str| otlp_traces_url(e);
+        assert_eq!(url("http://127.0.0.1:4318").unwrap(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(url("http://collector:4318/").unwrap(), "http://collector:4318/v1/traces");
+        assert_eq!(url("http://c:4318/otlp/v1/traces").unwrap(), "http://c:4318/otlp/v1/traces");
+        assert_eq!(url("http://c/base").unwrap(), "http://c/base/v1/traces");
+        for bad in ["", "127.0.0.1:4318", "ftp://c:1", "http://", "http://c:4318/?x=1", "not a url"] {
+            assert!(url(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(url("https://c:4318").unwrap_err().contains("https is not supported"));
+        let config =
+            Config::parse("otlp_endpoint = \"http://127.0.0.1:4318\"\nmetrics_listen = \"127.0.0.1:9100\"\n").unwrap();
+        assert_eq!(config.otlp_traces_url.as_deref(), Some("http://127.0.0.1:4318/v1/traces"));
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let err = Config::parse("otlp_endpoint = \"udp://x\"").unwrap_err().to_string();
+        assert!(err.contains("udp://x"), "{err}");
+        assert!(!Config::parse("metrics = false").unwrap().metrics);
+    }
+
+    #[test]
+    fn without_keys_the_metrics_listener_stays_on_loopback() {
+        let config = Config::parse("metrics_listen = \"0.0.0.0:9100\"").unwrap();
+        assert!(config.check_safe_bind().unwrap_err().contains("0.0.0.0:9100"));
+        let config = Config::parse("metrics_listen = \"127.0.0.1:9100\"").unwrap();
+        assert!(config.check_safe_bind().is_ok());
     }
 }

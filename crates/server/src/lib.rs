@@ -70,10 +70,11 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Loads the TLS files (if configured), opens the store, binds `config.listen`, calls
-/// `on_bound` with the bound address (before serving), and serves until SIGINT or SIGTERM,
-/// over HTTPS when `tls_cert` and `tls_key` are set, within the config's in-flight bound and
-/// timeouts.
+/// Loads the TLS files (if configured), opens the store, binds `config.listen` (and
+/// `config.metrics_listen`, which then serves `/metrics` and `/healthz` instead of the API
+/// listener), calls `on_bound` with the API's bound address (before serving), and serves until
+/// SIGINT or SIGTERM, over HTTPS when `tls_cert` and `tls_key` are set, within the config's
+/// in-flight bound and timeouts.
 pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> Result<(), ServeError> {
     config.check_safe_bind().map_err(ServeError::Insecure)?;
     let tls = match (&config.tls_cert, &config.tls_key) {
@@ -102,49 +103,80 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
             Arc::new(store)
         }
     };
-    let metrics = Arc::new(Metrics::new(LabelNames {
-        namespaces: config.metrics_namespaces.iter().cloned().collect(),
-        flows: config.flows.iter().map(|f| f.name.clone()).collect(),
-        // Every flow's latency objective is a bucket boundary, so its SLI can be read exactly.
-        check_to_use_buckets: rules::check_to_use_buckets_seconds(&config.flows),
-        slo_flows: config.flows.clone(),
-    }));
-    let engine_config =
-        EngineConfig { limits: config.limits.clone(), observer: metrics.clone(), ..EngineConfig::default() };
-    // Recovery blocks, before anything else runs on the runtime.
-    let engine =
-        Engine::open(store, Arc::new(SystemClock::default()), engine_config).map_err(|e| store_error(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
+    let metrics = match config.metrics {
+        true => Metrics::new(LabelNames {
+            namespaces: config.metrics_namespaces.iter().cloned().collect(),
+            flows: config.flows.iter().map(|f| f.name.clone()).collect(),
+            // Every flow's latency objective is a bucket boundary, so its SLI can be read exactly.
+            check_to_use_buckets: rules::check_to_use_buckets_seconds(&config.flows),
+            slo_flows: config.flows.clone(),
+        }),
+        false => Metrics::off(),
+    };
+    let metrics = Arc::new(match metrics_addr {
+        Some(addr) => metrics.served_on(addr),
+        None => metrics,
+    });
+    let observer: Arc<dyn gapguard_engine::Observer> = match config.metrics {
+        true => metrics.clone(),
+        false => Arc::new(gapguard_engine::NoObserver),
+    };
+    let engine_config = EngineConfig { limits: config.limits.clone(), observer, ..EngineConfig::default() };
+    // Recovery blocks, before anything else runs on the runtime.
+    let engine =
+        Engine::open(store, Arc::new(SystemClock::default()), engine_config).map_err(|e| store_error(e.to_string()))?;
     let addr = listener.local_addr()?;
     // Handlers in place before anyone learns the address: a SIGTERM right after the first
     // answer must stop the server gracefully, not kill it.
-    let stopped = shutdown_signal()?;
+    let signalled = shutdown_signal()?;
     on_bound(addr);
     match &config.backend {
-        Some(url) => tracing::info!(%addr, backend = %redact(url), tls = tls.is_some(), "serving"),
-        None => tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), "serving"),
+        Some(url) => {
+            tracing::info!(%addr, backend = %redact(url), tls = tls.is_some(), metrics = ?metrics_addr, "serving")
+        }
+        None => {
+            tracing::info!(%addr, data = %config.data.display(), tls = tls.is_some(), metrics = ?metrics_addr, "serving")
+        }
     }
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
-    let router = routes::app_with_shutdown(
-        engine.clone(),
-        auth::Keys::new(&config.api_keys).with_metrics_needing_a_key(config.metrics_require_key),
-        metrics,
-        streams_stop,
-    );
+    let keys = auth::Keys::new(&config.api_keys).with_metrics_needing_a_key(config.metrics_require_key);
+    let router = routes::app_with_shutdown(engine.clone(), keys.clone(), metrics.clone(), streams_stop.clone());
+    let (stop_all, stopped) = tokio::sync::watch::channel(false);
     let signal = async move {
-        stopped.await;
+        signalled.await;
         // End the watch streams, or graceful shutdown would wait for them forever.
         let _ = stop_streams.send(true);
+        let _ = stop_all.send(true);
     };
-    let limits = load::LoadLimits {
-        max_in_flight: config.max_in_flight,
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
-    };
-    let connections =
-        accept::ConnectionConfig { tls, header_read_timeout: Duration::from_millis(config.header_read_timeout_ms) };
-    accept::serve(listener, load::layer(router, limits), connections, signal).await?;
+    let request_timeout = Duration::from_millis(config.request_timeout_ms);
+    let limits = load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout };
+    let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let metrics_server = metrics_listener.map(|listener| {
+        let state = routes::AppState { engine: engine.clone(), keys: Arc::new(keys), metrics, shutdown: streams_stop };
+        let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout, request_timeout };
+        let mut stopped = stopped.clone();
+        let stop = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        tokio::spawn(accept::serve(listener, metrics::router(state), connections, stop))
+    });
+    let connections = accept::ConnectionConfig { tls, header_read_timeout, request_timeout };
+    let served = accept::serve(listener, load::layer(router, limits), connections, signal).await;
+    if let Some(metrics_server) = metrics_server {
+        // It stops on the same signal; a scrape in progress finishes first.
+        let _ = metrics_server.await;
+    }
+    served?;
     tracing::info!("stopped accepting requests; closing the store");
     drop(engine);
     Ok(())

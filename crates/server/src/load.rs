@@ -22,6 +22,7 @@ use gapguard_api::codes;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::sync::Semaphore;
 
+use crate::accept::ConnectionClock;
 use crate::error::ApiError;
 
 /// The route exempt from the in-flight bound.
@@ -80,8 +81,25 @@ async fn deadline(State(timeout): State<Duration>, request: Request, next: Next)
         return next.run(request).await;
     }
     let body_read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+    let clock = request.extensions().get::<Arc<ConnectionClock>>().cloned();
     let request = request.map(|inner| Body::new(TrackedBody { inner, read: Arc::clone(&body_read) }));
-    let Ok(response) = tokio::time::timeout(timeout, next.run(request)).await else {
+    let answered = match clock {
+        // Served by `accept`: its watchdog tells the request when it is past its deadline.
+        Some(clock) => {
+            let deadline = clock.start_request();
+            let mut expired = std::pin::pin!(deadline.expired());
+            expired.as_mut().enable();
+            deadline.arm();
+            tokio::select! {
+                biased;
+                response = next.run(request) => Some(response),
+                () = expired => None,
+            }
+        }
+        // Driven without a connection (tests): a timer.
+        None => tokio::time::timeout(timeout, next.run(request)).await.ok(),
+    };
+    let Some(response) = answered else {
         let timeout_ms = timeout.as_millis();
         if !body_read.load(Ordering::Acquire) {
             let mut response = ApiError::new(

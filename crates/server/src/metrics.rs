@@ -137,6 +137,10 @@ pub struct Metrics {
     commit_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
     http_request_seconds: Family<HttpRouteLabels, Histogram, Buckets>,
+    /// Off (`metrics = false`): nothing is recorded and `/metrics` answers 404.
+    enabled: bool,
+    /// Where `/metrics` is served when it has a listener of its own (`metrics_listen`).
+    listener: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -247,7 +251,27 @@ impl Metrics {
             commit_seconds,
             http_requests,
             http_request_seconds,
+            enabled: true,
+            listener: None,
         }
+    }
+
+    /// Metrics that are off (`metrics = false`): the engine is given no observer, the HTTP
+    /// middleware is not installed, and `/metrics` answers 404.
+    pub fn off() -> Self {
+        Self { enabled: false, ..Self::new(LabelNames::default()) }
+    }
+
+    /// Whether metrics are recorded and served.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Records that `/metrics` is served on a listener of its own at `addr`: the API
+    /// listener's `/metrics` then answers 404, naming it.
+    pub fn served_on(mut self, addr: std::net::SocketAddr) -> Self {
+        self.listener = Some(addr);
+        self
     }
 
     /// An act refused before it reached the engine because its ticket's signature is bad
@@ -405,8 +429,34 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// `GET /metrics`.
+/// `GET /metrics` on the API listener: the metrics, unless they are off or served on a
+/// listener of their own.
 pub(crate) async fn scrape(State(state): State<AppState>) -> Response {
+    if !state.metrics.enabled {
+        return ApiError::not_found("metrics are off (metrics = false in the config)").into_response();
+    }
+    if let Some(addr) = state.metrics.listener {
+        return ApiError::not_found(format!("metrics are served on their own listener, http://{addr}/metrics"))
+            .into_response();
+    }
+    render_response(&state)
+}
+
+/// The router of the metrics listener (`metrics_listen`): `GET /metrics` (needing a key only
+/// if `metrics_require_key` says so) and `GET /healthz`.
+pub(crate) fn router(state: AppState) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/metrics", get(|State(state): State<AppState>| async move { render_response(&state) }))
+        .route("/healthz", get(crate::routes::healthz))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authorize))
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::not_found(format!("no route for {} on the metrics listener; see /metrics", uri.path()))
+        })
+        .with_state(state)
+}
+
+fn render_response(state: &AppState) -> Response {
     match state.metrics.render(state.engine.orphan_counts()) {
         Ok(text) => {
             let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");

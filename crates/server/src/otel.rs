@@ -1,6 +1,7 @@
 //! Traces: the request span (its parent from an incoming W3C `traceparent`), the `toctou.*`
-//! attributes of DESIGN §4 on check and act spans, and an OTLP JSON Lines file exporter (the
-//! format of the OpenTelemetry collector's file exporter: one `TracesData` object per line).
+//! attributes of DESIGN §4 on check, act, write and revocation spans, and the exporters: an
+//! OTLP JSON Lines file (the format of the OpenTelemetry collector's file exporter: one
+//! `TracesData` object per line) and OTLP/HTTP with protobuf (`opentelemetry-otlp`).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -9,6 +10,8 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
+use gapguard_core::{Condition, ConditionFailure, NsKey, Outcome, Refusal, Revision};
+use gapguard_engine::Snapshot;
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
@@ -62,24 +65,196 @@ pub fn link_to_check(span: &tracing::Span, trace_id: &str, span_id: &str) {
     span.add_link_with_attributes(check, vec![KeyValue::new(LINK_ATTRIBUTE, "check")]);
 }
 
-/// Sets the `toctou.*` attributes of a check or use span.
-pub fn set_toctou(span: &tracing::Span, role: &'static str, keys: &[String], flow: Option<&str>) {
+/// A resource a check or act concerns: the key it reads (internal for primitives) and how a
+/// span names it (`toctou.resource.key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceKey {
+    /// The namespace-relative key as stored.
+    pub key: String,
+    /// The key as users write it (a primitive's internal key is shown by its name).
+    pub display: String,
+}
+
+impl ResourceKey {
+    /// A user key (its display name is itself).
+    pub fn user(key: &str) -> Self {
+        Self { key: key.to_owned(), display: key.to_owned() }
+    }
+}
+
+/// Sets `toctou.role`, `toctou.resource.key` (the display keys, comma-separated) and
+/// `toctou.flow` on a span. Spans that are not exported cost nothing here.
+pub fn set_toctou(span: &tracing::Span, role: &'static str, resources: &[ResourceKey], flow: Option<&str>) {
+    if span.is_disabled() {
+        return;
+    }
     span.set_attribute("toctou.role", role);
-    if !keys.is_empty() {
-        span.set_attribute("toctou.resource.key", keys.join(","));
+    match resources {
+        [] => {}
+        [one] => span.set_attribute("toctou.resource.key", one.display.clone()),
+        many => span.set_attribute(
+            "toctou.resource.key",
+            many.iter().map(|r| r.display.as_str()).collect::<Vec<_>>().join(","),
+        ),
     }
     if let Some(flow) = flow {
         span.set_attribute("toctou.flow", flow.to_owned());
     }
 }
 
-/// A tracer provider that appends finished spans to `path` as OTLP JSON Lines (batched; call
-/// its `shutdown` on exit to flush).
-pub fn file_provider(path: &Path) -> std::io::Result<SdkTracerProvider> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    let resource = Resource::builder_empty().with_service_name("gapguard").build();
-    let exporter = JsonLinesExporter { file: Mutex::new(file), resource: resource.clone() };
-    Ok(SdkTracerProvider::builder().with_resource(resource).with_batch_exporter(exporter).build())
+/// Sets `toctou.resource.version`, the version each resource had when the request was
+/// evaluated (0: absent): an integer for one resource, an array of integers in the order of
+/// `toctou.resource.key` for several. Left out when a version is not known exactly (the key
+/// changed again before it could be read back).
+pub fn set_versions(span: &tracing::Span, versions: &[Option<u64>]) {
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    match versions {
+        [] => {}
+        [Some(v)] => span.set_attribute("toctou.resource.version", as_i64(*v)),
+        many if many.len() > 1 && many.iter().all(Option::is_some) => span.set_attribute(
+            "toctou.resource.version",
+            Value::Array(Array::I64(many.iter().flatten().map(|v| as_i64(*v)).collect())),
+        ),
+        _ => {}
+    }
+}
+
+/// Sets `toctou.authz.decision` (`allow` | `deny`) and `enduser.id` (the subject of the first
+/// `permitted` condition) when the request had a `permitted` condition that was evaluated.
+pub fn set_authz(span: &tracing::Span, decision: Option<bool>, subject: Option<&str>) {
+    if let Some(allowed) = decision {
+        span.set_attribute("toctou.authz.decision", if allowed { "allow" } else { "deny" });
+        if let Some(subject) = subject {
+            span.set_attribute("enduser.id", subject.to_owned());
+        }
+    }
+}
+
+/// The subject of the first `permitted` condition, if there is one.
+pub fn permitted_subject<'a>(conditions: impl IntoIterator<Item = &'a Condition>) -> Option<&'a str> {
+    conditions.into_iter().find_map(|c| match c {
+        Condition::Permitted { subject, .. } => Some(subject.as_str()),
+        _ => None,
+    })
+}
+
+fn has_permitted<'a>(conditions: impl IntoIterator<Item = &'a Condition>) -> bool {
+    permitted_subject(conditions).is_some()
+}
+
+/// The authorization decision of a check: `None` without a `permitted` condition, else
+/// whether every `permitted` condition held (`failed`: the conditions that did not hold).
+pub fn check_decision(conditions: &[Condition], failed: &[ConditionFailure]) -> Option<bool> {
+    has_permitted(conditions).then(|| !has_permitted(failed.iter().map(|f| &f.condition)))
+}
+
+/// The authorization decision of an act, from its outcome: `None` when it has no `permitted`
+/// condition or when that condition was not evaluated (refused before it: an expired or used
+/// ticket, or a stale ticket when the `permitted` condition is among the act's own).
+pub fn act_decision(ticket: &[Condition], own: &[Condition], outcome: &Outcome) -> Option<bool> {
+    let (in_ticket, in_own) = (has_permitted(ticket), has_permitted(own));
+    if !in_ticket && !in_own {
+        return None;
+    }
+    let denied = |failed: &[ConditionFailure]| has_permitted(failed.iter().map(|f| &f.condition));
+    match outcome {
+        Outcome::Acted { .. } | Outcome::Refused(Refusal::OpFailed { .. }) => Some(true),
+        Outcome::Refused(Refusal::StaleCheck { changed }) if denied(changed) => Some(false),
+        // The ticket's conditions all held or a non-permitted one failed; the act's own were
+        // not evaluated.
+        Outcome::Refused(Refusal::StaleCheck { .. }) => in_ticket.then_some(true),
+        Outcome::Refused(Refusal::ConditionFailed { failed }) => Some(!denied(failed)),
+        _ => None,
+    }
+}
+
+/// The version of each resource as of revision `at` (0: absent), read from `snapshot`, a
+/// state at or after `at`: known when the key has not changed since `at`, or, for a key that
+/// the committed write at `written_at` changed, derived from what that write did (a put on a
+/// live key bumps its version by one; a key it created was absent).
+pub fn versions_seen(
+    snapshot: &Snapshot,
+    ns: &str,
+    resources: &[ResourceKey],
+    at: Revision,
+    written_at: Option<Revision>,
+) -> Vec<Option<u64>> {
+    resources
+        .iter()
+        .map(|resource| {
+            // No entry: never written (a tombstone is compacted only long after any request
+            // that could have seen the key live).
+            let Some(entry) = snapshot.entries.get(&NsKey::new(ns, resource.key.as_str())) else { return Some(0) };
+            if entry.changed_at <= at {
+                return Some(entry.record.as_ref().map_or(0, |r| r.version));
+            }
+            match (&entry.record, written_at) {
+                (Some(r), Some(w)) if entry.changed_at == w && r.create_revision == w => Some(0),
+                (Some(r), Some(w)) if entry.changed_at == w => Some(r.version - 1),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Why spans cannot be exported where the config says.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// The trace file cannot be opened for appending.
+    #[error("cannot open the trace file {path}: {source}")]
+    TraceFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The OTLP exporter cannot be built.
+    #[error("cannot export spans to {url}: {message}")]
+    Otlp {
+        /// The traces URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The tracer provider of `serve`: finished spans go, in batches from the SDK's own thread
+/// (never on a request's path), to the OTLP JSON Lines file and/or over OTLP/HTTP (protobuf)
+/// to `otlp_traces_url` (see [`crate::config::otlp_traces_url`]). `None` when neither is
+/// configured: request spans are then not even created. Call its `shutdown` on exit to flush.
+pub fn tracer_provider(
+    trace_file: Option<&Path>,
+    otlp_traces_url: Option<&str>,
+) -> Result<Option<SdkTracerProvider>, ExportError> {
+    if trace_file.is_none() && otlp_traces_url.is_none() {
+        return Ok(None);
+    }
+    let resource = service_resource();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    if let Some(path) = trace_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| ExportError::TraceFile { path: path.to_owned(), source })?;
+        builder = builder.with_batch_exporter(JsonLinesExporter { file: Mutex::new(file), resource });
+    }
+    if let Some(url) = otlp_traces_url {
+        use opentelemetry_otlp::WithExportConfig as _;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(url)
+            .build()
+            .map_err(|e| ExportError::Otlp { url: url.to_owned(), message: e.to_string() })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(Some(builder.build()))
+}
+
+fn service_resource() -> Resource {
+    Resource::builder_empty().with_service_name("gapguard").build()
 }
 
 /// Writes each exported batch as one OTLP/JSON `TracesData` line.
@@ -230,22 +405,22 @@ fn any_value(value: &Value) -> Json {
     }
 }
 
-/// The display keys of conditions (and then ops), in order, without repeats: a span's
-/// `toctou.resource.key`.
+/// The resources of conditions (or, without conditions, of ops), in order, without repeats:
+/// what a span's `toctou.resource.*` attributes describe.
 pub fn resource_keys<'a>(
-    conditions: impl IntoIterator<Item = &'a gapguard_core::Condition>,
+    conditions: impl IntoIterator<Item = &'a Condition>,
     ops: impl IntoIterator<Item = &'a gapguard_core::Op>,
-) -> Vec<String> {
-    fn push(keys: &mut Vec<String>, key: std::borrow::Cow<'_, str>) {
-        let key = gapguard_core::primitives::display_key(&key).into_owned();
-        if !keys.contains(&key) {
-            keys.push(key);
+) -> Vec<ResourceKey> {
+    fn push(resources: &mut Vec<ResourceKey>, key: std::borrow::Cow<'_, str>) {
+        if !resources.iter().any(|r| r.key == *key) {
+            let display = gapguard_core::primitives::display_key(&key).into_owned();
+            resources.push(ResourceKey { key: key.into_owned(), display });
         }
     }
-    let mut keys = Vec::new();
-    conditions.into_iter().for_each(|c| push(&mut keys, c.key()));
-    if keys.is_empty() {
-        ops.into_iter().for_each(|o| push(&mut keys, o.key()));
+    let mut resources = Vec::new();
+    conditions.into_iter().for_each(|c| push(&mut resources, c.key()));
+    if resources.is_empty() {
+        ops.into_iter().for_each(|o| push(&mut resources, o.key()));
     }
-    keys
+    resources
 }

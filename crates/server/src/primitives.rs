@@ -365,6 +365,13 @@ async fn grant_op(call: Call<'_>, g: api::GrantTuple, revoke: bool) -> Result<Re
     convert::grant(&g, "body", limits)?;
     let api::GrantTuple { subject, action, resource } = g;
     let op = if revoke { Op::Revoke { subject, action, resource } } else { Op::Grant { subject, action, resource } };
+    if revoke {
+        // What `gapguard analyze` looks for inside check-to-use windows.
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            crate::otel::set_toctou(&span, "revoke", &crate::otel::resource_keys([], [&op]), None);
+        }
+    }
     call.run(op, AuditKind::Grant, applied).await
 }
 

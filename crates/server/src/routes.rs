@@ -55,7 +55,7 @@ pub fn app_with_shutdown(
 ) -> Router {
     let state = AppState { engine, keys: Arc::new(keys), metrics, shutdown };
     let body_limit = state.engine.limits().max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::scrape))
@@ -84,8 +84,13 @@ pub fn app_with_shutdown(
         .route("/v1/ns/{ns}/watch", get(primitives::watch))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .method_not_allowed_fallback(method_not_allowed);
+    // With metrics off, the middleware is not even there.
+    let router = match state.metrics.is_enabled() {
+        true => router.layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track)),
+        false => router,
+    };
+    router
         .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
@@ -202,7 +207,7 @@ pub(crate) async fn write_with(
 
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, body = api::HealthResponse), (status = 503, body = api::HealthResponse, description = "the store failed")))]
-async fn healthz(State(state): State<AppState>) -> Response {
+pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     let revision = state.engine.snapshot().revision;
     match state.engine.writer_failure() {
         None => Json(api::HealthResponse { status: "ok".into(), revision }).into_response(),
@@ -246,6 +251,7 @@ async fn put_kv(
     convert::key(&key, "key", limits)?;
     convert::value(&body.value.value, "value", body.raw.len(), limits)?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
+    otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Put { ns, key: key.clone(), value: body.value.value };
     write(&state, request, correlation, claim, &key).await
 }
@@ -287,6 +293,7 @@ async fn delete_kv(
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, b"", &state)?;
+    otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Delete { ns, key: key.clone() };
     write(&state, request, correlation, claim, &key).await
 }
@@ -347,10 +354,26 @@ async fn check(
     convert::flow(&request.flow, limits)?;
     fresh(&state).await?;
     let span = tracing::Span::current();
-    otel::set_toctou(&span, "check", &otel::resource_keys(&conditions, []), request.flow.as_deref());
+    // Spans that are not exported cost nothing: no attributes, no ids, no copies of conditions.
+    let traced = (!span.is_disabled()).then(|| {
+        let resources = otel::resource_keys(&conditions, []);
+        otel::set_toctou(&span, "check", &resources, request.flow.as_deref());
+        (resources, conditions.clone())
+    });
     // The ticket carries this span's ids, so the act's span can link to it.
-    let context = RequestContext { trace: otel::ids(&span), ..context(correlation) };
-    let issued = state.engine.check(&ns, conditions, ttl_ms, request.flow, &context).map_err(convert::check_failed)?;
+    let trace = if traced.is_some() { otel::ids(&span) } else { None };
+    let context = RequestContext { trace, ..context(correlation) };
+    let checked = state.engine.check(&ns, conditions, ttl_ms, request.flow, &context);
+    if let Some((resources, conditions)) = traced {
+        let failed = checked.as_ref().err().map_or(&[][..], Vec::as_slice);
+        otel::set_authz(&span, otel::check_decision(&conditions, failed), otel::permitted_subject(&conditions));
+        if let Ok(issued) = &checked {
+            // The versions the check saw: those of the state at its revision.
+            let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, issued.revision, None);
+            otel::set_versions(&span, &seen);
+        }
+    }
+    let issued = checked.map_err(convert::check_failed)?;
     Ok(Json(api::CheckResponse {
         ticket: issued.ticket,
         revision: issued.revision,
@@ -390,15 +413,36 @@ async fn act(
     };
     let span = tracing::Span::current();
     let claims = ticket.as_ref().map(|t| t.claims());
-    let checked = claims.into_iter().flat_map(|c| &c.conditions);
-    let flow = request.flow.as_deref().or(claims.and_then(|c| c.flow.as_deref()));
-    otel::set_toctou(&span, "use", &otel::resource_keys(checked.chain(&conditions), &ops), flow);
-    if let Some(TicketClaims { trace_id: Some(trace_id), span_id: Some(span_id), .. }) = claims {
-        otel::link_to_check(&span, trace_id, span_id);
-    }
+    let traced = (!span.is_disabled()).then(|| {
+        let checked = claims.into_iter().flat_map(|c| &c.conditions);
+        let flow = request.flow.as_deref().or(claims.and_then(|c| c.flow.as_deref()));
+        let resources = otel::resource_keys(checked.chain(&conditions), &ops);
+        otel::set_toctou(&span, "use", &resources, flow);
+        if let Some(TicketClaims { trace_id: Some(trace_id), span_id: Some(span_id), .. }) = claims {
+            otel::link_to_check(&span, trace_id, span_id);
+        }
+        let ticket_conditions = claims.map(|c| c.conditions.clone()).unwrap_or_default();
+        // Where the act is evaluated, the state is at least this new.
+        (resources, ticket_conditions, conditions.clone(), state.engine.snapshot().revision)
+    });
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
-    let request = WriteRequest::Act(Act { ns, ticket, conditions, ops, flow: request.flow });
-    write(&state, request, correlation, claim, "").await
+    let request = WriteRequest::Act(Act { ns: ns.clone(), ticket, conditions, ops, flow: request.flow });
+    write_with(&state, request, correlation, claim, |outcome| {
+        if let Some((resources, ticket_conditions, own, before)) = traced {
+            let decision = otel::act_decision(&ticket_conditions, &own, &outcome);
+            otel::set_authz(&span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
+            let written_at = match &outcome {
+                gapguard_core::Outcome::Acted { revision, .. } => Some(*revision),
+                _ => None,
+            };
+            // A committed act saw the state just before its own revision; a refused one, some
+            // state from `before` on.
+            let at = written_at.map_or(before, |w| w - 1);
+            otel::set_versions(&span, &otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at));
+        }
+        convert::outcome(outcome, &ns, "")
+    })
+    .await
 }
 
 #[utoipa::path(post, path = "/v1/ns/{ns}/txn", request_body = api::TxnRequest,
@@ -422,6 +466,10 @@ async fn txn(
     let success = convert::ops(request.success, "then", 0, raw_len, limits)?;
     let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        otel::set_toctou(&span, "mutate", &otel::resource_keys(&compare, success.iter().chain(&failure)), None);
+    }
     write(&state, WriteRequest::Txn(Txn { ns, compare, success, failure }), correlation, claim, "").await
 }
 
