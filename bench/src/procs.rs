@@ -251,17 +251,18 @@ where
 /// holding that one `[[api_key]]` (mode 0600, in the temp dir), adds `--config <file>`, and
 /// checks once ready that the server refuses a request without the key.
 pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>) -> Result<Server> {
-    start_gapguard_with(bin, base, key, "", &[]).await
+    start_gapguard_with(bin, base, key, "", &[], &[]).await
 }
 
-/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty) and
-/// `args` after `serve`.
+/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty), `args`
+/// after `serve`, and `env` in its environment.
 pub async fn start_gapguard_with(
     bin: &Path,
     base: &Path,
     key: Option<&ApiKey>,
     config_toml: &str,
     args: &[&str],
+    env: &[(&str, &str)],
 ) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
     let data = dir.path().join("data");
@@ -269,7 +270,7 @@ pub async fn start_gapguard_with(
     let log = dir.path().join("gapguard.log");
     let stderr = append(&log)?;
     let mut cmd = Command::new(bin);
-    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]).args(args);
+    cmd.arg("serve").arg("--data").arg(&data).args(["--listen", "127.0.0.1:0"]).args(args).envs(env.iter().copied());
     if key.is_some() || !config_toml.is_empty() {
         let config = dir.path().join("gapguard.toml");
         let mut file = std::fs::OpenOptions::new()
