@@ -104,11 +104,11 @@ struct Cli {
     auth_overhead: bool,
 
     /// Instead of the comparison, measure what metrics and tracing cost gapguard: durable
-    /// puts (x16, x64) and checks (x16) on three servers in one run: metrics and tracing off
-    /// (`metrics = false`), metrics on (the default), and metrics on with every request's span
-    /// exported over OTLP/HTTP to a sink in this process; rounds ordered off, metrics,
-    /// metrics+otlp, metrics+otlp, metrics, off; prints each variant's ops/s and overhead
-    /// against the criterion (under 10 %).
+    /// puts (x16, x64) and checks (x16) on four servers in one run: metrics and tracing off
+    /// (`metrics = false`), metrics on (the default), and metrics on with request spans
+    /// exported over OTLP/HTTP to a sink in this process, one trace in ten and every one;
+    /// rounds ordered off, metrics, +otlp 10%, metrics+otlp, then backwards; prints each
+    /// variant's ops/s and overhead against the criterion (under 10 %).
     #[arg(long, conflicts_with_all = ["auth", "auth_overhead", "only", "systems"])]
     obs_overhead: bool,
 }

@@ -7,11 +7,13 @@
 //! - `metrics`: the default configuration: metrics on, no span exporter;
 //! - `metrics+otlp`: metrics on, and every request's span exported with `--otlp-endpoint` to
 //!   an OTLP/HTTP sink that this process runs on loopback (it reads and counts each export
-//!   request and answers `200`, as a collector would, without decoding it).
+//!   request and answers `200`, as a collector would, without decoding it);
+//! - `+otlp 10%`: as `metrics+otlp`, with one trace in ten sampled, by the OpenTelemetry SDK's
+//!   standard `OTEL_TRACES_SAMPLER=traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.1`.
 //!
-//! Each case runs six rounds, in the order off, metrics, metrics+otlp, metrics+otlp, metrics,
-//! off, so that a linear drift of the machine weighs on every variant alike. A variant's
-//! ops/s is the mean of its two rounds; its overhead is `1 - variant / off`.
+//! Each case runs eight rounds, in the order off, metrics, +otlp 10%, metrics+otlp, then the
+//! same backwards, so that a linear drift of the machine weighs on every variant alike. A
+//! variant's ops/s is the mean of its two rounds; its overhead is `1 - variant / off`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,11 +44,19 @@ pub const TARGET_PCT: f64 = 10.0;
 const CASES: [(Workload, usize); 3] = [(Workload::Puts, 16), (Workload::Puts, 64), (Workload::Checks, 16)];
 
 /// Which variant each round of a case runs on, in order.
-pub const ORDER: [Variant; 6] =
-    [Variant::ObsOff, Variant::Metrics, Variant::MetricsOtlp, Variant::MetricsOtlp, Variant::Metrics, Variant::ObsOff];
+pub const ORDER: [Variant; 8] = [
+    Variant::ObsOff,
+    Variant::Metrics,
+    Variant::MetricsOtlpSampled,
+    Variant::MetricsOtlp,
+    Variant::MetricsOtlp,
+    Variant::MetricsOtlpSampled,
+    Variant::Metrics,
+    Variant::ObsOff,
+];
 
 /// The variants, in the order of the tables.
-const VARIANTS: [Variant; 3] = [Variant::ObsOff, Variant::Metrics, Variant::MetricsOtlp];
+const VARIANTS: [Variant; 4] = [Variant::ObsOff, Variant::Metrics, Variant::MetricsOtlpSampled, Variant::MetricsOtlp];
 
 /// An OTLP/HTTP sink on loopback: answers every request `200` after reading its body.
 pub struct Sink {
@@ -100,28 +110,31 @@ impl Drop for Sink {
     }
 }
 
-/// The three servers and the sink, started; dropping it stops them.
+/// The four servers and the sink, started; dropping it stops them.
 pub struct Servers {
     servers: Vec<Server>,
     suts: Vec<(Variant, Sut)>,
-    /// The OTLP sink of the `metrics+otlp` variant.
+    /// The OTLP sink of the exporting variants.
     pub sink: Sink,
 }
 
 impl Servers {
-    /// Starts the sink and gapguard three times, each in its own temp dir under `base`.
+    /// Starts the sink and gapguard four times, each in its own temp dir under `base`.
     pub async fn start(bin: &Path, base: &Path) -> Result<Self> {
         let sink = Sink::start().await?;
         let endpoint = format!("http://{}", sink.addr);
         let mut servers = Vec::new();
         let mut suts = Vec::new();
         for variant in VARIANTS {
-            let (config, args): (&str, Vec<&str>) = match variant {
-                Variant::ObsOff => ("metrics = false\n", vec![]),
-                Variant::MetricsOtlp => ("", vec!["--otlp-endpoint", &endpoint]),
-                _ => ("", vec![]),
+            let otlp = ["--otlp-endpoint", endpoint.as_str()];
+            let sampled = [("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];
+            let (config, args, env): (&str, &[&str], &[(&str, &str)]) = match variant {
+                Variant::ObsOff => ("metrics = false\n", &[], &[]),
+                Variant::MetricsOtlp => ("", &otlp, &[]),
+                Variant::MetricsOtlpSampled => ("", &otlp, &sampled),
+                _ => ("", &[], &[]),
             };
-            let server = procs::start_gapguard_with(bin, base, None, None, config, &args).await?;
+            let server = procs::start_gapguard_with(bin, base, None, None, config, args, env).await?;
             eprintln!("gapguard ({}) listening on {}", variant.name(), server.addr);
             suts.push((variant, Sut::Gapguard(Gapguard::new(server.addr, None))));
             servers.push(server);
@@ -156,9 +169,9 @@ pub struct Case {
     pub connections: usize,
     /// What one operation is.
     pub operation: &'static str,
-    /// Each variant's figures, in the order off, metrics, metrics+otlp.
+    /// Each variant's figures, in the order off, metrics, +otlp 10%, metrics+otlp.
     pub variants: Vec<VariantFigures>,
-    /// `1 - variant ops/s / off ops/s`, in percent, for metrics and metrics+otlp; `None`
+    /// `1 - variant ops/s / off ops/s`, in percent, for every variant but off; `None`
     /// when a run had errors.
     pub overhead_pct: Vec<(Variant, Option<f64>)>,
 }
@@ -171,7 +184,7 @@ pub struct Report<'a> {
     /// Warm-up seconds before each measured window.
     pub warmup_seconds: f64,
     /// The variant of each round of a case, in run order.
-    pub order: [Variant; 6],
+    pub order: [Variant; 8],
     /// Export requests and bytes the OTLP sink received over the whole run.
     pub otlp_sink_requests: u64,
     /// Bytes of those requests.

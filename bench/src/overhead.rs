@@ -43,6 +43,8 @@ pub enum Variant {
     Metrics,
     /// `--obs-overhead`: metrics on, spans exported over OTLP/HTTP to a sink.
     MetricsOtlp,
+    /// `--obs-overhead`: as `MetricsOtlp`, one trace in ten sampled (`OTEL_TRACES_SAMPLER`).
+    MetricsOtlpSampled,
 }
 
 impl Variant {
@@ -54,6 +56,7 @@ impl Variant {
             Variant::ObsOff => "off",
             Variant::Metrics => "metrics",
             Variant::MetricsOtlp => "metrics+otlp",
+            Variant::MetricsOtlpSampled => "+otlp 10%",
         }
     }
 }

@@ -252,11 +252,11 @@ where
 /// 0600, in the temp dir), adds `--config <file>`, and checks once ready that the server
 /// refuses a request without the key.
 pub async fn start_gapguard(bin: &Path, base: &Path, key: Option<&ApiKey>, backend: Option<&str>) -> Result<Server> {
-    start_gapguard_with(bin, base, key, backend, "", &[]).await
+    start_gapguard_with(bin, base, key, backend, "", &[], &[]).await
 }
 
-/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty) and
-/// `args` after `serve`.
+/// As [`start_gapguard`], with `config_toml` added to its config file (if not empty), `args`
+/// after `serve`, and `env` in its environment.
 pub async fn start_gapguard_with(
     bin: &Path,
     base: &Path,
@@ -264,6 +264,7 @@ pub async fn start_gapguard_with(
     backend: Option<&str>,
     config_toml: &str,
     args: &[&str],
+    env: &[(&str, &str)],
 ) -> Result<Server> {
     let dir = temp_dir(base, "gapguard")?;
     let log = dir.path().join("gapguard.log");
@@ -280,7 +281,7 @@ pub async fn start_gapguard_with(
             cmd.arg("--data").arg(&data);
         }
     }
-    cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+    cmd.args(["--listen", "127.0.0.1:0"]).args(args).envs(env.iter().copied());
     if key.is_some() || !config_toml.is_empty() {
         let config = dir.path().join("gapguard.toml");
         let mut file = std::fs::OpenOptions::new()
