@@ -132,3 +132,102 @@ async fn a_batch_that_loses_a_race_runs_again_and_counts_it() {
     engine.fresh().await.expect("fresh");
     assert_eq!(engine.get("ns", "k").0.expect("the key").value, json!(1), "the refused write left nothing");
 }
+
+/// The real PostgreSQL store of a node that hears no notifications: its replica moves only
+/// when its own batches run (its reconciler tick is set an hour apart), so a test can put it
+/// behind the other nodes at will.
+struct Deaf(PgStore);
+
+impl gapguard_store::Storage for Deaf {
+    fn recover(&self) -> Result<gapguard_store::Recovered, gapguard_store::StoreError> {
+        self.0.recover()
+    }
+    fn commit(&self, batch: gapguard_store::Batch) -> Result<(), gapguard_store::StoreError> {
+        self.0.commit(batch)
+    }
+    fn load_keys(
+        &self,
+        keys: &std::collections::BTreeSet<gapguard_core::NsKey>,
+    ) -> Result<std::collections::BTreeMap<gapguard_core::NsKey, gapguard_core::Entry>, gapguard_store::StoreError>
+    {
+        self.0.load_keys(keys)
+    }
+    fn audit_range(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<gapguard_core::SealedEvent>, gapguard_store::StoreError> {
+        self.0.audit_range(from_seq, limit)
+    }
+    fn shared(&self) -> Option<&dyn gapguard_store::SharedStorage> {
+        Some(self)
+    }
+}
+
+impl gapguard_store::SharedStorage for Deaf {
+    fn begin(&self, lock: &gapguard_store::LockRequest) -> Result<gapguard_store::Locked, gapguard_store::StoreError> {
+        self.0.begin(lock)
+    }
+    fn lock_more(
+        &self,
+        keys: &std::collections::BTreeSet<gapguard_core::NsKey>,
+    ) -> Result<std::collections::BTreeMap<gapguard_core::NsKey, gapguard_core::Entry>, gapguard_store::StoreError>
+    {
+        self.0.lock_more(keys)
+    }
+    fn rollback(&self) {
+        self.0.rollback()
+    }
+    fn changes_since(&self, cursor: u64) -> Result<gapguard_store::Changes, gapguard_store::StoreError> {
+        self.0.changes_since(cursor)
+    }
+    fn claim_idempotency(
+        &self,
+        key: &gapguard_store::IdempotencyKey,
+        ttl_ms: u64,
+    ) -> Result<bool, gapguard_store::StoreError> {
+        self.0.claim_idempotency(key, ttl_ms)
+    }
+    fn release_claim(&self, key: &gapguard_store::IdempotencyKey) {
+        self.0.release_claim(key)
+    }
+    fn subscribe(&self, _wake: Box<dyn Fn() + Send + Sync>) {}
+    fn last_changes(&self) -> Option<(u64, u64)> {
+        self.0.last_changes()
+    }
+    fn ping(&self) -> Result<(), gapguard_store::StoreError> {
+        self.0.ping()
+    }
+}
+
+fn deaf_node(url: &str) -> Engine {
+    let store = Deaf(PgStore::connect(url, PgOptions::default()).expect("connect"));
+    let config = EngineConfig { prune_interval: Duration::from_secs(3600), ..EngineConfig::default() };
+    Engine::open(Arc::new(store), Arc::new(SystemClock::default()), config).expect("open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answers_a_write_only_once_its_replica_holds_every_earlier_write_of_every_node() {
+    let pg = Postgres::start();
+    let url = pg.create_database("replicas");
+    let a = deaf_node(&url);
+    let b = deaf_node(&url);
+    let ctx = RequestContext::default();
+    let put = |key: &str, v: i64| WriteRequest::Put { ns: "ns".into(), key: key.into(), value: json!(v) };
+    // Runs of writes on one node, then the other, neither hearing of the other's: a node may
+    // publish its own batch directly only when nothing else was logged since its replica's
+    // cursor; after another node's writes it must read them back before answering.
+    let plan = [(&a, 3), (&b, 2), (&a, 1), (&b, 4), (&a, 2)];
+    let mut n = 0;
+    for (writer, runs) in plan {
+        for _ in 0..runs {
+            writer.write(put(&format!("k{n}"), n), ctx.clone(), None).await.expect("write");
+            n += 1;
+            for j in 0..n {
+                let got = writer.get("ns", &format!("k{j}")).0.map(|r| r.value);
+                assert_eq!(got, Some(json!(j)), "after write {}, the writing node lacks k{j}", n - 1);
+            }
+            assert_eq!(writer.snapshot().revision, n as u64);
+        }
+    }
+}

@@ -207,6 +207,11 @@ pub trait SharedStorage: Send + Sync {
     /// Calls `wake` whenever another node may have committed something (a database
     /// notification); best effort, the caller polls too.
     fn subscribe(&self, wake: Box<dyn Fn() + Send + Sync>);
+    /// The first and last change-log positions the last successful [`Storage::commit`] took
+    /// (`None`: it logged no change). When the first follows the caller's cursor, no other
+    /// node committed a change in between, and the caller may apply its own batch's changes
+    /// to its replica instead of reading them back.
+    fn last_changes(&self) -> Option<(u64, u64)>;
     /// Whether the database answers now.
     fn ping(&self) -> Result<(), StoreError>;
 }

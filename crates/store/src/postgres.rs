@@ -136,8 +136,10 @@ const ENTRIES_UPSERT: &str = "INSERT INTO gg_entries (ns, key, entry, deadline_m
                      SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[]) \
                      ON CONFLICT (ns, key) DO UPDATE SET entry = excluded.entry, \
                      deadline_ms = excluded.deadline_ms, forget_at_ms = excluded.forget_at_ms";
-const CHANGES_INSERT: &str = "INSERT INTO gg_changes (revision, ns, key, entry) \
-                     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])";
+/// Appends to the change log and answers the first and last `seq` taken (0, 0 for none).
+const CHANGES_INSERT: &str = "WITH ins AS (INSERT INTO gg_changes (revision, ns, key, entry) \
+     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[]) RETURNING seq) \
+     SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM ins";
 const AUDIT_INSERT: &str =
     "INSERT INTO gg_audit (seq, body, hash) SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[])";
 const TICKETS_INSERT: &str =
@@ -262,6 +264,8 @@ struct Shared {
     limits: Limits,
     writer: tokio::sync::Mutex<Option<WriterConn>>,
     reader: tokio::sync::Mutex<Option<Db>>,
+    /// The change-log `seq` range of the last successful commit (see `last_changes`).
+    last_changes: Mutex<Option<(u64, u64)>>,
 }
 
 /// A [`Storage`] (and [`SharedStorage`]) over PostgreSQL.
@@ -396,6 +400,7 @@ impl PgStore {
             limits: options.limits,
             writer: tokio::sync::Mutex::new(None),
             reader: tokio::sync::Mutex::new(None),
+            last_changes: Mutex::new(None),
         });
         let store = Self { shared, runtime: Mutex::new(Some(runtime)), handle };
         let shared = store.shared.clone();
@@ -590,8 +595,9 @@ async fn begin(conn: &mut WriterConn, lock: &LockRequest) -> Result<Locked, Stor
     })
 }
 
-/// Writes a batch inside the open transaction and commits it.
-async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> Result<(), StoreError> {
+/// Writes a batch inside the open transaction and commits it. Answers the first and last
+/// change-log `seq` it took, if it logged any change.
+async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> Result<Option<(u64, u64)>, StoreError> {
     if conn.txn.is_none() {
         // A batch without `begin` (the conformance suite, the ticket key): its own transaction.
         conn.db.batch_execute("BEGIN").await.map_err(db_error)?;
@@ -719,7 +725,7 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
     for sql in WRITE_STATEMENTS {
         db.statement(sql).await.map_err(db_error)?;
     }
-    futures_util::try_join!(
+    let (_, seqs, ..) = futures_util::try_join!(
         async {
             if e_ns.is_empty() {
                 return Ok(0);
@@ -728,9 +734,10 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
         },
         async {
             if c_rev.is_empty() {
-                return Ok(0);
+                return Ok(None);
             }
-            db.execute(CHANGES_INSERT, &[&c_rev, &c_ns, &c_key, &c_body]).await.map_err(db_error)
+            let row = db.query_one(CHANGES_INSERT, &[&c_rev, &c_ns, &c_key, &c_body]).await.map_err(db_error)?;
+            Ok(Some((u64_of(row.get(0)), u64_of(row.get(1)))))
         },
         async {
             if a_seq.is_empty() {
@@ -777,7 +784,7 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
         async { db.batch_execute("COMMIT").await.map(|()| 0).map_err(db_error) },
     )?;
     conn.txn = None;
-    Ok(())
+    Ok(seqs)
 }
 
 impl Storage for PgStore {
@@ -857,6 +864,8 @@ impl Storage for PgStore {
             }
             let conn = guard.as_mut().expect("connected");
             let result = write_batch(conn, &batch, &shared.limits).await;
+            *shared.last_changes.lock().expect("last changes") = result.as_ref().ok().copied().flatten();
+            let result = result.map(|_| ());
             if result.is_err() {
                 conn.txn = None;
                 if conn.db.batch_execute("ROLLBACK").await.is_err() {
@@ -1041,6 +1050,10 @@ impl SharedStorage for PgStore {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
+    }
+
+    fn last_changes(&self) -> Option<(u64, u64)> {
+        *self.shared.last_changes.lock().expect("last changes")
     }
 
     fn ping(&self) -> Result<(), StoreError> {

@@ -39,6 +39,12 @@ struct Done {
     expired: Vec<(WriteRequest, gapguard_core::Outcome)>,
     now_ms: u64,
     n_written: usize,
+    /// The batch's own changes, its revision and audit head, for the replica when no other
+    /// node committed in between (see `Writer::publish_own`).
+    changes: Vec<Change>,
+    revision: gapguard_core::Revision,
+    audit_seq: u64,
+    pruned: bool,
 }
 
 impl Writer {
@@ -56,6 +62,8 @@ impl Writer {
             }
         }
         let mut answers: Vec<Option<Result<Answer, EngineError>>> = Vec::new();
+        // Whether the replica must be read back from the change log after this batch.
+        let mut must_sync = !syncs.is_empty() || work.is_empty();
         if !work.is_empty() {
             let started = Instant::now();
             let mut attempt = 0;
@@ -76,7 +84,7 @@ impl Writer {
                 }
             };
             match result {
-                Ok(done) => {
+                Ok(mut done) => {
                     if std::mem::take(&mut self.shared_failing) {
                         tracing::info!("the shared store is back");
                     }
@@ -84,6 +92,8 @@ impl Writer {
                     for (request, outcome) in &done.expired {
                         self.config.observer.written(request, outcome, done.now_ms);
                     }
+                    let published_own = self.publish_own(&mut done, shared.last_changes(), published);
+                    must_sync |= done.pruned || (!published_own && !done.changes.is_empty());
                     answers = done.answers;
                 }
                 Err(e) => {
@@ -94,12 +104,16 @@ impl Writer {
                     self.shared_failing = true;
                     let failure = e.to_string();
                     answers = work.iter().map(|_| Some(Err(EngineError::Unavailable(failure.clone())))).collect();
+                    must_sync = true;
                 }
             }
         }
         // Publish what is committed (this batch's and every other node's) before answering,
         // so that a read that starts after an answer sees it.
-        let synced = self.sync(shared, published).map_err(|e| EngineError::Unavailable(e.to_string()));
+        let synced = match must_sync {
+            true => self.sync(shared, published).map_err(|e| EngineError::Unavailable(e.to_string())),
+            false => Ok(()),
+        };
         for (job, answer) in work.into_iter().zip(answers) {
             if let (Job::Write { reply, .. }, Some(answer)) = (job, answer) {
                 let _ = reply.send(answer);
@@ -216,7 +230,39 @@ impl Writer {
         draft.batch.prune_expired = prune;
         let n_written = draft.n_written;
         self.store.commit(draft.batch)?;
-        Ok(Done { answers, expired, now_ms, n_written })
+        Ok(Done {
+            answers,
+            expired,
+            now_ms,
+            n_written,
+            changes: draft.changes,
+            revision: draft.working.revision,
+            audit_seq: draft.seq,
+            pruned: prune,
+        })
+    }
+
+    /// Applies a committed batch's own changes to the replica and publishes it, when the
+    /// change log shows that no other node logged a change between the replica's cursor and
+    /// this batch (`logged`: the positions the batch took). Saves reading back what the writer
+    /// already knows. A batch that also pruned (its forgotten keys are known only to the
+    /// database) or that logged nothing is left to [`Writer::sync`]. Returns whether it
+    /// published.
+    fn publish_own(&mut self, done: &mut Done, logged: Option<(u64, u64)>, published: &ArcSwap<Snapshot>) -> bool {
+        let Some((first, last)) = logged else { return false };
+        if done.pruned || first != self.cursor + 1 || done.changes.is_empty() {
+            return false;
+        }
+        let changes = std::mem::take(&mut done.changes);
+        for change in &changes {
+            self.state.entries.insert(Arc::new(change.key.clone()), Arc::new(change.entry.clone()));
+        }
+        self.state.revision = self.state.revision.max(done.revision);
+        self.cursor = last;
+        self.status.audit_head_seq.fetch_max(done.audit_seq, std::sync::atomic::Ordering::AcqRel);
+        published.store(Arc::new(self.state.clone()));
+        self.feed.publish(changes);
+        true
     }
 
     /// Brings the replica up to date with the shared backend's change log and publishes it.
