@@ -312,10 +312,7 @@ async fn run(cli: &Cli) -> Result<bool> {
             targets: &targets,
             verification_passed: passed,
         };
-        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_json(path, &report)?;
     }
     Ok(passed)
 }
@@ -323,18 +320,7 @@ async fn run(cli: &Cli) -> Result<bool> {
 /// `--auth-overhead`: starts gapguard without and with an API key, runs the cases on both,
 /// prints and writes the overhead. A target not met, like a run with errors, does not fail it.
 async fn run_auth_overhead(cli: &Cli) -> Result<bool> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build of the bench; build it with --release");
-    }
-    let bin = gapguard_binary(cli.gapguard.as_deref())?;
-    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
-    let plan = Plan {
-        workloads: vec![Workload::Puts, Workload::Checks],
-        warmup: Duration::from_millis(cli.warmup_ms),
-        measure: Duration::from_secs(cli.seconds),
-        stock: cli.stock,
-        verify_stock: cli.verify_stock,
-    };
+    let (bin, base, plan) = overhead_setup(cli)?;
     let mut servers = overhead::Servers::start(&bin, &base).await?;
     let cases = overhead::run(&servers, &plan).await;
     servers.check_alive();
@@ -363,10 +349,7 @@ async fn run_auth_overhead(cli: &Cli) -> Result<bool> {
             cases: &cases,
             targets: &targets,
         };
-        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_json(path, &report)?;
     }
     Ok(true)
 }
@@ -375,18 +358,7 @@ async fn run_auth_overhead(cli: &Cli) -> Result<bool> {
 /// runs the cases on each, prints and writes the overheads. A criterion not met, like a run with
 /// errors, does not fail it.
 async fn run_obs_overhead(cli: &Cli) -> Result<bool> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build of the bench; build it with --release");
-    }
-    let bin = gapguard_binary(cli.gapguard.as_deref())?;
-    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
-    let plan = Plan {
-        workloads: vec![Workload::Puts, Workload::Checks],
-        warmup: Duration::from_millis(cli.warmup_ms),
-        measure: Duration::from_secs(cli.seconds),
-        stock: cli.stock,
-        verify_stock: cli.verify_stock,
-    };
+    let (bin, base, plan) = overhead_setup(cli)?;
     let mut servers = obs::Servers::start(&bin, &base).await?;
     let cases = obs::run(&servers, &plan).await;
     servers.check_alive();
@@ -417,12 +389,36 @@ async fn run_obs_overhead(cli: &Cli) -> Result<bool> {
             cases: &cases,
             targets: &targets,
         };
-        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_json(path, &report)?;
     }
     Ok(true)
+}
+
+/// What `--auth-overhead` and `--obs-overhead` share: the gapguard binary, the temp base and
+/// the plan (puts and checks), with a warning for a debug build of the bench.
+fn overhead_setup(cli: &Cli) -> Result<(PathBuf, PathBuf, Plan)> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build of the bench; build it with --release");
+    }
+    let bin = gapguard_binary(cli.gapguard.as_deref())?;
+    let base = cli.tmpdir.clone().unwrap_or_else(std::env::temp_dir);
+    let plan = Plan {
+        workloads: vec![Workload::Puts, Workload::Checks],
+        warmup: Duration::from_millis(cli.warmup_ms),
+        measure: Duration::from_secs(cli.seconds),
+        stock: cli.stock,
+        verify_stock: cli.verify_stock,
+    };
+    Ok((bin, base, plan))
+}
+
+/// Writes `report` to `path` as pretty JSON (`--json`).
+fn write_json(path: &Path, report: &impl serde::Serialize) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    serde_json::to_writer_pretty(std::io::BufWriter::new(file), report)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 /// The chosen items in canonical order, without duplicates; all of `all` when none chosen.

@@ -31,10 +31,10 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
 use crate::gapguard::Gapguard;
-use crate::overhead::{figures, Variant, VariantFigures};
+use crate::overhead::{overhead_pct, print_variants, rounds, Variant, VariantFigures};
 use crate::procs::{self, Server};
 use crate::report::{thousands, TargetCheck};
-use crate::suite::{self, Plan, Sut};
+use crate::suite::{Plan, Sut};
 use crate::workload::{System, Workload};
 
 /// The criterion: metrics and tracing cost less than this share of throughput, in percent.
@@ -157,9 +157,6 @@ impl Servers {
     }
 }
 
-/// A round's place in its case's order, and its tally (or the error that stopped it).
-type Round = (usize, Result<crate::runner::Tally>);
-
 /// One case: a workload at a connection count, on every variant.
 #[derive(Debug, Serialize)]
 pub struct Case {
@@ -199,29 +196,9 @@ pub struct Report<'a> {
 pub async fn run(servers: &Servers, plan: &Plan) -> Vec<Case> {
     let mut cases = Vec::new();
     for (workload, connections) in CASES {
-        let mut runs: Vec<(Variant, Vec<Round>)> = VARIANTS.iter().map(|v| (*v, Vec::new())).collect();
-        for (index, variant) in ORDER.into_iter().enumerate() {
-            let round = index + 1;
-            eprintln!(
-                "running {} x{connections} on gapguard ({}), round {round} of {} ({:.0} s + {:.0} s warm-up)",
-                workload.name(),
-                variant.name(),
-                ORDER.len(),
-                plan.measure.as_secs_f64(),
-                plan.warmup.as_secs_f64()
-            );
-            let tally = suite::timed_tally(servers.sut(variant), workload, connections, plan).await;
-            runs.iter_mut().find(|(v, _)| *v == variant).expect("a known variant").1.push((round, tally));
-        }
-        let variants: Vec<VariantFigures> = runs.into_iter().map(|(v, rounds)| figures(v, rounds)).collect();
+        let variants = rounds(&VARIANTS, &ORDER, |v| servers.sut(v), workload, connections, plan).await;
         let off = &variants[0];
-        let overhead_pct = variants[1..]
-            .iter()
-            .map(|v| {
-                let clean = off.errors == 0 && v.errors == 0 && off.ops_per_s > 0.0;
-                (v.variant, clean.then(|| 100.0 * (1.0 - v.ops_per_s / off.ops_per_s)))
-            })
-            .collect();
+        let overhead_pct = variants[1..].iter().map(|v| (v.variant, overhead_pct(off, v))).collect();
         cases.push(Case {
             workload,
             connections,
@@ -268,24 +245,7 @@ pub fn print(cases: &[Case], sink: (u64, u64)) {
     for case in cases {
         println!();
         println!("  {} x{}: {}", case.workload.name(), case.connections, case.operation);
-        println!(
-            "    {:<13} {:<26} {:>10} {:>7} {:>8} {:>8} {:>6}",
-            "variant", "ops/s by round", "ops/s", "spread", "p50 ms", "p99 ms", "errors"
-        );
-        for v in &case.variants {
-            let rounds: Vec<String> =
-                v.rounds.iter().map(|r| format!("#{} {}", r.round, thousands(r.ops_per_s))).collect();
-            println!(
-                "    {:<13} {:<26} {:>10} {:>6.1}% {:>8.3} {:>8.3} {:>6}",
-                v.variant.name(),
-                rounds.join("  "),
-                thousands(v.ops_per_s),
-                v.spread_pct,
-                v.p50_ms,
-                v.p99_ms,
-                v.errors
-            );
-        }
+        print_variants(&case.variants.iter().collect::<Vec<_>>());
         for (variant, pct) in &case.overhead_pct {
             match pct {
                 Some(pct) => println!(

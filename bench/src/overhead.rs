@@ -167,28 +167,14 @@ impl Servers {
 pub async fn run(servers: &Servers, plan: &Plan) -> Vec<Case> {
     let mut cases = Vec::new();
     for (workload, connections) in CASES {
-        let mut no_auth = Vec::new();
-        let mut auth = Vec::new();
-        for (index, variant) in ORDER.into_iter().enumerate() {
-            let round = index + 1;
-            eprintln!(
-                "running {} x{connections} on gapguard ({}), round {round} of {} ({:.0} s + {:.0} s warm-up)",
-                workload.name(),
-                variant.name(),
-                ORDER.len(),
-                plan.measure.as_secs_f64(),
-                plan.warmup.as_secs_f64()
-            );
-            let (sut, into) = match variant {
-                Variant::Auth => (&servers.auth, &mut auth),
-                _ => (&servers.no_auth, &mut no_auth),
-            };
-            into.push((round, suite::timed_tally(sut, workload, connections, plan).await));
-        }
-        let no_auth = figures(Variant::NoAuth, no_auth);
-        let auth = figures(Variant::Auth, auth);
-        let clean = no_auth.errors == 0 && auth.errors == 0 && no_auth.ops_per_s > 0.0;
-        let overhead_pct = clean.then(|| 100.0 * (1.0 - auth.ops_per_s / no_auth.ops_per_s));
+        let sut = |variant| match variant {
+            Variant::Auth => &servers.auth,
+            _ => &servers.no_auth,
+        };
+        let mut figures = rounds(&[Variant::NoAuth, Variant::Auth], &ORDER, sut, workload, connections, plan).await;
+        let auth = figures.pop().expect("two variants");
+        let no_auth = figures.pop().expect("two variants");
+        let overhead_pct = overhead_pct(&no_auth, &auth);
         cases.push(Case {
             workload,
             connections,
@@ -201,8 +187,44 @@ pub async fn run(servers: &Servers, plan: &Plan) -> Vec<Case> {
     cases
 }
 
+/// Runs one case's rounds in `order` (each round on the server `sut` gives for its variant)
+/// and returns the figures of each of `variants`, in that order.
+pub async fn rounds<'a>(
+    variants: &[Variant],
+    order: &[Variant],
+    sut: impl Fn(Variant) -> &'a Sut,
+    workload: Workload,
+    connections: usize,
+    plan: &Plan,
+) -> Vec<VariantFigures> {
+    let mut runs: Vec<(Variant, Vec<TimedRound>)> = variants.iter().map(|v| (*v, Vec::new())).collect();
+    for (index, variant) in order.iter().copied().enumerate() {
+        let round = index + 1;
+        eprintln!(
+            "running {} x{connections} on gapguard ({}), round {round} of {} ({:.0} s + {:.0} s warm-up)",
+            workload.name(),
+            variant.name(),
+            order.len(),
+            plan.measure.as_secs_f64(),
+            plan.warmup.as_secs_f64()
+        );
+        let tally = suite::timed_tally(sut(variant), workload, connections, plan).await;
+        runs.iter_mut().find(|(v, _)| *v == variant).expect("a known variant").1.push((round, tally));
+    }
+    runs.into_iter().map(|(v, rounds)| figures(v, rounds)).collect()
+}
+
+/// `1 - variant ops/s / base ops/s`, in percent; `None` when a run had errors.
+pub fn overhead_pct(base: &VariantFigures, variant: &VariantFigures) -> Option<f64> {
+    let clean = base.errors == 0 && variant.errors == 0 && base.ops_per_s > 0.0;
+    clean.then(|| 100.0 * (1.0 - variant.ops_per_s / base.ops_per_s))
+}
+
+/// A round's place in its case's order, and its tally (or the error that stopped it).
+pub type TimedRound = (usize, Result<Tally>);
+
 /// A variant's figures from its rounds' tallies (or the error that stopped a round).
-pub fn figures(variant: Variant, runs: Vec<(usize, Result<Tally>)>) -> VariantFigures {
+pub fn figures(variant: Variant, runs: Vec<TimedRound>) -> VariantFigures {
     let mut rounds = Vec::new();
     let mut merged: Option<Tally> = None;
     let (mut ops, mut seconds) = (0u64, 0.0);
@@ -273,6 +295,30 @@ pub fn targets(cases: &[Case]) -> Vec<TargetCheck> {
         .collect()
 }
 
+/// Prints one case's table: a row per variant with its rounds, their mean, spread and
+/// latencies (the variant column as wide as the longest name). `--obs-overhead` prints its
+/// cases with it too.
+pub fn print_variants(variants: &[&VariantFigures]) {
+    let w = variants.iter().map(|v| v.variant.name().len()).max().unwrap_or(0).max("variant".len());
+    println!(
+        "    {:<w$} {:<26} {:>10} {:>7} {:>8} {:>8} {:>6}",
+        "variant", "ops/s by round", "ops/s", "spread", "p50 ms", "p99 ms", "errors"
+    );
+    for v in variants {
+        let rounds: Vec<String> = v.rounds.iter().map(|r| format!("#{} {}", r.round, thousands(r.ops_per_s))).collect();
+        println!(
+            "    {:<w$} {:<26} {:>10} {:>6.1}% {:>8.3} {:>8.3} {:>6}",
+            v.variant.name(),
+            rounds.join("  "),
+            thousands(v.ops_per_s),
+            v.spread_pct,
+            v.p50_ms,
+            v.p99_ms,
+            v.errors
+        );
+    }
+}
+
 /// Prints the cases: each variant's rounds and mean, then the overhead.
 pub fn print(cases: &[Case]) {
     println!();
@@ -284,24 +330,7 @@ pub fn print(cases: &[Case]) {
     for case in cases {
         println!();
         println!("  {} x{}: {}", case.workload.name(), case.connections, case.operation);
-        println!(
-            "    {:<9} {:<26} {:>10} {:>7} {:>8} {:>8} {:>6}",
-            "variant", "ops/s by round", "ops/s", "spread", "p50 ms", "p99 ms", "errors"
-        );
-        for v in [&case.no_auth, &case.auth] {
-            let rounds: Vec<String> =
-                v.rounds.iter().map(|r| format!("#{} {}", r.round, thousands(r.ops_per_s))).collect();
-            println!(
-                "    {:<9} {:<26} {:>10} {:>6.1}% {:>8.3} {:>8.3} {:>6}",
-                v.variant.name(),
-                rounds.join("  "),
-                thousands(v.ops_per_s),
-                v.spread_pct,
-                v.p50_ms,
-                v.p99_ms,
-                v.errors
-            );
-        }
+        print_variants(&[&case.no_auth, &case.auth]);
         match case.overhead_pct {
             Some(pct) => println!(
                 "    overhead {pct:.1} %  (target < {TARGET_PCT} %: {})",

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gapguard_testkit::{spawn_as, User};
 use tempfile::TempDir;
 
 use crate::gapguard::ApiKey;
@@ -46,13 +47,6 @@ enum Stop {
     /// `pg_ctl -D <data> -m fast -w stop`, run as `user`; SIGINT (the same fast shutdown)
     /// if that fails.
     PgCtl { pg_ctl: PathBuf, data: PathBuf, user: Option<User> },
-}
-
-/// A user id and its primary group id, to run a child as.
-#[derive(Clone, Copy, Debug)]
-struct User {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
 }
 
 /// Owns a child process and stops it when dropped.
@@ -144,38 +138,6 @@ fn redis_shutdown(addr: SocketAddr) -> std::io::Result<()> {
 /// if the bench itself dies without cleaning up.
 fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     spawn_as(cmd, None)
-}
-
-/// [`spawn`], switching the child to `user` (when given) before it executes.
-fn spawn_as(cmd: &mut Command, user: Option<User>) -> std::io::Result<Child> {
-    let parent = std::process::id();
-    cmd.stdin(Stdio::null()).process_group(0);
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // calls (setgroups, setgid, setuid, prctl, getppid, _exit) in the single-threaded
-    // child. The user switch comes first because changing credentials clears the
-    // parent-death signal. PR_SET_PDEATHSIG fires when the *thread* that forked exits:
-    // the bench spawns servers from its main thread, which lives until exit.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(user) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(user.gid) != 0
-                    || libc::setuid(user.uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl: then nobody would stop us.
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
 }
 
 /// Reserves `N` distinct free loopback ports: binds them all at once, then releases them.
@@ -470,25 +432,7 @@ pub async fn start_postgres(bin_dir: &Path, base: &Path) -> Result<Server> {
 /// The `postgres` user to run PostgreSQL as when the bench runs as root; `None` otherwise
 /// (then PostgreSQL runs as the bench's own user).
 fn postgres_user() -> Result<Option<User>> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let name = c"postgres";
-    // SAFETY: a zeroed passwd is a valid out-parameter (plain integers and null pointers).
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call, and `buf.len()` is the length of `buf`;
-    // getpwnam_r writes only into `pwd` and `buf`, and `found` points at `pwd` or is null.
-    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if rc != 0 || found.is_null() {
-        bail!(
-            "the bench runs as root and PostgreSQL refuses to, but there is no `postgres` user to \
-             run it as (`apt-get install -y postgresql` creates one)"
-        );
-    }
-    Ok(Some(User { uid: pwd.pw_uid, gid: pwd.pw_gid }))
+    Ok(gapguard_testkit::postgres_user()?)
 }
 
 /// The first line `bin --version` prints, if it runs.

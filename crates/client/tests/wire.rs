@@ -37,6 +37,25 @@ impl Seen {
 /// A canned response: status line, extra headers, body.
 type Canned = (&'static str, Vec<(&'static str, &'static str)>, &'static str);
 
+/// Reads a request line and headers (not the body).
+async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Seen {
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    let mut parts = line.split_whitespace();
+    let mut request =
+        Seen { method: parts.next().unwrap().into(), target: parts.next().unwrap().into(), ..Seen::default() };
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            return request;
+        }
+        let (name, value) = line.split_once(':').unwrap();
+        request.headers.push((name.trim().to_lowercase(), value.trim().to_owned()));
+    }
+}
+
 /// Serves one canned response (`status line`, extra headers, body) per connection, in order,
 /// recording each request.
 async fn canned(responses: Vec<Canned>) -> (String, Arc<Mutex<Vec<Seen>>>) {
@@ -49,21 +68,7 @@ async fn canned(responses: Vec<Canned>) -> (String, Arc<Mutex<Vec<Seen>>>) {
             let (stream, _) = listener.accept().await.unwrap();
             let (read, mut write) = stream.into_split();
             let mut reader = BufReader::new(read);
-            let mut line = String::new();
-            reader.read_line(&mut line).await.unwrap();
-            let mut parts = line.split_whitespace();
-            let mut request =
-                Seen { method: parts.next().unwrap().into(), target: parts.next().unwrap().into(), ..Seen::default() };
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).await.unwrap();
-                let line = line.trim_end();
-                if line.is_empty() {
-                    break;
-                }
-                let (name, value) = line.split_once(':').unwrap();
-                request.headers.push((name.trim().to_lowercase(), value.trim().to_owned()));
-            }
+            let mut request = read_head(&mut reader).await;
             let length: usize = request.header("content-length").map_or(0, |v| v.parse().unwrap());
             let mut received = vec![0; length];
             reader.read_exact(&mut received).await.unwrap();
@@ -426,21 +431,7 @@ async fn streaming(head: &'static str, pieces: Vec<&'static str>) -> (String, to
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
-        let mut parts = line.split_whitespace();
-        let mut request =
-            Seen { method: parts.next().unwrap().into(), target: parts.next().unwrap().into(), ..Seen::default() };
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).await.unwrap();
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').unwrap();
-            request.headers.push((name.trim().to_lowercase(), value.trim().to_owned()));
-        }
+        let request = read_head(&mut reader).await;
         let _ = tx.send(request);
         write.write_all(format!("HTTP/1.1 {head}\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
         for piece in pieces {

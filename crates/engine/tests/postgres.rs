@@ -1,6 +1,7 @@
 //! The engine over the PostgreSQL backend (a real PostgreSQL 15 the test starts): nodes whose
 //! clocks disagree by hours judge tickets by the database's clock alike.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,19 +62,58 @@ async fn nodes_with_skewed_clocks_judge_tickets_by_the_database_clock() {
     assert!(matches!(result.outcome, Outcome::Refused(Refusal::TicketExpired { .. })), "{:?}", result.outcome);
 }
 
-/// The real PostgreSQL store, whose first `n` commits lose a race (as a serialization failure
-/// would make them).
-struct LosesRaces {
-    inner: PgStore,
-    losses: std::sync::atomic::AtomicUsize,
+#[derive(Default)]
+struct CountsRetries(AtomicUsize);
+
+impl gapguard_engine::Observer for CountsRetries {
+    fn storage_retried(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
-impl gapguard_store::Storage for LosesRaces {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_loses_a_race_runs_again_and_counts_it() {
+    let pg = Postgres::start();
+    let url = pg.create_database("races");
+    let store = Arc::new(Faulty::new(&url, false));
+    let retries = Arc::new(CountsRetries::default());
+    let config = EngineConfig { observer: retries.clone(), ..EngineConfig::default() };
+    let engine = Engine::open(store.clone(), Arc::new(SystemClock::default()), config).expect("open");
+    let put = |v: i64| WriteRequest::Put { ns: "ns".into(), key: "k".into(), value: json!(v) };
+    store.losses.store(2, Ordering::SeqCst);
+    let result = engine.write(put(1), RequestContext::default(), None).await.expect("the write succeeds");
+    assert!(matches!(result.outcome, Outcome::Put { version: 1, .. }), "{:?}", result.outcome);
+    assert_eq!(retries.0.load(Ordering::SeqCst), 2);
+    // Past the bound, the requests are answered unavailable and nothing is applied.
+    store.losses.store(100, Ordering::SeqCst);
+    let err = engine.write(put(2), RequestContext::default(), None).await.expect_err("gives up");
+    assert!(matches!(err, gapguard_engine::EngineError::Unavailable(_)), "{err:?}");
+    store.losses.store(0, Ordering::SeqCst);
+    engine.fresh().await.expect("fresh");
+    assert_eq!(engine.get("ns", "k").0.expect("the key").value, json!(1), "the refused write left nothing");
+}
+
+/// The real PostgreSQL store with faults a test sets: its next `losses` commits lose a race
+/// (as a serialization failure would make them), and, when `deaf`, it hears no notifications,
+/// so that (with the reconciler's tick set an hour apart) the node's replica moves only when
+/// its own batches run, and a test can put it behind the other nodes at will.
+struct Faulty {
+    inner: PgStore,
+    losses: AtomicUsize,
+    deaf: bool,
+}
+
+impl Faulty {
+    fn new(url: &str, deaf: bool) -> Self {
+        Self { inner: PgStore::connect(url, PgOptions::default()).expect("connect"), losses: AtomicUsize::new(0), deaf }
+    }
+}
+
+impl gapguard_store::Storage for Faulty {
     fn recover(&self) -> Result<gapguard_store::Recovered, gapguard_store::StoreError> {
         self.inner.recover()
     }
     fn commit(&self, batch: gapguard_store::Batch) -> Result<(), gapguard_store::StoreError> {
-        use std::sync::atomic::Ordering;
         if self.losses.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(gapguard_store::StoreError::Conflict("injected serialization failure".into()));
         }
@@ -94,114 +134,52 @@ impl gapguard_store::Storage for LosesRaces {
         self.inner.audit_range(from_seq, limit)
     }
     fn shared(&self) -> Option<&dyn gapguard_store::SharedStorage> {
-        self.inner.shared()
-    }
-}
-
-#[derive(Default)]
-struct CountsRetries(std::sync::atomic::AtomicUsize);
-
-impl gapguard_engine::Observer for CountsRetries {
-    fn storage_retried(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_that_loses_a_race_runs_again_and_counts_it() {
-    let pg = Postgres::start();
-    let url = pg.create_database("races");
-    let store = LosesRaces {
-        inner: PgStore::connect(&url, PgOptions::default()).expect("connect"),
-        losses: std::sync::atomic::AtomicUsize::new(0),
-    };
-    let store = Arc::new(store);
-    let retries = Arc::new(CountsRetries::default());
-    let config = EngineConfig { observer: retries.clone(), ..EngineConfig::default() };
-    let engine = Engine::open(store.clone(), Arc::new(SystemClock::default()), config).expect("open");
-    let put = |v: i64| WriteRequest::Put { ns: "ns".into(), key: "k".into(), value: json!(v) };
-    store.losses.store(2, std::sync::atomic::Ordering::SeqCst);
-    let result = engine.write(put(1), RequestContext::default(), None).await.expect("the write succeeds");
-    assert!(matches!(result.outcome, Outcome::Put { version: 1, .. }), "{:?}", result.outcome);
-    assert_eq!(retries.0.load(std::sync::atomic::Ordering::SeqCst), 2);
-    // Past the bound, the requests are answered unavailable and nothing is applied.
-    store.losses.store(100, std::sync::atomic::Ordering::SeqCst);
-    let err = engine.write(put(2), RequestContext::default(), None).await.expect_err("gives up");
-    assert!(matches!(err, gapguard_engine::EngineError::Unavailable(_)), "{err:?}");
-    store.losses.store(0, std::sync::atomic::Ordering::SeqCst);
-    engine.fresh().await.expect("fresh");
-    assert_eq!(engine.get("ns", "k").0.expect("the key").value, json!(1), "the refused write left nothing");
-}
-
-/// The real PostgreSQL store of a node that hears no notifications: its replica moves only
-/// when its own batches run (its reconciler tick is set an hour apart), so a test can put it
-/// behind the other nodes at will.
-struct Deaf(PgStore);
-
-impl gapguard_store::Storage for Deaf {
-    fn recover(&self) -> Result<gapguard_store::Recovered, gapguard_store::StoreError> {
-        self.0.recover()
-    }
-    fn commit(&self, batch: gapguard_store::Batch) -> Result<(), gapguard_store::StoreError> {
-        self.0.commit(batch)
-    }
-    fn load_keys(
-        &self,
-        keys: &std::collections::BTreeSet<gapguard_core::NsKey>,
-    ) -> Result<std::collections::BTreeMap<gapguard_core::NsKey, gapguard_core::Entry>, gapguard_store::StoreError>
-    {
-        self.0.load_keys(keys)
-    }
-    fn audit_range(
-        &self,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<gapguard_core::SealedEvent>, gapguard_store::StoreError> {
-        self.0.audit_range(from_seq, limit)
-    }
-    fn shared(&self) -> Option<&dyn gapguard_store::SharedStorage> {
         Some(self)
     }
 }
 
-impl gapguard_store::SharedStorage for Deaf {
+impl gapguard_store::SharedStorage for Faulty {
     fn begin(&self, lock: &gapguard_store::LockRequest) -> Result<gapguard_store::Locked, gapguard_store::StoreError> {
-        self.0.begin(lock)
+        self.inner.begin(lock)
     }
     fn lock_more(
         &self,
         keys: &std::collections::BTreeSet<gapguard_core::NsKey>,
     ) -> Result<std::collections::BTreeMap<gapguard_core::NsKey, gapguard_core::Entry>, gapguard_store::StoreError>
     {
-        self.0.lock_more(keys)
+        self.inner.lock_more(keys)
     }
     fn rollback(&self) {
-        self.0.rollback()
+        self.inner.rollback()
     }
     fn changes_since(&self, cursor: u64) -> Result<gapguard_store::Changes, gapguard_store::StoreError> {
-        self.0.changes_since(cursor)
+        self.inner.changes_since(cursor)
     }
     fn claim_idempotency(
         &self,
         key: &gapguard_store::IdempotencyKey,
         ttl_ms: u64,
     ) -> Result<bool, gapguard_store::StoreError> {
-        self.0.claim_idempotency(key, ttl_ms)
+        self.inner.claim_idempotency(key, ttl_ms)
     }
     fn release_claim(&self, key: &gapguard_store::IdempotencyKey) {
-        self.0.release_claim(key)
+        self.inner.release_claim(key)
     }
-    fn subscribe(&self, _wake: Box<dyn Fn() + Send + Sync>) {}
+    fn subscribe(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        if !self.deaf {
+            self.inner.subscribe(wake)
+        }
+    }
     fn last_changes(&self) -> Option<(u64, u64)> {
-        self.0.last_changes()
+        self.inner.last_changes()
     }
     fn ping(&self) -> Result<(), gapguard_store::StoreError> {
-        self.0.ping()
+        self.inner.ping()
     }
 }
 
 fn deaf_node(url: &str) -> Engine {
-    let store = Deaf(PgStore::connect(url, PgOptions::default()).expect("connect"));
+    let store = Faulty::new(url, true);
     let config = EngineConfig { prune_interval: Duration::from_secs(3600), ..EngineConfig::default() };
     Engine::open(Arc::new(store), Arc::new(SystemClock::default()), config).expect("open")
 }

@@ -80,6 +80,15 @@ impl Env {
         self.history.record(op);
     }
 
+    /// Records `op`, then backs off if it failed (the server unreachable: do not spin).
+    pub async fn record_or_back_off(&self, op: OpRecord) {
+        let failed = op.outcome.is_failed();
+        self.record(op);
+        if failed {
+            backoff().await;
+        }
+    }
+
     /// The delay the mean of the distribution gives, at least `floor_ms`.
     pub fn mean_delay(&self, floor_ms: f64) -> Duration {
         Duration::from_secs_f64(self.delay.mean_ms().max(floor_ms) / 1000.0)

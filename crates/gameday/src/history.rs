@@ -58,6 +58,19 @@ impl Outcome {
         }
     }
 
+    /// The outcome of a write: committed at its revision, or [`Outcome::from_error`].
+    pub fn of_write(result: Result<u64, ClientError>) -> Self {
+        match result {
+            Ok(revision) => Self::Committed { revision, resolved: false },
+            Err(e) => Self::from_error(&e),
+        }
+    }
+
+    /// Whether the request failed (no answer, or not one the server gave on purpose).
+    pub fn is_failed(&self) -> bool {
+        matches!(self, Self::Failed { .. })
+    }
+
     /// The outcome of a failed request: a refusal with the server's code, or a failure.
     pub fn from_error(error: &ClientError) -> Self {
         match error.code() {

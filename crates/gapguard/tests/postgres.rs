@@ -77,30 +77,7 @@ async fn sixty_four_reservers_over_three_nodes_commit_exactly_the_capacity() {
     let (_pg, _url, nodes) = cluster(3);
     let https: Vec<Arc<Http>> = nodes.iter().map(|n| Arc::new(Http::new(n))).collect();
     assert_eq!(https[1].put("/v1/ns/q/pools/vm", json!({"capacity": 100})).await.status, 200);
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let http = https[i % 3].clone();
-            tokio::spawn(async move {
-                let mut committed = 0;
-                loop {
-                    let r = http.post("/v1/ns/q/pools/vm/reserve", json!({"amount": 1, "ttl_ms": 30000})).await;
-                    match (r.status, r.body["error"].as_str()) {
-                        (200, _) => {}
-                        (409, Some("insufficient")) => return committed,
-                        other => panic!("reserve answered {other:?}: {:?}", r.body),
-                    }
-                    let id = r.body["reservation"].as_str().unwrap();
-                    let c = http.send("POST", &format!("/v1/ns/q/reservations/{id}/commit"), None, &[]).await;
-                    assert_eq!(c.status, 200, "{:?}", c.body);
-                    committed += 1;
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
+    let total = support::reserve_and_commit_until_full(&https, "q", "vm", 64).await;
     assert_eq!(total, 100);
     let pool = https[0].get("/v1/ns/q/pools/vm").await.body;
     assert_eq!((pool["used"].as_u64(), pool["reserved"].as_u64()), (Some(100), Some(0)), "{pool:?}");
@@ -303,34 +280,26 @@ async fn postgres_down_under_load_means_503_then_the_nodes_recover_without_a_res
     eprintln!("{} writes acknowledged, {refused} answered 503 during the outage", acked.len());
 }
 
-/// Runs `gapguard serve` with `args`, expecting it to refuse to start; returns its stderr.
-fn refused(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gapguard"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run gapguard serve");
-    assert!(!out.status.success(), "gapguard serve {args:?} started: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// `gapguard serve --backend URL`, expected to refuse to start; its stderr.
+fn refused(url: &str) -> String {
+    Server::refused_start_with(&[std::ffi::OsStr::new("--backend"), std::ffi::OsStr::new(url)])
 }
 
 #[test]
 fn a_bad_url_an_absent_database_and_a_newer_schema_stop_the_start_with_a_message() {
-    let err = refused(&["--backend", "mysql://nope"]);
+    let err = refused("mysql://nope");
     assert!(err.contains("invalid PostgreSQL URL"), "{err}");
 
     let pg = Postgres::start();
     let with_password = format!("postgres://postgres:SECRET@127.0.0.1:{}/no_such_db", pg.port());
-    let err = refused(&["--backend", &with_password]);
+    let err = refused(&with_password);
     assert!(err.contains("no_such_db") && err.contains("does not exist"), "{err}");
     assert!(err.contains("postgres:***@") && !err.contains("SECRET"), "the password is not shown: {err}");
 
     let url = pg.create_database("newer");
     drop(Server::start_backend(&url));
     pg.psql("newer", "UPDATE gg_schema SET version = 99");
-    let err = refused(&["--backend", &url]);
+    let err = refused(&url);
     assert!(err.contains("schema is version 99") && err.contains("newer than this gapguard"), "{err}");
 }
 

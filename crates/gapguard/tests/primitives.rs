@@ -66,38 +66,7 @@ async fn sixty_four_reservers_commit_exactly_the_capacity() {
     let server = Server::start(dir.path());
     let http = Arc::new(Http::new(&server));
     assert_eq!(http.put("/v1/ns/q/pools/vm-quota", json!({"capacity": 100})).await.status, 200);
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let http = http.clone();
-            tokio::spawn(async move {
-                let mut committed = 0;
-                loop {
-                    let r = http
-                        .post(
-                            "/v1/ns/q/pools/vm-quota/reserve",
-                            json!({"amount": 1, "ttl_ms": 30000, "context": {"vm": i}}),
-                        )
-                        .await;
-                    match (r.status, r.body["error"].as_str()) {
-                        (200, _) => {}
-                        (409, Some("insufficient")) => {
-                            assert_eq!(r.body["available"], 0);
-                            return committed;
-                        }
-                        other => panic!("reserve answered {other:?}: {:?}", r.body),
-                    }
-                    let id = r.body["reservation"].as_str().unwrap();
-                    let c = http.send("POST", &format!("/v1/ns/q/reservations/{id}/commit"), None, &[]).await;
-                    assert_eq!(c.status, 200, "{:?}", c.body);
-                    committed += 1;
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
+    let total = support::reserve_and_commit_until_full(std::slice::from_ref(&http), "q", "vm-quota", 64).await;
     assert_eq!(total, 100);
     let pool = http.get("/v1/ns/q/pools/vm-quota").await.body;
     assert_eq!(

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 /// Where Debian's PostgreSQL 15 keeps its server binaries.
 pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// A user to run PostgreSQL as.
+/// A user id and its primary group id, to run a child process as.
 #[derive(Clone, Copy, Debug)]
-struct User {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+pub struct User {
+    /// User id.
+    pub uid: libc::uid_t,
+    /// Its primary group id.
+    pub gid: libc::gid_t,
 }
 
 /// A running PostgreSQL server in a temp dir. Dropping it stops the server (fast shutdown)
@@ -49,7 +51,7 @@ impl Postgres {
                 bin.join(name).display()
             );
         }
-        let user = postgres_user();
+        let user = postgres_user().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new().prefix("gapguard-pg-").tempdir().expect("temp dir for PostgreSQL");
         if let Some(user) = user {
             std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))
@@ -91,34 +93,8 @@ impl Postgres {
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .process_group(0);
-        let user = self.user;
-        let parent = std::process::id();
-        // SAFETY: between fork and exec the closure only makes async-signal-safe calls
-        // (setgroups, setgid, setuid, prctl, getppid, _exit). The user switch comes first
-        // because changing credentials clears the parent-death signal; SIGKILL on the test
-        // process's death keeps an aborted test from leaving a server behind.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(user) = user {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(user.gid) != 0
-                        || libc::setuid(user.uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        self.child = Some(cmd.spawn().expect("start postgres"));
+            .stderr(log);
+        self.child = Some(spawn_as(&mut cmd, self.user).expect("start postgres"));
         self.wait_ready();
     }
 
@@ -225,22 +201,70 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
 }
 
-/// The `postgres` user when running as root (PostgreSQL refuses root); `None` otherwise.
-fn postgres_user() -> Option<User> {
+/// Spawns `cmd` in its own process group, with stdin closed, as `user` when given, and
+/// arranges for the kernel to SIGKILL the child if the process that started it dies without
+/// stopping it (an aborted test, a killed bench). The parent-death signal follows the
+/// *thread* that forked: spawn from a thread that outlives the child.
+pub fn spawn_as(cmd: &mut Command, user: Option<User>) -> std::io::Result<Child> {
+    let parent = std::process::id();
+    cmd.stdin(Stdio::null()).process_group(0);
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (setgroups, setgid, setuid, prctl, getppid, _exit) in the single-threaded child. The
+    // user switch comes first because changing credentials clears the parent-death signal.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(user) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(user.gid) != 0
+                    || libc::setuid(user.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then nobody would stop us.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// The `postgres` user when running as root (PostgreSQL refuses to run as root); `None`
+/// otherwise. `Err` when running as root without a `postgres` user.
+pub fn postgres_user() -> Result<Option<User>, NoPostgresUser> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return None;
+        return Ok(None);
     }
-    // SAFETY: a zeroed passwd is a valid out-parameter; every pointer is valid for the call
-    // and `buf.len()` is the length of `buf`.
+    // SAFETY: a zeroed passwd is a valid out-parameter (plain integers and null pointers).
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, and `buf.len()` is the length of `buf`;
+    // getpwnam_r writes only into `pwd` and `buf`, and `found` points at `pwd` or is null.
     let rc = unsafe { libc::getpwnam_r(c"postgres".as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
-    assert!(
-        rc == 0 && !found.is_null(),
-        "running as root and there is no `postgres` user to run PostgreSQL as: \
-         `apt-get install -y postgresql` creates it"
-    );
-    Some(User { uid: pwd.pw_uid, gid: pwd.pw_gid })
+    if rc != 0 || found.is_null() {
+        return Err(NoPostgresUser);
+    }
+    Ok(Some(User { uid: pwd.pw_uid, gid: pwd.pw_gid }))
 }
+
+/// Running as root with no `postgres` user to run PostgreSQL as.
+#[derive(Debug)]
+pub struct NoPostgresUser;
+
+impl std::fmt::Display for NoPostgresUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "running as root, which PostgreSQL refuses, and there is no `postgres` user to run it as \
+             (`apt-get install -y postgresql` creates one)",
+        )
+    }
+}
+
+impl std::error::Error for NoPostgresUser {}

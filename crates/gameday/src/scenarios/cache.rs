@@ -13,7 +13,7 @@ use gapguard_api::{ActRequest, Condition, Op, PutOp, VersionCondition};
 use gapguard_client::{WatchMessage, WatchQuery};
 use serde_json::{json, Value};
 
-use super::spawn_all;
+use super::{joined, spawn_all};
 use crate::env::{backoff, sleep, Env};
 use crate::history::{OpRecord, Outcome};
 use crate::judge::{superseded_between, writes, Judgement, Violation};
@@ -41,7 +41,7 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     env.record(op);
     let operator = tokio::spawn(operator(env.clone()));
     spawn_all(&env, env.actors, service).await?;
-    operator.await.map_err(|e| GamedayError::io("the operator panicked", std::io::Error::other(e.to_string())))?;
+    joined(operator, "the operator").await?;
     Ok(())
 }
 
@@ -166,15 +166,8 @@ async fn service(env: Arc<Env>, idx: usize) {
                 env.client.act(&env.ns, &act, &opts).await.map(|d| d.value.revision)
             }
         };
-        op.outcome = match result {
-            Ok(revision) => Outcome::Committed { revision, resolved: false },
-            Err(e) => Outcome::from_error(&e),
-        };
-        let failed = matches!(op.outcome, Outcome::Failed { .. });
-        env.record(op);
-        if failed {
-            backoff().await;
-        }
+        op.outcome = Outcome::of_write(result);
+        env.record_or_back_off(op).await;
     }
     if let Some(watcher) = watcher {
         watcher.abort();

@@ -13,7 +13,7 @@ use gapguard_api::{
 };
 use serde_json::json;
 
-use super::spawn_all;
+use super::{joined, spawn_all};
 use crate::env::{backoff, sleep, Env};
 use crate::history::{OpRecord, Outcome};
 use crate::judge::{superseded_between, writes, Judgement, Violation};
@@ -37,7 +37,7 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     env.record(op);
     let drifter = tokio::spawn(drifter(env.clone()));
     spawn_all(&env, env.actors, pipeline).await?;
-    drifter.await.map_err(|e| GamedayError::io("the drifter panicked", std::io::Error::other(e.to_string())))?;
+    joined(drifter, "the drifter").await?;
     Ok(())
 }
 
@@ -131,11 +131,8 @@ async fn pipeline(env: Arc<Env>, idx: usize) {
                 env.client.act(&env.ns, &act, &opts).await.map(|d| d.value.revision)
             }
         };
-        op.outcome = match result {
-            Ok(revision) => Outcome::Committed { revision, resolved: false },
-            Err(e) => Outcome::from_error(&e),
-        };
-        let failed = matches!(op.outcome, Outcome::Failed { .. });
+        op.outcome = Outcome::of_write(result);
+        let failed = op.outcome.is_failed();
         env.record(op);
         if let Some(token) = token {
             let release = env.opts(&format!("{corr}.release"));

@@ -10,8 +10,8 @@ use gapguard_api::{ActRequest, AddOp, CheckRequest, CompareCondition, CompareOp,
 use rand::Rng as _;
 use serde_json::{json, Value};
 
-use super::{int, spawn_all};
-use crate::env::{backoff, sleep, Env};
+use super::{int, joined, spawn_all};
+use crate::env::{sleep, Env};
 use crate::history::{OpRecord, Outcome};
 use crate::judge::{Judgement, Violation};
 use crate::{GamedayError, Mode};
@@ -32,7 +32,7 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     env.retrying("set the initial stock", || env.client.put(&env.ns, STOCK, &value, &opts)).await?;
     let restocker = tokio::spawn(restocker(env.clone()));
     spawn_all(&env, env.actors, buyer).await?;
-    restocker.await.map_err(|e| GamedayError::io("the restocker panicked", std::io::Error::other(e.to_string())))?;
+    joined(restocker, "the restocker").await?;
     Ok(())
 }
 
@@ -49,11 +49,7 @@ async fn buyer(env: Arc<Env>, idx: usize) {
             Mode::Naive => naive_buy(&env, &mut op, delay).await,
             Mode::Guarded => guarded_buy(&env, &mut op, delay).await,
         };
-        let failed = matches!(op.outcome, Outcome::Failed { .. });
-        env.record(op);
-        if failed {
-            backoff().await;
-        }
+        env.record_or_back_off(op).await;
         sleep(pause).await;
     }
 }

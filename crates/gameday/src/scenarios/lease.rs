@@ -86,10 +86,7 @@ async fn worker(env: Arc<Env>, idx: usize) {
                 env.client.act(&env.ns, &act, &opts).await.map(|done| done.value.revision)
             }
         };
-        op.outcome = match result {
-            Ok(revision) => Outcome::Committed { revision, resolved: false },
-            Err(e) => Outcome::from_error(&e),
-        };
+        op.outcome = Outcome::of_write(result);
         env.record(op);
         release(&env, &actor, &hold, &format!("{corr}.release")).await;
     }

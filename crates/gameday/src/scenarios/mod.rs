@@ -70,9 +70,18 @@ where
         tasks.spawn(actor(env.clone(), idx));
     }
     while let Some(done) = tasks.join_next().await {
-        done.map_err(|e| GamedayError::io("an actor panicked", std::io::Error::other(e.to_string())))?;
+        done.map_err(|e| panicked("an actor", e))?;
     }
     Ok(())
+}
+
+/// Waits for a scenario's helper task (the restocker, the admin…); `who` names it if it panicked.
+pub async fn joined(task: tokio::task::JoinHandle<()>, who: &str) -> Result<(), GamedayError> {
+    task.await.map_err(|e| panicked(who, e))
+}
+
+fn panicked(who: &str, e: tokio::task::JoinError) -> GamedayError {
+    GamedayError::io(format!("{who} panicked"), std::io::Error::other(e.to_string()))
 }
 
 /// A JSON number as an i64 (absent or not a number: 0).

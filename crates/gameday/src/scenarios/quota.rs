@@ -17,7 +17,7 @@ use gapguard_api::{ActRequest, Condition, Op, PoolRequest, PutOp, ReservationRef
 use rand::Rng as _;
 use serde_json::json;
 
-use super::{int, spawn_all};
+use super::{int, joined, spawn_all};
 use crate::env::{backoff, sleep, Env};
 use crate::history::{OpRecord, Outcome};
 use crate::judge::{Judgement, Violation};
@@ -71,9 +71,7 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     let reconciler = (env.mode == Mode::Guarded).then(|| tokio::spawn(reconciler(env.clone())));
     spawn_all(&env, env.actors, provisioner).await?;
     if let Some(reconciler) = reconciler {
-        reconciler
-            .await
-            .map_err(|e| GamedayError::io("the reconciler panicked", std::io::Error::other(e.to_string())))?;
+        joined(reconciler, "the reconciler").await?;
     }
     Ok(())
 }
@@ -94,7 +92,7 @@ async fn provisioner(env: Arc<Env>, idx: usize) {
             Mode::Naive => naive(&env, &mut op, &tenant, amount, crash, delay).await,
             Mode::Guarded => guarded(&env, &mut op, &tenant, amount, crash, delay).await,
         };
-        let failed = matches!(op.outcome, Outcome::Failed { .. });
+        let failed = op.outcome.is_failed();
         env.record(op);
         if failed {
             backoff().await;

@@ -15,7 +15,7 @@ use gapguard_client::ClientError;
 use rand::Rng as _;
 use serde_json::json;
 
-use super::spawn_all;
+use super::{joined, spawn_all};
 use crate::env::{backoff, sleep, Env};
 use crate::history::{OpRecord, Outcome};
 use crate::judge::{Judgement, Violation};
@@ -47,7 +47,7 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
     }
     let admin = tokio::spawn(admin(env.clone()));
     spawn_all(&env, env.actors, worker).await?;
-    admin.await.map_err(|e| GamedayError::io("the admin panicked", std::io::Error::other(e.to_string())))?;
+    joined(admin, "the admin").await?;
     Ok(())
 }
 
@@ -74,10 +74,7 @@ async fn set_recorded(env: &Env, actor: &str, subject: &str, permitted: bool, co
             if attempt_idx == 0 { correlation_id.to_owned() } else { format!("{correlation_id}.r{attempt_idx}") };
         let mut op = OpRecord::new(actor, kind, corr.clone());
         op.written = json!({ "subject": subject });
-        op.outcome = match set(env, subject, permitted, &corr).await {
-            Ok(revision) => Outcome::Committed { revision, resolved: false },
-            Err(e) => Outcome::from_error(&e),
-        };
+        op.outcome = Outcome::of_write(set(env, subject, permitted, &corr).await);
         let outcome = op.outcome.clone();
         env.record(op);
         match outcome {
@@ -169,15 +166,8 @@ async fn worker(env: Arc<Env>, idx: usize) {
                 env.client.act(&env.ns, &act, &opts).await.map(|done| done.value.revision)
             }
         };
-        op.outcome = match result {
-            Ok(revision) => Outcome::Committed { revision, resolved: false },
-            Err(e) => Outcome::from_error(&e),
-        };
-        let failed = matches!(op.outcome, Outcome::Failed { .. });
-        env.record(op);
-        if failed {
-            backoff().await;
-        }
+        op.outcome = Outcome::of_write(result);
+        env.record_or_back_off(op).await;
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,10 +36,19 @@ impl Server {
             Some(url) => vec!["--backend".into(), url.into()],
             None => vec!["--data".into(), data.into()],
         };
+        Self::spawn(store_args.iter().map(|a| a.as_os_str()).chain(extra.iter().map(OsStr::new)), data)
+    }
+
+    /// Starts the binary as a node over the PostgreSQL database at `url` (no data directory).
+    pub fn start_backend(url: &str) -> Self {
+        Self::spawn(["--backend", url].map(OsStr::new), Path::new(""))
+    }
+
+    /// Runs `gapguard serve --listen 127.0.0.1:0 ARGS…` and waits for its `listening on` line.
+    fn spawn<'a>(args: impl IntoIterator<Item = &'a OsStr>, data: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
             .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(store_args)
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -54,27 +64,6 @@ impl Server {
             .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
             .to_owned();
         Self { child, url: format!("http://{addr}"), data: data.to_owned(), config: None }
-    }
-
-    /// Starts the binary as a node over the PostgreSQL database at `url` (no data directory).
-    pub fn start_backend(url: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--backend", url])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the gapguard binary");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).expect("read the first stdout line");
-        let addr = first
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first stdout line was {first:?}, expected `listening on ADDR`"))
-            .to_owned();
-        Self { child, url: format!("http://{addr}"), data: PathBuf::new(), config: None }
     }
 
     /// Starts the binary with `config_toml` as its `--config` file (a temporary file); the
@@ -103,11 +92,16 @@ impl Server {
     /// stderr once it exited non-zero (panics if it starts serving or takes over 30 s).
     pub fn refused_start(data: &Path, config_toml: &str) -> String {
         let config = write_config(config_toml);
+        Self::refused_start_with(&[OsStr::new("--data"), data.as_os_str(), OsStr::new("--config"), config.as_os_str()])
+    }
+
+    /// Runs `gapguard serve --listen 127.0.0.1:0 ARGS…`, expecting it to refuse to start:
+    /// returns its stderr once it exited non-zero (panics if it starts serving or takes over
+    /// 30 s).
+    pub fn refused_start_with(args: &[&OsStr]) -> String {
         let child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .arg("--config")
-            .arg(&*config)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -321,4 +315,45 @@ pub async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
         }
     }
     events
+}
+
+/// `clients` tasks, spread round-robin over `servers`, each reserving one unit of the pool
+/// `ns/pool` and committing it, until the pool answers `insufficient` (with nothing
+/// available): returns the commits made, all clients together.
+pub async fn reserve_and_commit_until_full(
+    servers: &[std::sync::Arc<Http>],
+    ns: &str,
+    pool: &str,
+    clients: usize,
+) -> u64 {
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let http = servers[i % servers.len()].clone();
+            let reserve = format!("/v1/ns/{ns}/pools/{pool}/reserve");
+            let ns = ns.to_owned();
+            tokio::spawn(async move {
+                let mut committed = 0;
+                loop {
+                    let r = http.post(&reserve, json!({"amount": 1, "ttl_ms": 30000, "context": {"vm": i}})).await;
+                    match (r.status, r.body["error"].as_str()) {
+                        (200, _) => {}
+                        (409, Some("insufficient")) => {
+                            assert_eq!(r.body["available"], 0);
+                            return committed;
+                        }
+                        other => panic!("reserve answered {other:?}: {:?}", r.body),
+                    }
+                    let id = r.body["reservation"].as_str().unwrap();
+                    let c = http.send("POST", &format!("/v1/ns/{ns}/reservations/{id}/commit"), None, &[]).await;
+                    assert_eq!(c.status, 200, "{:?}", c.body);
+                    committed += 1;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
 }
