@@ -38,6 +38,11 @@ use writer::{Job, Writer};
 /// handling it (a node that finishes releases it at once).
 pub const IDEMPOTENCY_CLAIM_MS: u64 = 30_000;
 
+/// How many times, at most, a shared backend's batch is run when its transaction keeps losing
+/// races (serialization failures, deadlocks), with a growing pause between runs; then its
+/// requests are answered `unavailable`.
+pub const MAX_BATCH_ATTEMPTS: u32 = 8;
+
 /// Configuration of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -254,7 +259,8 @@ impl Engine {
         let weak = jobs.downgrade();
         let interval = config.prune_interval;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            // The first tick one interval after the start (recovery has just run), not at once.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;

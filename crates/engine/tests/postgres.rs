@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gapguard_core::{Act, Condition, Op, Outcome, Refusal, WriteRequest};
-use gapguard_engine::{Engine, EngineConfig, ManualClock, RequestContext, SystemClock};
+use gapguard_engine::{Engine, EngineConfig, ManualClock, RequestContext, SystemClock, MAX_BATCH_ATTEMPTS};
 use gapguard_store::{PgOptions, PgStore};
 use gapguard_testkit::Postgres;
 use serde_json::json;
@@ -77,15 +77,22 @@ async fn a_batch_that_loses_a_race_runs_again_and_counts_it() {
     let url = pg.create_database("races");
     let store = Arc::new(Faulty::new(&url, false));
     let retries = Arc::new(CountsRetries::default());
-    let config = EngineConfig { observer: retries.clone(), ..EngineConfig::default() };
+    // No reconciler batches in between: they would take some of the injected losses.
+    let config = EngineConfig {
+        observer: retries.clone(),
+        prune_interval: Duration::from_secs(3600),
+        ..EngineConfig::default()
+    };
     let engine = Engine::open(store.clone(), Arc::new(SystemClock::default()), config).expect("open");
     let put = |v: i64| WriteRequest::Put { ns: "ns".into(), key: "k".into(), value: json!(v) };
-    store.losses.store(2, Ordering::SeqCst);
+    let bound = MAX_BATCH_ATTEMPTS as usize;
+    // At the bound: the last attempt allowed succeeds.
+    store.losses.store(bound - 1, Ordering::SeqCst);
     let result = engine.write(put(1), RequestContext::default(), None).await.expect("the write succeeds");
     assert!(matches!(result.outcome, Outcome::Put { version: 1, .. }), "{:?}", result.outcome);
-    assert_eq!(retries.0.load(Ordering::SeqCst), 2);
-    // Past the bound, the requests are answered unavailable and nothing is applied.
-    store.losses.store(100, Ordering::SeqCst);
+    assert_eq!(retries.0.load(Ordering::SeqCst), bound - 1);
+    // One past: the requests are answered unavailable and nothing is applied.
+    store.losses.store(bound, Ordering::SeqCst);
     let err = engine.write(put(2), RequestContext::default(), None).await.expect_err("gives up");
     assert!(matches!(err, gapguard_engine::EngineError::Unavailable(_)), "{err:?}");
     store.losses.store(0, Ordering::SeqCst);
@@ -207,5 +214,27 @@ async fn a_node_answers_a_write_only_once_its_replica_holds_every_earlier_write_
             }
             assert_eq!(writer.snapshot().revision, n as u64);
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_further_behind_than_the_kept_change_log_reloads_the_whole_state() {
+    let pg = Postgres::start();
+    let url = pg.create_database("behind");
+    let behind = deaf_node(&url);
+    let options = PgOptions { changes_kept: 5, ..PgOptions::default() };
+    let config = EngineConfig { prune_interval: Duration::from_millis(50), ..EngineConfig::default() };
+    let store = PgStore::connect(&url, options).expect("connect");
+    let writer = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), config).expect("open");
+    let put = |key: String, v: i64| WriteRequest::Put { ns: "ns".into(), key, value: json!(v) };
+    for i in 0..20 {
+        writer.write(put(format!("k{i}"), i), RequestContext::default(), None).await.expect("write");
+    }
+    // The writer's reconciler prunes the log down to its last five changes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    behind.fresh().await.expect("a node past the log's start reloads instead of failing");
+    assert_eq!(behind.snapshot().revision, 20);
+    for i in 0..20 {
+        assert_eq!(behind.get("ns", &format!("k{i}")).0.map(|r| r.value), Some(json!(i)), "k{i}");
     }
 }

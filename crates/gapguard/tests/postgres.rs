@@ -153,8 +153,10 @@ async fn tickets_leases_idempotency_and_watch_span_nodes() {
 async fn expired_reservations_become_one_orphan_each_with_every_node_reconciling() {
     let (_pg, _url, nodes) = cluster(3);
     let a = Http::new(&nodes[0]);
-    a.put("/v1/ns/q/pools/ips", json!({"capacity": 50})).await;
-    for i in 0..20 {
+    // Three hundred expiries, every node reconciling at once.
+    const N: usize = 300;
+    a.put("/v1/ns/q/pools/ips", json!({"capacity": N})).await;
+    for i in 0..N {
         let via = Http::new(&nodes[i % 3]);
         let r = via.post("/v1/ns/q/pools/ips/reserve", json!({"amount": 1, "ttl_ms": 200, "context": {"i": i}})).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -170,10 +172,10 @@ async fn expired_reservations_become_one_orphan_each_with_every_node_reconciling
     }
     let orphans = Http::new(&nodes[2]).get("/v1/ns/q/orphans").await.body;
     let items = orphans["items"].as_array().expect("items");
-    assert_eq!(items.len(), 20, "each expiry handled exactly once: {orphans:?}");
+    assert_eq!(items.len(), N, "each expiry handled exactly once: {orphans:?}");
     let mut contexts: Vec<i64> = items.iter().map(|o| o["context"]["i"].as_i64().unwrap()).collect();
     contexts.sort();
-    assert_eq!(contexts, (0..20).collect::<Vec<_>>());
+    assert_eq!(contexts, (0..N as i64).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -87,7 +87,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     };
     let store: Arc<dyn Storage> = match &config.backend {
         Some(url) => {
-            let options = PgOptions { schema: None, limits: config.limits.clone() };
+            let options = PgOptions { limits: config.limits.clone(), ..PgOptions::default() };
             let url = url.clone();
             let store = tokio::task::spawn_blocking(move || PgStore::connect(&url, options))
                 .await

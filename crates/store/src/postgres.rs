@@ -41,20 +41,29 @@ use crate::{Batch, Changes, IdempotencyKey, LockRequest, Locked, Recovered, Shar
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = 1;
 
-/// How many changes the change log keeps: a node that fell further behind reloads everything.
+/// How many changes the change log keeps by default: a node that fell further behind reloads
+/// everything.
 pub const CHANGES_KEPT: i64 = 100_000;
 
 /// The channel nodes are notified on after a commit that changed something.
 const CHANNEL: &str = "gapguard_changes";
 
 /// Options of the PostgreSQL backend.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PgOptions {
     /// A schema to keep the tables in (created if missing); `None`: the connection's default
     /// `search_path` (normally `public`).
     pub schema: Option<String>,
     /// The limits in force: how long tombstones and resolved primitives are kept.
     pub limits: Limits,
+    /// How many of the newest changes the change log keeps ([`CHANGES_KEPT`]).
+    pub changes_kept: i64,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self { schema: None, limits: Limits::default(), changes_kept: CHANGES_KEPT }
+    }
 }
 
 /// The migrations, in order; entry `i` takes the schema from version `i` to `i + 1`.
@@ -262,6 +271,7 @@ impl WriterConn {
 struct Shared {
     config: tokio_postgres::Config,
     limits: Limits,
+    changes_kept: i64,
     writer: tokio::sync::Mutex<Option<WriterConn>>,
     reader: tokio::sync::Mutex<Option<Db>>,
     /// The change-log `seq` range of the last successful commit (see `last_changes`).
@@ -398,6 +408,7 @@ impl PgStore {
         let shared = Arc::new(Shared {
             config,
             limits: options.limits,
+            changes_kept: options.changes_kept,
             writer: tokio::sync::Mutex::new(None),
             reader: tokio::sync::Mutex::new(None),
             last_changes: Mutex::new(None),
@@ -597,7 +608,12 @@ async fn begin(conn: &mut WriterConn, lock: &LockRequest) -> Result<Locked, Stor
 
 /// Writes a batch inside the open transaction and commits it. Answers the first and last
 /// change-log `seq` it took, if it logged any change.
-async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> Result<Option<(u64, u64)>, StoreError> {
+async fn write_batch(
+    conn: &mut WriterConn,
+    batch: &Batch,
+    limits: &Limits,
+    changes_kept: i64,
+) -> Result<Option<(u64, u64)>, StoreError> {
     if conn.txn.is_none() {
         // A batch without `begin` (the conformance suite, the ticket key): its own transaction.
         conn.db.batch_execute("BEGIN").await.map_err(db_error)?;
@@ -653,54 +669,55 @@ async fn write_batch(conn: &mut WriterConn, batch: &Batch, limits: &Limits) -> R
         let pruned = "DELETE FROM gg_used_tickets WHERE expires_ms <= $1";
         let idem = "DELETE FROM gg_idempotency WHERE expires_ms <= $1";
         let claims = "DELETE FROM gg_idem_claims WHERE until_ms <= $1";
-        let changes = format!(
-            "WITH cut AS (SELECT max(seq) - {CHANGES_KEPT} AS upto FROM gg_changes), \
+        let changes = "WITH cut AS (SELECT max(seq) - $1 AS upto FROM gg_changes), \
              gone AS (DELETE FROM gg_changes WHERE seq <= (SELECT upto FROM cut) RETURNING seq) \
              UPDATE gg_meta SET changes_pruned_to = greatest(changes_pruned_to, (SELECT coalesce(max(seq), 0) FROM gone)) \
-             WHERE id = 1"
-        );
+             WHERE id = 1";
         futures_util::try_join!(
             async { db.execute(pruned, &[&now]).await.map_err(db_error) },
             async { db.execute(idem, &[&now]).await.map_err(db_error) },
             async { db.execute(claims, &[&now]).await.map_err(db_error) },
-            async { db.execute(&changes, &[]).await.map_err(db_error) },
+            async { db.execute(changes, &[&changes_kept]).await.map_err(db_error) },
         )?;
     }
     let forgotten_keys = key_arrays(&forgotten);
 
-    // The newest entry of each key (a batch may write a key twice), with its deadline and
-    // when it may be forgotten.
-    let mut latest: BTreeMap<&NsKey, &Entry> = BTreeMap::new();
-    for (k, e) in &batch.entries {
-        latest.insert(k, e);
+    // Each entry is encoded once: the change log takes every one, `gg_entries` the newest of
+    // each key (a batch may write a key twice).
+    let bodies: Vec<Vec<u8>> =
+        batch.entries.iter().map(|(_, e)| serde_json::to_vec(e).expect("entries serialize")).collect();
+    let mut latest: BTreeMap<&NsKey, usize> = BTreeMap::new();
+    for (i, (k, _)) in batch.entries.iter().enumerate() {
+        latest.insert(k, i);
     }
     let mut e_ns = Vec::with_capacity(latest.len());
     let mut e_key = Vec::with_capacity(latest.len());
-    let mut e_body = Vec::with_capacity(latest.len());
+    let mut e_body: Vec<&[u8]> = Vec::with_capacity(latest.len());
     let mut e_deadline: Vec<Option<i64>> = Vec::with_capacity(latest.len());
     let mut e_forget: Vec<Option<i64>> = Vec::with_capacity(latest.len());
-    for (k, e) in &latest {
+    for (k, &i) in &latest {
+        let e = &batch.entries[i].1;
         e_ns.push(k.ns.as_bytes());
         e_key.push(k.key.as_bytes());
-        e_body.push(serde_json::to_vec(e).expect("entries serialize"));
+        e_body.push(&bodies[i]);
         e_deadline.push(deadline_of(k, e).map(i64_of));
         e_forget.push(retention_of(k, e, limits).map(|r| i64_of(now_ms.saturating_add(r))));
     }
     let mut c_rev = Vec::with_capacity(batch.entries.len() + forgotten.len());
     let mut c_ns = Vec::with_capacity(c_rev.capacity());
     let mut c_key = Vec::with_capacity(c_rev.capacity());
-    let mut c_body: Vec<Option<Vec<u8>>> = Vec::with_capacity(c_rev.capacity());
+    let mut c_body: Vec<Option<&[u8]>> = Vec::with_capacity(c_rev.capacity());
     for (ns, key) in forgotten_keys.0.iter().zip(&forgotten_keys.1) {
         c_rev.push(i64_of(stored_revision));
         c_ns.push(*ns);
         c_key.push(*key);
         c_body.push(None);
     }
-    for (k, e) in &batch.entries {
+    for ((k, e), body) in batch.entries.iter().zip(&bodies) {
         c_rev.push(i64_of(e.changed_at));
         c_ns.push(k.ns.as_bytes());
         c_key.push(k.key.as_bytes());
-        c_body.push(Some(serde_json::to_vec(e).expect("entries serialize")));
+        c_body.push(Some(body));
     }
     let a_seq: Vec<i64> = batch.audit.iter().map(|a| i64_of(a.seq)).collect();
     let a_body: Vec<&[u8]> = batch.audit.iter().map(|a| &a.body[..]).collect();
@@ -863,7 +880,7 @@ impl Storage for PgStore {
                 *guard = Some(WriterConn::connect(&shared.config).await?);
             }
             let conn = guard.as_mut().expect("connected");
-            let result = write_batch(conn, &batch, &shared.limits).await;
+            let result = write_batch(conn, &batch, &shared.limits, shared.changes_kept).await;
             *shared.last_changes.lock().expect("last changes") = result.as_ref().ok().copied().flatten();
             let result = result.map(|_| ());
             if result.is_err() {

@@ -65,6 +65,36 @@ fn postgres_backend_passes_the_conformance_suite_and_shares_state() {
     a.release_claim(&key);
     assert!(b.claim_idempotency(&key, 60_000).expect("claim"));
     a.ping().expect("ping");
+
+    // A claim whose node vanished lapses after its TTL, and not before.
+    let orphaned = gapguard_store::IdempotencyKey { ns: "ns".into(), scope: String::new(), key: "lost".into() };
+    assert!(a.claim_idempotency(&orphaned, 400).expect("claim"));
+    assert!(!b.claim_idempotency(&orphaned, 400).expect("claim"), "still held within its TTL");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(b.claim_idempotency(&orphaned, 400).expect("claim"), "free once its TTL passed");
+}
+
+#[test]
+fn the_change_log_keeps_its_newest_changes_and_refuses_a_cursor_before_them() {
+    let pg = Postgres::start();
+    let url = pg.url("postgres");
+    let options = PgOptions { schema: Some("kept".into()), changes_kept: 3, ..PgOptions::default() };
+    let store = PgStore::connect(&url, options).expect("connect");
+    for rev in 1..=5 {
+        let k = NsKey::new("ns", format!("k{rev}"));
+        store.commit(Batch { revision: rev, entries: vec![(k, entry(json!(rev), rev))], ..Batch::default() }).unwrap();
+    }
+    let all = store.changes_since(0).expect("changes");
+    assert_eq!(all.changes.len(), 5);
+    store.commit(Batch { revision: 5, prune_expired: true, ..Batch::default() }).expect("prune");
+    let oldest_kept = all.cursor - 2;
+    // At the limit: a cursor just before the oldest change kept reads the three kept.
+    let kept = store.changes_since(oldest_kept - 1).expect("a cursor at the limit");
+    let revisions: Vec<u64> = kept.changes.iter().map(|(rev, _, _)| *rev).collect();
+    assert_eq!(revisions, vec![3, 4, 5]);
+    // One past: the change after that cursor is gone, so the caller must reload.
+    let err = store.changes_since(oldest_kept - 2);
+    assert!(matches!(err, Err(StoreError::Invalid(_))), "{err:?}");
 }
 
 #[test]

@@ -27,8 +27,7 @@ use super::{due, Answer, Draft, Job, Writer};
 use crate::feed::Change;
 use crate::{EngineError, RequestContext, Snapshot};
 
-/// How many times a batch that lost a race is run again before its requests are failed.
-const MAX_ATTEMPTS: u32 = 8;
+use crate::MAX_BATCH_ATTEMPTS as MAX_ATTEMPTS;
 
 /// Most expiries the reconciler takes on per batch.
 const DUE_PER_BATCH: usize = 256;
