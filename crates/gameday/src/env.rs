@@ -103,6 +103,26 @@ impl Env {
         }
     }
 
+    /// Writes a scenario's first value of `key` as `actor`'s operation 0 of `kind` (retrying
+    /// until the server answers) and records it in the history.
+    pub async fn seed(
+        &self,
+        actor: &str,
+        kind: &'static str,
+        key: &str,
+        value: serde_json::Value,
+        what: &str,
+    ) -> Result<(), GamedayError> {
+        let corr = self.correlation_id(actor, 0);
+        let mut op = OpRecord::new(actor, kind, corr.clone());
+        let opts = self.opts(&corr);
+        let done = self.retrying(what, || self.client.put(&self.ns, key, &value, &opts)).await?;
+        op.written = value;
+        op.outcome = crate::history::Outcome::Committed { revision: done.value.revision, resolved: false };
+        self.record(op);
+        Ok(())
+    }
+
     /// Retries a setup or final request while the server is unreachable (it may be
     /// restarting after a crash fault), for up to 30 s.
     pub async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, GamedayError>

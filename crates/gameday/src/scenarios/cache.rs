@@ -31,14 +31,7 @@ struct Cached {
 }
 
 pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
-    let corr = env.correlation_id("operator", 0);
-    let mut op = OpRecord::new("operator", "flip", corr.clone());
-    let first = json!({ "on": true, "n": 0 });
-    op.written = first.clone();
-    let opts = env.opts(&corr);
-    let done = env.retrying("set the flag", || env.client.put(&env.ns, FLAG, &first, &opts)).await?;
-    op.outcome = Outcome::Committed { revision: done.value.revision, resolved: false };
-    env.record(op);
+    env.seed("operator", "flip", FLAG, json!({ "on": true, "n": 0 }), "set the flag").await?;
     let operator = tokio::spawn(operator(env.clone()));
     spawn_all(&env, env.actors, service).await?;
     joined(operator, "the operator").await?;

@@ -27,14 +27,8 @@ fn lease_ttl_ms(env: &Env) -> u64 {
 }
 
 pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
-    let corr = env.correlation_id("config", 0);
-    let mut op = OpRecord::new("config", "drift", corr.clone());
     let first = json!({ "release": "r-0", "config": 0 });
-    op.written = first.clone();
-    let opts = env.opts(&corr);
-    let done = env.retrying("create the environment", || env.client.put(&env.ns, ENV_KEY, &first, &opts)).await?;
-    op.outcome = Outcome::Committed { revision: done.value.revision, resolved: false };
-    env.record(op);
+    env.seed("config", "drift", ENV_KEY, first, "create the environment").await?;
     let drifter = tokio::spawn(drifter(env.clone()));
     spawn_all(&env, env.actors, pipeline).await?;
     joined(drifter, "the drifter").await?;
