@@ -162,7 +162,12 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     let limits = load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout };
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let metrics_server = metrics_listener.map(|listener| {
-        let state = routes::AppState { engine: engine.clone(), keys: Arc::new(keys), metrics, shutdown: streams_stop };
+        let state = routes::AppState::new(routes::Shared {
+            engine: engine.clone(),
+            keys: Arc::new(keys),
+            metrics,
+            shutdown: streams_stop,
+        });
         let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout, request_timeout };
         let mut stopped = stopped.clone();
         let stop = async move {
