@@ -55,6 +55,13 @@ pub struct EngineConfig {
     pub prune_interval: Duration,
     /// Told about checks, writes and commits (the server's metrics).
     pub observer: Arc<dyn Observer>,
+    /// How long the embedded writer polls for the next write before it sleeps. Waking a
+    /// sleeping thread on a virtual machine costs tens to a hundred microseconds (the idle
+    /// vCPU halts, and the wake-up goes through the hypervisor): a third of a durable write's
+    /// round trip when writes come one at a time (puts at one connection: 3,000/s sleeping
+    /// at once, 4,400/s polling 250 µs). The price is CPU: up to this long after each batch
+    /// when no other write follows. Zero: sleep at once.
+    pub spin_before_sleep: Duration,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +71,7 @@ impl Default for EngineConfig {
             max_batch: 1024,
             prune_interval: Duration::from_millis(250),
             observer: Arc::new(NoObserver),
+            spin_before_sleep: Duration::ZERO,
         }
     }
 }

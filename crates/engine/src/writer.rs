@@ -159,7 +159,8 @@ impl Writer {
     pub(crate) fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, published: Arc<ArcSwap<Snapshot>>) {
         let mut batch_jobs = Vec::with_capacity(self.config.max_batch);
         let mut stopping = false;
-        while let Some(first) = jobs.blocking_recv() {
+        let spin = self.config.spin_before_sleep;
+        while let Some(first) = next_job(&mut jobs, spin) {
             batch_jobs.push(first);
             while batch_jobs.len() < self.config.max_batch {
                 match jobs.try_recv() {
@@ -363,6 +364,22 @@ impl Writer {
             let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
             let outcome = draft.apply(&request, ctx, now_ms);
             draft.expired.push((request, outcome));
+        }
+    }
+}
+
+/// The next job: polled for `spin` (see [`EngineConfig::spin_before_sleep`]), then waited
+/// for; `None` once every sender is gone.
+fn next_job(jobs: &mut mpsc::UnboundedReceiver<Job>, spin: std::time::Duration) -> Option<Job> {
+    let started = Instant::now();
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if started.elapsed() < spin => {
+                std::hint::spin_loop();
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return jobs.blocking_recv(),
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct Config {
     /// A listener of its own for `/metrics` (and `/healthz`); when set, the API listener no
     /// longer serves `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long the store's writer polls for work before it sleeps, in microseconds (0: it
+    /// sleeps at once). See [`gapguard_engine::EngineConfig::spin_before_sleep`].
+    pub writer_spin_us: u64,
     /// Whether metrics are recorded and served (default: yes). Off, `/metrics` answers 404
     /// and `/v1/slo` counts nothing: for measuring what the metrics cost.
     pub metrics: bool,
@@ -133,6 +136,7 @@ impl Default for Config {
             otlp_traces_url: None,
             metrics_listen: None,
             metrics: true,
+            writer_spin_us: 250,
         }
     }
 }
@@ -175,6 +179,7 @@ struct File {
     otlp_endpoint: Option<String>,
     metrics_listen: Option<String>,
     metrics: Option<bool>,
+    writer_spin_us: Option<u64>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -341,6 +346,14 @@ impl Config {
             );
         }
         config.metrics = file.metrics.unwrap_or(true);
+        if let Some(us) = file.writer_spin_us {
+            if us > 10_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "writer_spin_us = {us} is above the limit of 10000 (10 ms); 0 turns spinning off"
+                )));
+            }
+            config.writer_spin_us = us;
+        }
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout_ms = ms.max(1);
         }
@@ -376,6 +389,15 @@ mod tests {
         assert!(err.contains("lissen"), "{err}");
         let err = Config::parse("[limits]\nticket_ttl_ms_min = 10\nticket_ttl_ms_max = 5\n").unwrap_err().to_string();
         assert!(err.contains("ticket_ttl_ms_min"), "{err}");
+    }
+
+    #[test]
+    fn the_writer_spin_is_read_and_bounded() {
+        assert_eq!(Config::parse("").unwrap().writer_spin_us, 250);
+        assert_eq!(Config::parse("writer_spin_us = 0").unwrap().writer_spin_us, 0);
+        assert_eq!(Config::parse("writer_spin_us = 10000").unwrap().writer_spin_us, 10_000);
+        let err = Config::parse("writer_spin_us = 10001").unwrap_err().to_string();
+        assert!(err.contains("writer_spin_us = 10001") && err.contains("10000"), "{err}");
     }
 
     #[test]

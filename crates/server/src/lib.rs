@@ -131,7 +131,12 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         true => metrics.clone(),
         false => Arc::new(gapguard_engine::NoObserver),
     };
-    let engine_config = EngineConfig { limits: config.limits.clone(), observer, ..EngineConfig::default() };
+    let engine_config = EngineConfig {
+        limits: config.limits.clone(),
+        observer,
+        spin_before_sleep: Duration::from_micros(config.writer_spin_us),
+        ..EngineConfig::default()
+    };
     // Recovery blocks, before anything else runs on the runtime.
     let engine =
         Engine::open(store, Arc::new(SystemClock::default()), engine_config).map_err(|e| store_error(e.to_string()))?;
