@@ -125,9 +125,7 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Middleware on every matched route but `/healthz` and `/metrics`: authenticates the caller, checks the
-/// route's role and the namespace, and records the key id for the audit log and the scope of
-/// idempotency keys. A no-op when no keys are configured.
+/// Middleware on every matched route of the metrics listener: [`admit`] as a layer of its own.
 pub async fn authorize(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
@@ -135,12 +133,29 @@ pub async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if !state.keys.enabled() {
-        return next.run(req).await;
+    match admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused,
     }
-    let route = matched.map(|p| p.as_str().to_owned()).unwrap_or_default();
-    if route == "/healthz" || route == "/readyz" || (route == "/metrics" && !state.keys.metrics_need_key) {
-        return next.run(req).await;
+}
+
+/// Admits a request to a matched route (`matched`; unmatched ones are not authenticated: they
+/// answer 404 whoever asks), unless it is `/healthz`, `/readyz` or `/metrics`: authenticates the
+/// caller, checks the route's role and the namespace, and records the key id for the audit log
+/// and the scope of idempotency keys. Admits everything when no keys are configured. A refusal
+/// is the response to send (401 or 403).
+pub(crate) fn admit(
+    keys: &Keys,
+    matched: Option<&MatchedPath>,
+    params: Option<&RawPathParams>,
+    req: &mut Request,
+) -> Result<(), Response> {
+    if !keys.enabled() {
+        return Ok(());
+    }
+    let Some(route) = matched.map(MatchedPath::as_str) else { return Ok(()) };
+    if route == "/healthz" || route == "/readyz" || (route == "/metrics" && !keys.metrics_need_key) {
+        return Ok(());
     }
     let presented = req
         .headers()
@@ -149,32 +164,32 @@ pub async fn authorize(
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(secret) = presented else {
-        return unauthorized("this server needs an API key: send Authorization: Bearer <secret>");
+        return Err(unauthorized("this server needs an API key: send Authorization: Bearer <secret>"));
     };
-    let Some(key) = state.keys.find(secret) else {
-        return unauthorized("unknown API key");
+    let Some(key) = keys.find(secret) else {
+        return Err(unauthorized("unknown API key"));
     };
-    let needed = required_role(req.method(), &route);
+    let needed = required_role(req.method(), route);
     if key.role < needed {
-        return forbidden(format!(
+        return Err(forbidden(format!(
             "API key {:?} has role {}; {} {route} needs {}",
             key.id,
             role_name(key.role),
             req.method(),
             role_name(needed)
-        ));
+        )));
     }
-    let ns = params.ok().and_then(|p| p.iter().find(|(name, _)| *name == "ns").map(|(_, v)| v.to_owned()));
+    let ns = params.and_then(|p| p.iter().find(|(name, _)| *name == "ns").map(|(_, v)| v));
     if let Some(ns) = ns {
-        if !key.namespaces.iter().any(|n| n == "*" || *n == ns) {
-            return forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id));
+        if !key.namespaces.iter().any(|n| n == "*" || n == ns) {
+            return Err(forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id)));
         }
     }
     let id = key.id.clone();
     if let Some(correlation) = req.extensions_mut().get_mut::<Correlation>() {
         correlation.api_key = Some(id);
     }
-    next.run(req).await
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! Request decoding: JSON bodies (limit, unknown fields, the path of a bad field), path and
 //! query extractors whose rejections are [`ApiError`]s, and the correlation-id middleware.
 
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use std::time::Instant;
+
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -101,30 +104,50 @@ pub struct Correlation {
 
 const CORRELATION_HEADER: &str = "x-correlation-id";
 
-/// Middleware that establishes the correlation id and echoes it (and `traceparent`).
-pub async fn correlation(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// The middleware around every route of the API, in this order: establishes the correlation
+/// id and echoes it (and `traceparent`), opens the request's span, counts and times the request
+/// in the metrics (when they are on), and authenticates it ([`crate::auth::admit`]).
+///
+/// One layer rather than three: each `from_fn` layer costs every request a clone of the state,
+/// a clone of the inner service and a boxed future; the three took about a tenth of a check's
+/// server CPU.
+pub async fn envelope(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let limit = state.engine.limits().max_correlation_id_bytes;
     let id = match correlation_id(req.headers(), limit) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     let traceparent = req.headers().get("traceparent").cloned();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = matched.as_ref().map(MatchedPath::as_str);
     // The server span of the request; check and act name their role on it (`toctou.*`).
     let span = tracing::info_span!(
         target: REQUEST_SPAN_TARGET,
         "request",
-        otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
+        otel.name = %format_args!("{} {}", req.method(), route.unwrap_or("")),
         otel.kind = "server",
         http.request.method = %req.method(),
-        http.route = route.as_deref(),
+        http.route = route,
         url.path = %req.uri().path(),
         correlation_id = %id,
         http.response.status_code = tracing::field::Empty,
     );
     crate::otel::set_remote_parent(&span, req.headers());
     req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None });
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let tracked = state.metrics.is_enabled().then(|| (Instant::now(), req.method().clone()));
+    let admitted = crate::auth::admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req);
+    let mut response = match admitted {
+        Ok(()) => next.run(req).instrument(span.clone()).await,
+        Err(refused) => refused,
+    };
+    if let Some((started, method)) = tracked {
+        state.metrics.track(matched.as_ref(), &method, started, response.status());
+    }
     span.record("http.response.status_code", response.status().as_u16());
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {

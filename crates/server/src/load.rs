@@ -39,27 +39,29 @@ pub(crate) struct LoadLimits {
     pub request_timeout: Duration,
 }
 
-/// Wraps `router` in the in-flight bound (outermost: a shed request costs nothing more) and
-/// the request deadline.
+/// Wraps `router` in the in-flight bound (first: a shed request costs nothing more) and the
+/// request deadline, as one layer (each `from_fn` layer costs every request a clone of the
+/// inner service and a boxed future).
 pub(crate) fn layer(router: Router, limits: LoadLimits) -> Router {
     assert!(limits.max_in_flight > 0, "max_in_flight must be at least 1");
     // Past Tokio's maximum the bound could never be reached anyway.
     let max = limits.max_in_flight.min(Semaphore::MAX_PERMITS);
-    let slots = Slots { semaphore: Arc::new(Semaphore::new(max)), max };
-    router.layer(from_fn_with_state(limits.request_timeout, deadline)).layer(from_fn_with_state(slots, shed))
+    let slots = Slots { semaphore: Semaphore::new(max), max, timeout: limits.request_timeout };
+    router.layer(from_fn_with_state(Arc::new(slots), shed))
 }
 
-/// The in-flight bound.
-#[derive(Clone)]
+/// The in-flight bound, and the deadline of each request.
 struct Slots {
-    semaphore: Arc<Semaphore>,
+    semaphore: Semaphore,
     max: usize,
+    timeout: Duration,
 }
 
-/// Serves the request if a slot is free, else answers `503 unavailable` with `Retry-After`.
-async fn shed(State(slots): State<Slots>, request: Request, next: Next) -> Response {
+/// Serves the request within its deadline if a slot is free, else answers `503 unavailable`
+/// with `Retry-After`.
+async fn shed(State(slots): State<Arc<Slots>>, request: Request, next: Next) -> Response {
     if request.uri().path() == HEALTH_PATH {
-        return next.run(request).await;
+        return deadline(slots.timeout, request, next).await;
     }
     let Ok(_slot) = slots.semaphore.try_acquire() else {
         return ApiError::unavailable(format!(
@@ -68,13 +70,13 @@ async fn shed(State(slots): State<Slots>, request: Request, next: Next) -> Respo
         ))
         .into_response();
     };
-    next.run(request).await
+    deadline(slots.timeout, request, next).await
 }
 
 /// Gives the request `timeout` to complete. Past it: `408 request_timeout` if the client had
 /// not finished sending the body (nothing was done), else `503 unavailable` (the request may
 /// or may not have taken effect: retry it with the same `Idempotency-Key`).
-async fn deadline(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+async fn deadline(timeout: Duration, request: Request, next: Next) -> Response {
     let is_watch = request.method() == Method::GET
         && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str() == WATCH_ROUTE);
     if is_watch {

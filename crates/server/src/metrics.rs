@@ -10,9 +10,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, Method};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gapguard_core::{Condition, ConditionFailure, Op, OpError, OpResult, Outcome, Refusal, WriteRequest};
 use gapguard_engine::Observer;
@@ -466,22 +465,14 @@ fn render_response(state: &AppState) -> Response {
     }
 }
 
-/// Middleware counting every request by its matched route (`unmatched` for the fallback),
-/// method and status, and timing it to its response head.
-pub(crate) async fn track(
-    State(state): State<AppState>,
-    matched: Option<MatchedPath>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let route = matched.map_or_else(|| UNMATCHED.to_owned(), |m| m.as_str().to_owned());
-    let method = method_label(req.method()).to_owned();
-    let response = next.run(req).await;
-    let metrics = &state.metrics;
-    let labels = HttpRouteLabels { route, method };
-    metrics.http_request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    let status = response.status().as_u16();
-    metrics.http_requests.get_or_create(&HttpLabels { route: labels.route, method: labels.method, status }).inc();
-    response
+impl Metrics {
+    /// Counts a request by its matched route (`unmatched` for the fallback), method and
+    /// status, and records its time from `started` to its response head.
+    pub(crate) fn track(&self, matched: Option<&MatchedPath>, method: &Method, started: Instant, status: StatusCode) {
+        let route = matched.map_or_else(|| UNMATCHED.to_owned(), |m| m.as_str().to_owned());
+        let labels = HttpRouteLabels { route, method: method_label(method).to_owned() };
+        self.http_request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        let status = status.as_u16();
+        self.http_requests.get_or_create(&HttpLabels { route: labels.route, method: labels.method, status }).inc();
+    }
 }

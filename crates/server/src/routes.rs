@@ -15,10 +15,10 @@ use utoipa::{IntoParams, OpenApi};
 
 use std::sync::Arc;
 
-use crate::auth::{self, Keys};
+use crate::auth::Keys;
 use crate::convert;
 use crate::error::ApiError;
-use crate::extract::{correlation, ApiPath, ApiQuery, Correlation, JsonBody};
+use crate::extract::{envelope, ApiPath, ApiQuery, Correlation, JsonBody};
 use crate::metrics::{self, LabelNames, Metrics};
 use crate::otel;
 use crate::primitives;
@@ -101,16 +101,10 @@ pub fn app_with_shutdown(
         .route("/v1/ns/{ns}/orphans", get(primitives::list_orphans))
         .route("/v1/ns/{ns}/orphans/{id}/resolve", post(primitives::resolve_orphan))
         .route("/v1/ns/{ns}/watch", get(primitives::watch))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    // With metrics off, the middleware is not even there.
-    let router = match state.metrics.is_enabled() {
-        true => router.layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track)),
-        false => router,
-    };
     router
-        .layer(axum::middleware::from_fn_with_state(state.clone(), correlation))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), envelope))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::internal(&"a request handler panicked").into_response()
