@@ -135,7 +135,7 @@ pub async fn authorize(
 ) -> Response {
     match admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req) {
         Ok(()) => next.run(req).await,
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
@@ -143,13 +143,13 @@ pub async fn authorize(
 /// answer 404 whoever asks), unless it is `/healthz`, `/readyz` or `/metrics`: authenticates the
 /// caller, checks the route's role and the namespace, and records the key id for the audit log
 /// and the scope of idempotency keys. Admits everything when no keys are configured. A refusal
-/// is the response to send (401 or 403).
+/// is the response to send (401 or 403), boxed: it is the rare path.
 pub(crate) fn admit(
     keys: &Keys,
     matched: Option<&MatchedPath>,
     params: Option<&RawPathParams>,
     req: &mut Request,
-) -> Result<(), Response> {
+) -> Result<(), Box<Response>> {
     if !keys.enabled() {
         return Ok(());
     }
@@ -164,25 +164,25 @@ pub(crate) fn admit(
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(secret) = presented else {
-        return Err(unauthorized("this server needs an API key: send Authorization: Bearer <secret>"));
+        return Err(Box::new(unauthorized("this server needs an API key: send Authorization: Bearer <secret>")));
     };
     let Some(key) = keys.find(secret) else {
-        return Err(unauthorized("unknown API key"));
+        return Err(Box::new(unauthorized("unknown API key")));
     };
     let needed = required_role(req.method(), route);
     if key.role < needed {
-        return Err(forbidden(format!(
+        return Err(Box::new(forbidden(format!(
             "API key {:?} has role {}; {} {route} needs {}",
             key.id,
             role_name(key.role),
             req.method(),
             role_name(needed)
-        )));
+        ))));
     }
     let ns = params.and_then(|p| p.iter().find(|(name, _)| *name == "ns").map(|(_, v)| v));
     if let Some(ns) = ns {
         if !key.namespaces.iter().any(|n| n == "*" || n == ns) {
-            return Err(forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id)));
+            return Err(Box::new(forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id))));
         }
     }
     let id = key.id.clone();

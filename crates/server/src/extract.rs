@@ -143,7 +143,7 @@ pub async fn envelope(
     let admitted = crate::auth::admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req);
     let mut response = match admitted {
         Ok(()) => next.run(req).instrument(span.clone()).await,
-        Err(refused) => refused,
+        Err(refused) => *refused,
     };
     if let Some((started, method)) = tracked {
         state.metrics.track(matched.as_ref(), &method, started, response.status());
