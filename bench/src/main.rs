@@ -5,6 +5,7 @@
 //! Exit status: 0 when every no-oversell verification passed, 1 when one failed, 2 on an
 //! error that stopped the run, 130 when interrupted. Targets not met do not change it.
 
+mod cpu;
 mod etcd;
 mod gapguard;
 mod gapguard_pg;
@@ -193,6 +194,8 @@ async fn run(cli: &Cli) -> Result<bool> {
     // Held until the end of this function: dropping a server stops it.
     let mut servers = Vec::new();
     let mut suts = Vec::new();
+    // The single-process servers, whose CPU time per operation the tables show.
+    let mut pids = Vec::new();
     // One PostgreSQL for every system that needs one: the same server and settings for
     // the bench's own driver, gapguard's PostgreSQL backend and pgbench.
     let pg_addr = match systems.iter().any(|s| s.needs_postgres()) {
@@ -255,6 +258,7 @@ async fn run(cli: &Cli) -> Result<bool> {
             }
         };
         eprintln!("{} listening on {}", system.name(), server.addr);
+        pids.push((system, server.pid()));
         servers.push(server);
         suts.push(sut);
     }
@@ -265,6 +269,7 @@ async fn run(cli: &Cli) -> Result<bool> {
         measure: Duration::from_secs(cli.seconds),
         stock: cli.stock,
         verify_stock: cli.verify_stock,
+        pids,
     };
     let findings = suite::run(&suts, &plan).await;
     // gapguard-pg's nodes stop before the PostgreSQL under them.
@@ -408,6 +413,7 @@ fn overhead_setup(cli: &Cli) -> Result<(PathBuf, PathBuf, Plan)> {
         measure: Duration::from_secs(cli.seconds),
         stock: cli.stock,
         verify_stock: cli.verify_stock,
+        pids: Vec::new(),
     };
     Ok((bin, base, plan))
 }

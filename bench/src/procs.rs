@@ -32,6 +32,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.child.id()
+    }
+
     /// Fails, with the tail of its log, if the server has exited since it started.
     pub fn check_alive(&mut self) -> Result<()> {
         self.child.check_alive("the run")

@@ -43,6 +43,10 @@ pub struct RunResult {
     pub first_error: Option<String>,
     /// Whether the stock ran out during a timed contended run (figures then undercount).
     pub stock_ran_out: bool,
+    /// CPU time the server process used (every thread, user and system) per successful
+    /// operation, over the whole run (warm-up included); for the systems that are one process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_op: Option<f64>,
     /// gapguard on PostgreSQL: the nodes' group commits over the whole run (warm-up included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits: Option<CommitStats>,
@@ -68,6 +72,7 @@ impl RunResult {
             errors: tally.errors,
             first_error: tally.first_error.clone(),
             stock_ran_out: tally.exhausted > 0,
+            server_cpu_us_per_op: None,
             commits: None,
         }
     }
@@ -91,6 +96,7 @@ impl RunResult {
             errors: 1,
             first_error: Some(format!("{error:#}")),
             stock_ran_out: false,
+            server_cpu_us_per_op: None,
             commits: None,
         }
     }
@@ -186,6 +192,11 @@ fn ratio(results: &[RunResult], workload: Workload, ours: System, peer: System, 
     clean.then(|| ours.ops_per_s / theirs.ops_per_s)
 }
 
+/// The server CPU per operation, as the tables print it (blank for multi-process systems).
+fn cpu_column(r: &RunResult) -> String {
+    r.server_cpu_us_per_op.map_or_else(String::new, |us| format!("{us:.1}"))
+}
+
 /// Prints one workload's table: a row per system and connection count, then the ratios.
 pub fn print_workload(workload: Workload, results: &[RunResult]) {
     let rows: Vec<&RunResult> = results.iter().filter(|r| r.workload == workload).collect();
@@ -197,13 +208,13 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
     let contended = workload.contended();
     if contended {
         println!(
-            "{:>5}  {:<12} {:<44} {:>10} {:>11} {:>9} {:>8} {:>8} {:>6}",
-            "conns", "system", "operation", "ok/s", "attempts/s", "conflict", "p50 ms", "p99 ms", "errors"
+            "{:>5}  {:<12} {:<44} {:>10} {:>11} {:>9} {:>8} {:>8} {:>6} {:>10}",
+            "conns", "system", "operation", "ok/s", "attempts/s", "conflict", "p50 ms", "p99 ms", "errors", "srv µs/op"
         );
     } else {
         println!(
-            "{:>5}  {:<12} {:<44} {:>10} {:>8} {:>8} {:>6}",
-            "conns", "system", "operation", "ops/s", "p50 ms", "p99 ms", "errors"
+            "{:>5}  {:<12} {:<44} {:>10} {:>8} {:>8} {:>6} {:>10}",
+            "conns", "system", "operation", "ops/s", "p50 ms", "p99 ms", "errors", "srv µs/op"
         );
     }
     for &connections in workload.connections() {
@@ -211,7 +222,7 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
         for r in &group {
             if contended {
                 println!(
-                    "{:>5}  {:<12} {:<44} {:>10} {:>11} {:>8.1}% {:>8.3} {:>8.3} {:>6}",
+                    "{:>5}  {:<12} {:<44} {:>10} {:>11} {:>8.1}% {:>8.3} {:>8.3} {:>6} {:>10}",
                     r.connections,
                     r.system.name(),
                     r.operation,
@@ -220,18 +231,20 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
                     r.conflict_pct,
                     r.p50_ms,
                     r.p99_ms,
-                    r.errors
+                    r.errors,
+                    cpu_column(r)
                 );
             } else {
                 println!(
-                    "{:>5}  {:<12} {:<44} {:>10} {:>8.3} {:>8.3} {:>6}",
+                    "{:>5}  {:<12} {:<44} {:>10} {:>8.3} {:>8.3} {:>6} {:>10}",
                     r.connections,
                     r.system.name(),
                     r.operation,
                     thousands(r.ops_per_s),
                     r.p50_ms,
                     r.p99_ms,
-                    r.errors
+                    r.errors,
+                    cpu_column(r)
                 );
             }
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::cpu::CpuMeter;
 use crate::etcd::Etcd;
 use crate::gapguard::{CommitStats, Gapguard, PoolLevel};
 use crate::gapguard_pg::GapguardPg;
@@ -167,6 +168,9 @@ pub struct Plan {
     pub stock: i64,
     /// Stock of the verification runs, which go until it is gone.
     pub verify_stock: i64,
+    /// The process of each system that is one process (gapguard embedded, etcd, Redis), for
+    /// the server CPU per operation.
+    pub pids: Vec<(System, u32)>,
 }
 
 /// Everything the run found.
@@ -226,8 +230,12 @@ async fn timed(
     connections: usize,
     plan: &Plan,
 ) -> Result<(RunResult, Option<Verification>)> {
+    let pid = plan.pids.iter().find(|(system, _)| *system == sut.system()).map(|&(_, pid)| pid);
+    let meter = pid.and_then(CpuMeter::start);
     let tally = timed_tally(sut, workload, connections, plan).await?;
     let mut result = RunResult::new(workload, sut.system(), connections, &tally);
+    // Over the whole run, warm-up included, like `all_successes`.
+    result.server_cpu_us_per_op = meter.and_then(|m| m.us_per_op(tally.all_successes));
     if let Sut::GapguardPg(s) = sut {
         let stats: Result<CommitStats> = async { with_cluster!(s, c => c.commit_stats().await) }.await;
         match stats {

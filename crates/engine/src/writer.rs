@@ -159,7 +159,8 @@ impl Writer {
     pub(crate) fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, published: Arc<ArcSwap<Snapshot>>) {
         let mut batch_jobs = Vec::with_capacity(self.config.max_batch);
         let mut stopping = false;
-        let spin = self.config.spin_before_sleep;
+        // Only a lone request polls: see `EngineConfig::spin_before_sleep`.
+        let mut spin = self.config.spin_before_sleep;
         while let Some(first) = next_job(&mut jobs, spin) {
             batch_jobs.push(first);
             while batch_jobs.len() < self.config.max_batch {
@@ -168,6 +169,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            spin = match batch_jobs.len() {
+                1 => self.config.spin_before_sleep,
+                _ => std::time::Duration::ZERO,
+            };
             if let Some(at) = batch_jobs.iter().position(|job| matches!(job, Job::Stop)) {
                 batch_jobs.truncate(at);
                 stopping = true;

@@ -187,7 +187,7 @@ fn init(db: &Database) -> Result<(), StoreError> {
     tx.commit().map_err(engine)
 }
 
-fn encode_chunk(events: &[SealedEvent]) -> Vec<u8> {
+fn encode_chunk(events: &[&SealedEvent]) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.iter().map(|e| 44 + e.body.len()).sum());
     for e in events {
         out.extend_from_slice(&e.seq.to_le_bytes());
@@ -221,41 +221,43 @@ fn decode_chunk(first_seq: u64, mut bytes: &[u8]) -> Result<Vec<SealedEvent>, St
 /// Logged batches merged in order: what they leave behind, ready to write into the file or
 /// onto recovered state. Within a batch, prunes apply before inserts: a prune only ever removes
 /// a record older than the batch (the writer checks its expiry), never one the batch adds.
+/// It borrows from the batches: a hot key written by every batch is looked at each time but
+/// copied only once, when it is written out.
 #[derive(Default)]
-struct Fold {
+struct Fold<'a> {
     revision: u64,
-    ticket_key: Option<Vec<u8>>,
+    ticket_key: Option<&'a [u8]>,
     /// `None`: forget the key.
-    entries: BTreeMap<NsKey, Option<Entry>>,
-    audit: Vec<SealedEvent>,
+    entries: BTreeMap<&'a NsKey, Option<&'a Entry>>,
+    audit: Vec<&'a SealedEvent>,
     tickets: HashMap<TicketId, Option<u64>>,
-    idempotency: BTreeMap<IdempotencyKey, Option<IdempotencyRecord>>,
+    idempotency: BTreeMap<&'a IdempotencyKey, Option<&'a IdempotencyRecord>>,
 }
 
-impl Fold {
-    fn add(&mut self, b: &Batch) {
+impl<'a> Fold<'a> {
+    fn add(&mut self, b: &'a Batch) {
         self.revision = self.revision.max(b.revision);
         if let Some(key) = &b.ticket_key {
-            self.ticket_key = Some(key.clone());
+            self.ticket_key = Some(key);
         }
         for id in &b.prune_tickets {
             self.tickets.insert(*id, None);
         }
         for k in &b.prune_idempotency {
-            self.idempotency.insert(k.clone(), None);
+            self.idempotency.insert(k, None);
         }
         for k in &b.forget_entries {
-            self.entries.insert(k.clone(), None);
+            self.entries.insert(k, None);
         }
         for (k, e) in &b.entries {
-            self.entries.insert(k.clone(), Some(e.clone()));
+            self.entries.insert(k, Some(e));
         }
-        self.audit.extend(b.audit.iter().cloned());
+        self.audit.extend(&b.audit);
         for (id, expires) in &b.used_tickets {
             self.tickets.insert(*id, Some(*expires));
         }
         for (k, r) in &b.idempotency {
-            self.idempotency.insert(k.clone(), Some(r.clone()));
+            self.idempotency.insert(k, Some(r));
         }
     }
 }
@@ -305,8 +307,8 @@ impl Shared {
         }
         for (k, change) in fold.entries {
             match change {
-                Some(e) => entries.insert(k, e),
-                None => entries.remove(&k),
+                Some(e) => entries.insert(k.clone(), e.clone()),
+                None => entries.remove(k),
             };
         }
         for (id, change) in fold.tickets {
@@ -317,8 +319,8 @@ impl Shared {
         }
         for (k, change) in fold.idempotency {
             match change {
-                Some(r) => idempotency.insert(k, r),
-                None => idempotency.remove(&k),
+                Some(r) => idempotency.insert(k.clone(), r.clone()),
+                None => idempotency.remove(k),
             };
         }
         if let Some(last) = fold.audit.last() {
@@ -330,7 +332,7 @@ impl Shared {
             used_tickets: tickets.into_iter().collect(),
             idempotency: idempotency.into_iter().collect(),
             audit_head,
-            ticket_key: fold.ticket_key.or(stored_key),
+            ticket_key: fold.ticket_key.map(<[u8]>::to_vec).or(stored_key),
             cursor: 0,
         })
     }
@@ -352,7 +354,7 @@ impl Shared {
             meta.insert("revision", revision.to_le_bytes().as_slice()).map_err(engine)?;
             meta.insert("checkpoint_lsn", last_lsn.to_le_bytes().as_slice()).map_err(engine)?;
             if let Some(key) = &fold.ticket_key {
-                meta.insert("ticket_key", key.as_slice()).map_err(engine)?;
+                meta.insert("ticket_key", *key).map_err(engine)?;
             }
             let mut entries = tx.open_table(ENTRIES).map_err(engine)?;
             for (k, change) in &fold.entries {
