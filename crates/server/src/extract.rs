@@ -109,8 +109,8 @@ const CORRELATION_HEADER: &str = "x-correlation-id";
 /// in the metrics (when they are on), and authenticates it ([`crate::auth::admit`]).
 ///
 /// One layer rather than three: each `from_fn` layer costs every request a clone of the state,
-/// a clone of the inner service and a boxed future; the three took about a tenth of a check's
-/// server CPU.
+/// a clone of the inner service and a boxed future. Merging these three (and the two load
+/// layers into one) took a check's server CPU from 23.2 to 20.1 µs.
 pub async fn envelope(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
