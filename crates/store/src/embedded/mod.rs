@@ -26,8 +26,11 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use crate::{Batch, IdempotencyKey, Recovered, Storage, StoreError};
 use wal::Wal;
 
-/// How often logged batches are folded into the redb file.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// How often logged batches are folded into the redb file. Each checkpoint is a redb commit
+/// whose fsyncs share the disk with the log's: once a second rather than five times took
+/// reserve→commit pairs at 16 connections from 8.6–8.8k to 9.2k/s and check→act's p99 from
+/// 3.9–5.0 to 3.2–4.1 ms (alternated runs). Start-up replays at most this much log.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// `(namespace, key)` → JSON of [`Entry`].
 const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
