@@ -55,6 +55,11 @@ impl Env {
         ChaCha8Rng::seed_from_u64(mixed)
     }
 
+    /// Actor `name`, drawing on random stream `stream`, its operations numbered from 0.
+    pub fn actor(&self, name: impl Into<String>, stream: u64) -> Actor {
+        Actor { name: name.into(), rng: self.rng(stream), next_op: 0 }
+    }
+
     /// Whether actors may start another operation.
     pub fn running(&self) -> bool {
         Instant::now() < self.deadline
@@ -153,4 +158,24 @@ pub async fn sleep(delay: Duration) {
 /// Pauses after a request that reached no server.
 pub async fn backoff() {
     tokio::time::sleep(Duration::from_millis(BACKOFF_MS)).await;
+}
+
+/// One actor of a scenario: its name (in the history and in its correlation ids), its own
+/// random stream (the same seed gives it the same schedule), and the number of its next
+/// operation.
+pub struct Actor {
+    /// The actor's name.
+    pub name: String,
+    /// The actor's random stream.
+    pub rng: ChaCha8Rng,
+    next_op: u64,
+}
+
+impl Actor {
+    /// The correlation id of the actor's next operation (each call numbers a new one).
+    pub fn next_correlation_id(&mut self, env: &Env) -> String {
+        let id = env.correlation_id(&self.name, self.next_op);
+        self.next_op += 1;
+        id
+    }
 }

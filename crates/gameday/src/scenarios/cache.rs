@@ -113,16 +113,13 @@ async fn watcher(env: Arc<Env>, cache: Arc<Mutex<Option<Cached>>>) {
 }
 
 async fn service(env: Arc<Env>, idx: usize) {
-    let actor = format!("service-{idx}");
-    let mut rng = env.rng(idx as u64);
+    let mut me = env.actor(format!("service-{idx}"), idx as u64);
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
     let watcher = (env.mode == Mode::Guarded).then(|| tokio::spawn(watcher(env.clone(), cache.clone())));
     let cache_ttl = env.mean_delay(12.5) * 4;
-    let mut op_idx = 0;
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
+        let delay = env.delay.sample(&mut me.rng);
+        let corr = me.next_correlation_id(&env);
         let cached = cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let fresh = match (env.mode, cached) {
             (Mode::Naive, Some(c)) if c.fetched.elapsed() < cache_ttl => Some(c),
@@ -136,7 +133,7 @@ async fn service(env: Arc<Env>, idx: usize) {
         if env.mode == Mode::Naive {
             *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision.clone());
         }
-        let mut op = OpRecord::new(&actor, "act", corr.clone());
+        let mut op = OpRecord::new(&me.name, "act", corr.clone());
         op.check_at_ms = Some(env.now_ms());
         op.checked =
             json!({ "flag": decision.value, "version": decision.version, "mod_revision": decision.mod_revision });

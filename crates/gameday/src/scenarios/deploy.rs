@@ -62,19 +62,16 @@ async fn drifter(env: Arc<Env>) {
 }
 
 async fn pipeline(env: Arc<Env>, idx: usize) {
-    let actor = format!("pipeline-{idx}");
-    let mut rng = env.rng(idx as u64);
-    let mut op_idx = 0;
+    let mut me = env.actor(format!("pipeline-{idx}"), idx as u64);
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
+        let delay = env.delay.sample(&mut me.rng);
+        let corr = me.next_correlation_id(&env);
         let opts = env.opts(&corr);
-        let mut op = OpRecord::new(&actor, "deploy", corr.clone());
+        let mut op = OpRecord::new(&me.name, "deploy", corr.clone());
         let token = match env.mode {
             Mode::Naive => None,
             Mode::Guarded => {
-                let request = AcquireRequest { holder: actor.clone(), ttl_ms: lease_ttl_ms(&env) };
+                let request = AcquireRequest { holder: me.name.clone(), ttl_ms: lease_ttl_ms(&env) };
                 let acquire = env.opts(&format!("{corr}.acquire"));
                 match env.client.acquire_lease(&env.ns, LEASE, &request, &acquire).await {
                     Ok(held) => Some(held.value.token),

@@ -37,14 +37,11 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
 }
 
 async fn buyer(env: Arc<Env>, idx: usize) {
-    let actor = format!("buyer-{idx}");
-    let mut rng = env.rng(idx as u64);
-    let mut op_idx = 0;
+    let mut me = env.actor(format!("buyer-{idx}"), idx as u64);
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
-        let mut op = OpRecord::new(&actor, "buy", corr.clone());
+        let delay = env.delay.sample(&mut me.rng);
+        let corr = me.next_correlation_id(&env);
+        let mut op = OpRecord::new(&me.name, "buy", corr.clone());
         let pause = match env.mode {
             Mode::Naive => naive_buy(&env, &mut op, delay).await,
             Mode::Guarded => guarded_buy(&env, &mut op, delay).await,
@@ -124,18 +121,16 @@ async fn guarded_buy(env: &Env, op: &mut OpRecord, delay: Duration) -> Duration 
 /// Adds 2 to 5 units every 8 mean delays (at least 100 ms): naive with a read and a write,
 /// guarded with an `add` op.
 async fn restocker(env: Arc<Env>) {
-    let mut rng = env.rng(RESTOCKER_STREAM);
+    let mut me = env.actor("restocker", RESTOCKER_STREAM);
     let interval = env.mean_delay(12.5) * 8;
-    let mut op_idx = 0;
     loop {
         sleep(interval).await;
         if !env.running() {
             return;
         }
-        let amount: i64 = rng.gen_range(2..=5);
-        let corr = env.correlation_id("restocker", op_idx);
-        op_idx += 1;
-        let mut op = OpRecord::new("restocker", "restock", corr.clone());
+        let amount: i64 = me.rng.gen_range(2..=5);
+        let corr = me.next_correlation_id(&env);
+        let mut op = OpRecord::new(&me.name, "restock", corr.clone());
         op.written = json!({ "add": amount });
         let opts = env.opts(&corr);
         op.outcome = match env.mode {

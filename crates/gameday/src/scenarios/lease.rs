@@ -44,18 +44,16 @@ struct Hold {
 }
 
 async fn worker(env: Arc<Env>, idx: usize) {
-    let actor = format!("worker-{idx}");
-    let mut rng = env.rng(idx as u64);
+    let mut me = env.actor(format!("worker-{idx}"), idx as u64);
     let ttl_ms = lease_ttl_ms(&env);
-    let mut op_idx = 0;
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let pause = rng.gen_bool(PAUSE_PROBABILITY);
-        let pause_factor: f64 = rng.gen_range(1.5..2.5);
+        let delay = env.delay.sample(&mut me.rng);
+        let pause = me.rng.gen_bool(PAUSE_PROBABILITY);
+        let pause_factor: f64 = me.rng.gen_range(1.5..2.5);
         let work = if pause { Duration::from_secs_f64(ttl_ms as f64 * pause_factor / 1000.0) } else { delay };
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
-        let hold = match acquire(&env, &actor, &format!("{corr}.acquire"), ttl_ms).await {
+        let corr = me.next_correlation_id(&env);
+        let actor = me.name.as_str();
+        let hold = match acquire(&env, actor, &format!("{corr}.acquire"), ttl_ms).await {
             Ok(Some(hold)) => hold,
             Ok(None) => {
                 sleep(Duration::from_millis(ttl_ms / 4)).await;
@@ -66,7 +64,7 @@ async fn worker(env: Arc<Env>, idx: usize) {
                 continue;
             }
         };
-        let mut op = OpRecord::new(&actor, "write", corr.clone());
+        let mut op = OpRecord::new(actor, "write", corr.clone());
         op.check_at_ms = Some(env.now_ms());
         op.checked = json!({ "acquired_at": hold.revision, "token": hold.token, "acquire": hold.correlation_id, "paused": pause });
         sleep(work).await;
@@ -88,7 +86,7 @@ async fn worker(env: Arc<Env>, idx: usize) {
         };
         op.outcome = Outcome::of_write(result);
         env.record(op);
-        release(&env, &actor, &hold, &format!("{corr}.release")).await;
+        release(&env, actor, &hold, &format!("{corr}.release")).await;
     }
 }
 

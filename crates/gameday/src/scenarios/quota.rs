@@ -77,17 +77,14 @@ pub async fn run(env: Arc<Env>) -> Result<(), GamedayError> {
 }
 
 async fn provisioner(env: Arc<Env>, idx: usize) {
-    let actor = format!("provisioner-{idx}");
-    let mut rng = env.rng(idx as u64);
-    let mut op_idx = 0;
+    let mut me = env.actor(format!("provisioner-{idx}"), idx as u64);
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let tenant = tenant(rng.gen_range(0..TENANTS));
-        let amount: u64 = rng.gen_range(1..=3);
-        let crash = rng.gen_bool(CRASH_PROBABILITY);
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
-        let mut op = OpRecord::new(&actor, "provision", corr);
+        let delay = env.delay.sample(&mut me.rng);
+        let tenant = tenant(me.rng.gen_range(0..TENANTS));
+        let amount: u64 = me.rng.gen_range(1..=3);
+        let crash = me.rng.gen_bool(CRASH_PROBABILITY);
+        let corr = me.next_correlation_id(&env);
+        let mut op = OpRecord::new(&me.name, "provision", corr);
         let turned_away = match env.mode {
             Mode::Naive => naive(&env, &mut op, &tenant, amount, crash, delay).await,
             Mode::Guarded => guarded(&env, &mut op, &tenant, amount, crash, delay).await,

@@ -88,31 +88,26 @@ async fn set_recorded(env: &Env, actor: &str, subject: &str, permitted: bool, co
 
 /// Revokes a random subject for two mean delays, grants it again, waits one mean delay.
 async fn admin(env: Arc<Env>) {
-    let mut rng = env.rng(ADMIN_STREAM);
-    let mut op_idx = 0;
+    let mut me = env.actor("admin", ADMIN_STREAM);
     let gap = env.mean_delay(10.0);
     while env.running() {
         sleep(gap).await;
-        let subject = subject(rng.gen_range(0..SUBJECTS));
+        let subject = subject(me.rng.gen_range(0..SUBJECTS));
         for (permitted, hold) in [(false, gap * 2), (true, Duration::ZERO)] {
-            let corr = env.correlation_id("admin", op_idx);
-            op_idx += 1;
-            set_recorded(&env, "admin", &subject, permitted, &corr).await;
+            let corr = me.next_correlation_id(&env);
+            set_recorded(&env, &me.name, &subject, permitted, &corr).await;
             sleep(hold).await;
         }
     }
 }
 
 async fn worker(env: Arc<Env>, idx: usize) {
-    let actor = format!("worker-{idx}");
-    let mut rng = env.rng(idx as u64);
-    let mut op_idx = 0;
+    let mut me = env.actor(format!("worker-{idx}"), idx as u64);
     while env.running() {
-        let delay = env.delay.sample(&mut rng);
-        let subject = subject(rng.gen_range(0..SUBJECTS));
-        let corr = env.correlation_id(&actor, op_idx);
-        op_idx += 1;
-        let mut op = OpRecord::new(&actor, "export", corr.clone());
+        let delay = env.delay.sample(&mut me.rng);
+        let subject = subject(me.rng.gen_range(0..SUBJECTS));
+        let corr = me.next_correlation_id(&env);
+        let mut op = OpRecord::new(&me.name, "export", corr.clone());
         let opts = env.opts(&corr);
         let export = format!("exports/{corr}");
         // Enqueue: the authorization check.
