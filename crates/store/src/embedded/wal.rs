@@ -31,15 +31,18 @@ const PREALLOCATE_BYTES: u64 = SEGMENT_MAX_BYTES;
 const RECORD_MAX_BYTES: usize = 1 << 30;
 const HEADER_BYTES: usize = 8;
 
-fn io(what: &'static str, path: &Path) -> impl Fn(std::io::Error) -> StoreError {
-    let path = path.display().to_string();
-    move |e| StoreError::Engine(format!("{what} {path}: {e}"))
+/// The error of a failed file operation; the message is built only if it fails (appends run
+/// this on every batch).
+fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> StoreError + 'a {
+    move |e| StoreError::Engine(format!("{what} {}: {e}", path.display()))
 }
 
 /// The open log, positioned for appends.
 pub(crate) struct Wal {
     dir: PathBuf,
     file: File,
+    /// The open segment's path (for error messages).
+    path: PathBuf,
     /// Bytes of records in the open segment: where the next one is written.
     segment_bytes: u64,
     next_lsn: u64,
@@ -139,24 +142,28 @@ impl Wal {
             }
         }
         let next_lsn = last_lsn.max(segments.last().map_or(0, |(start, _)| start.saturating_sub(1))) + 1;
-        let (file, segment_bytes) = match segments.last() {
+        let (file, path, segment_bytes) = match segments.last() {
             Some((_, path)) => {
-                (OpenOptions::new().write(true).open(path).map_err(io("cannot open", path))?, end_of_last)
+                let file = OpenOptions::new().write(true).open(path).map_err(io("cannot open", path))?;
+                (file, path.clone(), end_of_last)
             }
-            None => (Self::create_segment(dir, next_lsn)?, 0),
+            None => {
+                let (file, path) = Self::create_segment(dir, next_lsn)?;
+                (file, path, 0)
+            }
         };
-        let wal = Self { dir: dir.to_owned(), file, segment_bytes, next_lsn, fsync, buf: Vec::new() };
+        let wal = Self { dir: dir.to_owned(), file, path, segment_bytes, next_lsn, fsync, buf: Vec::new() };
         Ok((wal, records))
     }
 
-    fn create_segment(dir: &Path, start_lsn: u64) -> Result<File, StoreError> {
+    fn create_segment(dir: &Path, start_lsn: u64) -> Result<(File, PathBuf), StoreError> {
         let path = dir.join(segment_name(start_lsn));
         let file = OpenOptions::new().create_new(true).write(true).open(&path).map_err(io("cannot create", &path))?;
         preallocate(&file, &path)?;
         // The new name (and its size) must survive a crash as surely as the records in it.
         file.sync_all().map_err(io("cannot sync", &path))?;
         sync_dir(dir)?;
-        Ok(file)
+        Ok((file, path))
     }
 
     /// The LSN the next append gets.
@@ -168,10 +175,9 @@ impl Wal {
     /// Closes the open segment and starts the next one. Closed segments hold records only:
     /// the unused preallocated space goes first.
     fn rotate(&mut self) -> Result<(), StoreError> {
-        let path = self.dir.join("current segment");
-        self.file.set_len(self.segment_bytes).map_err(io("cannot truncate", &path))?;
-        self.file.sync_all().map_err(io("cannot sync", &path))?;
-        self.file = Self::create_segment(&self.dir, self.next_lsn)?;
+        self.file.set_len(self.segment_bytes).map_err(io("cannot truncate", &self.path))?;
+        self.file.sync_all().map_err(io("cannot sync", &self.path))?;
+        (self.file, self.path) = Self::create_segment(&self.dir, self.next_lsn)?;
         self.segment_bytes = 0;
         Ok(())
     }
@@ -189,10 +195,9 @@ impl Wal {
         let crc = crc32fast::hash(&self.buf[HEADER_BYTES..]);
         self.buf[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
         self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
-        let path = self.dir.join("current segment");
-        self.file.write_all_at(&self.buf, self.segment_bytes).map_err(io("cannot append to the log", &path))?;
+        self.file.write_all_at(&self.buf, self.segment_bytes).map_err(io("cannot append to", &self.path))?;
         if self.fsync {
-            self.file.sync_data().map_err(io("cannot fsync the log", &path))?;
+            self.file.sync_data().map_err(io("cannot fsync", &self.path))?;
         }
         self.segment_bytes += self.buf.len() as u64;
         self.next_lsn += 1;
