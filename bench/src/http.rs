@@ -74,6 +74,9 @@ impl HttpConn {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut headers);
             match response.parse(&self.inbuf).context("malformed response head")? {
+                httparse::Status::Complete(head_len) if head_len > MAX_HEAD_BYTES => {
+                    bail!("response head of {head_len} bytes, longer than {MAX_HEAD_BYTES}")
+                }
                 httparse::Status::Complete(head_len) => {
                     let status = StatusCode::from_u16(response.code.context("no status code")?)?;
                     break (status, head_len, Framing::of(response.headers)?);
@@ -215,6 +218,26 @@ mod tests {
         let mut conn = HttpConn::connect(addr, None).await.unwrap();
         let (status, got) = conn.request(Method::GET, &Uri::from_static("/metrics"), None).await.unwrap();
         assert_eq!((status, &got[..]), (StatusCode::OK, &b"abc0123456789"[..]));
+    }
+
+    /// A response whose head is `head_bytes` long (padded with one header), body "ok".
+    fn response_with_head_of(head_bytes: usize) -> &'static [u8] {
+        let start = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-pad: ";
+        let pad = head_bytes - start.len() - "\r\n\r\n".len();
+        let text = format!("{start}{}\r\n\r\nok", "a".repeat(pad));
+        Box::leak(text.into_bytes().into_boxed_slice())
+    }
+
+    #[tokio::test]
+    async fn a_response_head_is_read_up_to_the_limit_and_refused_past_it() {
+        let (addr, _server) = serve_once(response_with_head_of(MAX_HEAD_BYTES)).await;
+        let mut conn = HttpConn::connect(addr, None).await.unwrap();
+        let (status, body) = conn.request(Method::GET, &Uri::from_static("/"), None).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        let (addr, _server) = serve_once(response_with_head_of(MAX_HEAD_BYTES + 1)).await;
+        let mut conn = HttpConn::connect(addr, None).await.unwrap();
+        let err = conn.request(Method::GET, &Uri::from_static("/"), None).await.unwrap_err();
+        assert!(format!("{err:#}").contains("longer than"), "{err:#}");
     }
 
     #[tokio::test]
