@@ -120,10 +120,7 @@ pub async fn connect_db(addr: SocketAddr, db: &str) -> Result<Client> {
 /// versions, change log or audit chain of the one before.
 pub async fn create_database(addr: SocketAddr, db: &str) -> Result<()> {
     let client = connect(&config(addr, Duration::from_secs(5))).await?;
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .with_context(|| format!("dropping database {db}"))?;
+    drop_if_exists(&client, db).await?;
     client.batch_execute(&format!("CREATE DATABASE {db}")).await.with_context(|| format!("creating database {db}"))?;
     Ok(())
 }
@@ -131,11 +128,14 @@ pub async fn create_database(addr: SocketAddr, db: &str) -> Result<()> {
 /// Drops database `db` if it exists (its clients are disconnected).
 pub async fn drop_database(addr: SocketAddr, db: &str) -> Result<()> {
     let client = connect(&config(addr, Duration::from_secs(5))).await?;
+    drop_if_exists(&client, db).await
+}
+
+async fn drop_if_exists(client: &tokio_postgres::Client, db: &str) -> Result<()> {
     client
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await
-        .with_context(|| format!("dropping database {db}"))?;
-    Ok(())
+        .with_context(|| format!("dropping database {db}"))
 }
 
 /// Opens one connection (TCP, no TLS) and spawns the task that drives it, which ends when
