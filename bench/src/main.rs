@@ -52,6 +52,12 @@ struct Cli {
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
 
+    /// Run only at these connection counts (comma-separated, among 1, 16 and 64; default:
+    /// every count each workload runs at). The no-oversell verification runs are skipped
+    /// when their count (the workload's first) is left out.
+    #[arg(long, value_delimiter = ',', value_parser = parse_connections)]
+    connections: Vec<usize>,
+
     /// Systems to run (comma-separated). PostgreSQL runs only the `reserve` workload, Redis
     /// every workload but `reserve`; gapguard-pg (gapguard on PostgreSQL with 1 node and with
     /// 3 nodes; gapguard-pg1, gapguard-pg3: one of them) and pgbench run `puts`, `decrement`
@@ -269,6 +275,7 @@ async fn run(cli: &Cli) -> Result<bool> {
         measure: Duration::from_secs(cli.seconds),
         stock: cli.stock,
         verify_stock: cli.verify_stock,
+        connections: cli.connections.clone(),
         pids,
     };
     let findings = suite::run(&suts, &plan).await;
@@ -413,6 +420,7 @@ fn overhead_setup(cli: &Cli) -> Result<(PathBuf, PathBuf, Plan)> {
         measure: Duration::from_secs(cli.seconds),
         stock: cli.stock,
         verify_stock: cli.verify_stock,
+        connections: Vec::new(),
         pids: Vec::new(),
     };
     Ok((bin, base, plan))
@@ -464,4 +472,12 @@ fn gapguard_binary(arg: Option<&Path>) -> Result<PathBuf> {
          pass --gapguard PATH, or leave it out with --systems etcd,redis,postgres",
         looked.join(", ")
     )
+}
+
+/// A `--connections` value: one of the counts some workload runs at.
+fn parse_connections(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n @ (1 | 16 | 64)) => Ok(n),
+        _ => Err(format!("`{value}` is not a connection count the bench runs at (1, 16 or 64)")),
+    }
 }

@@ -168,9 +168,18 @@ pub struct Plan {
     pub stock: i64,
     /// Stock of the verification runs, which go until it is gone.
     pub verify_stock: i64,
+    /// Only these connection counts (empty: all).
+    pub connections: Vec<usize>,
     /// The process of each system that is one process (gapguard embedded, etcd, Redis), for
     /// the server CPU per operation.
     pub pids: Vec<(System, u32)>,
+}
+
+impl Plan {
+    /// Whether the plan runs at this connection count.
+    pub fn runs_at(&self, connections: usize) -> bool {
+        self.connections.is_empty() || self.connections.contains(&connections)
+    }
 }
 
 /// Everything the run found.
@@ -187,7 +196,7 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
     let mut findings = Findings::default();
     for &workload in &plan.workloads {
         let suts: Vec<&Sut> = suts.iter().filter(|sut| sut.system().supports(workload)).collect();
-        for &connections in workload.connections() {
+        for &connections in workload.connections().iter().filter(|&&n| plan.runs_at(n)) {
             for &sut in suts.iter().filter(|sut| sut.system().connections(workload).contains(&connections)) {
                 let system = sut.system();
                 eprintln!(
@@ -206,7 +215,7 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
                 }
             }
         }
-        if workload.contended() {
+        if workload.contended() && plan.runs_at(workload.connections()[0]) {
             for &sut in suts.iter().filter(|sut| sut.system().verifies_exhaustion()) {
                 eprintln!(
                     "verifying {} on {}: stock {} until exhausted",

@@ -24,7 +24,7 @@ use gapguard_core::{Entry, IdempotencyRecord, NsKey, SealedEvent, TicketId};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::{Batch, IdempotencyKey, Recovered, Storage, StoreError};
-use wal::Wal;
+use wal::{SegmentState, Wal};
 
 /// How often logged batches are folded into the redb file. Each checkpoint is a redb commit
 /// whose fsyncs share the disk with the log's: once a second rather than five times took
@@ -76,6 +76,11 @@ struct Shared {
     /// Readers that combine `pending` with the file hold it shared; a checkpoint holds it
     /// exclusively while it moves batches from one to the other.
     checkpoint: RwLock<()>,
+    /// Held by a checkpoint from start to end: the periodic one and [`EmbeddedStore::checkpoint`]
+    /// never run together (only one thread at a time retires log segments and makes spares).
+    checkpointing: Mutex<()>,
+    /// The open log segment, as the checkpointer needs to know it ([`Wal::prepare_spare`]).
+    segments: Arc<SegmentState>,
     stop: Mutex<bool>,
     wake: Condvar,
     /// Set when a checkpoint failed: the store refuses further commits.
@@ -123,12 +128,15 @@ impl EmbeddedStore {
         let wal_dir = dir.join("wal");
         let (wal, records) = Wal::open(&wal_dir, checkpoint_lsn, fsync)?;
         let pending: Pending = records.into_iter().map(|(lsn, b)| (lsn, Arc::new(b))).collect();
+        let segments = wal.state();
         let shared = Arc::new(Shared {
             db,
             wal_dir,
             appender: Mutex::new(Appender { wal, revision: 0, next_audit_seq: 1 }),
             pending: Mutex::new(pending),
             checkpoint: RwLock::new(()),
+            checkpointing: Mutex::new(()),
+            segments,
             stop: Mutex::new(false),
             wake: Condvar::new(),
             failure: Mutex::new(None),
@@ -343,6 +351,7 @@ impl Shared {
     /// Folds every batch logged so far into the file, durably, then forgets them and deletes
     /// the log segments they filled.
     fn checkpoint_once(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.checkpointing.lock().expect("checkpointing lock");
         let batches = self.pending_batches();
         let Some(&(last_lsn, _)) = batches.last() else { return Ok(()) };
         let mut fold = Fold::default();
@@ -405,7 +414,19 @@ impl Shared {
                 pending.pop_front();
             }
         }
-        Wal::remove_through(&self.wal_dir, last_lsn)?;
+        Wal::retire_through(&self.wal_dir, last_lsn, &self.segments)?;
+        Ok(())
+    }
+
+    /// A checkpoint, then a spare log segment if the open one is half full and none is ready.
+    /// Failing to make the spare is not the checkpoint failing: the next segment is then
+    /// `fallocate`d at rotation, as without spares.
+    fn checkpoint_and_prepare(&self) -> Result<(), StoreError> {
+        self.checkpoint_once()?;
+        let _one_at_a_time = self.checkpointing.lock().expect("checkpointing lock");
+        if let Err(e) = Wal::prepare_spare(&self.wal_dir, &self.segments) {
+            eprintln!("gapguard-store: cannot prepare the next log segment (will retry): {e}");
+        }
         Ok(())
     }
 
@@ -416,7 +437,7 @@ impl Shared {
                 let (stop, _) = self.wake.wait_timeout(stop, CHECKPOINT_INTERVAL).expect("stop lock");
                 *stop
             };
-            if let Err(e) = self.checkpoint_once() {
+            if let Err(e) = self.checkpoint_and_prepare() {
                 // The log still holds every batch; refusing further commits keeps it that way
                 // until an operator looks (restart replays the log).
                 let message = format!("checkpoint failed: {e}");
