@@ -362,17 +362,50 @@ impl Wal {
 }
 
 /// Writes a segment's worth of zeros to a new file at `path`, durably, a chunk at a time.
+/// With `O_DIRECT` where the filesystem takes it: the zeros then go from one buffer straight
+/// to the device, instead of being copied into 64 MiB of page cache on a core the requests
+/// need (`perf` put buffered zero-filling at 6 % of the server's CPU during puts at 16
+/// connections).
 fn zero_fill(path: &Path) -> Result<(), StoreError> {
-    let file = File::create(path).map_err(io("cannot create", path))?;
-    let zeros = vec![0u8; ZERO_FILL_CHUNK];
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    let file = match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => file,
+        // EINVAL: this filesystem has no direct I/O (tmpfs, for one).
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path).map_err(io("cannot create", path))?,
+        Err(e) => return Err(io("cannot create", path)(e)),
+    };
+    let zeros = ZeroChunk::new();
     let mut at = 0u64;
     while at < PREALLOCATE_BYTES {
         let n = (PREALLOCATE_BYTES - at).min(ZERO_FILL_CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..n], at).map_err(io("cannot zero-fill", path))?;
+        file.write_all_at(&zeros.bytes()[..n], at).map_err(io("cannot zero-fill", path))?;
         file.sync_data().map_err(io("cannot sync", path))?;
         at += n as u64;
     }
     file.sync_all().map_err(io("cannot sync", path))
+}
+
+/// A page, aligned as direct I/O needs its buffers to be.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// [`ZERO_FILL_CHUNK`] zero bytes, page-aligned.
+struct ZeroChunk(Vec<Page>);
+
+impl ZeroChunk {
+    fn new() -> Self {
+        Self(vec![Page([0; 4096]); ZERO_FILL_CHUNK / 4096])
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Page` is `repr(C)` around a byte array with no padding (4096 bytes at an
+        // alignment of 4096), so the vector's pages are `len * 4096` initialized bytes in a
+        // row, borrowed for as long as `self` is.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 4096) }
+    }
 }
 
 /// Turns the retired segment at `path` into the spare, if there is no spare yet and the
