@@ -21,9 +21,9 @@ pub struct Change {
     /// The revision of the request that made it.
     pub revision: Revision,
     /// The key (internal keys included).
-    pub key: NsKey,
+    pub key: Arc<NsKey>,
     /// The key's entry after it (a tombstone for a delete).
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
 }
 
 struct Window {
@@ -109,8 +109,8 @@ mod tests {
     fn change(revision: Revision) -> Change {
         Change {
             revision,
-            key: NsKey::new("n", "k"),
-            entry: Entry { record: None, changed_by: None, changed_at: revision },
+            key: Arc::new(NsKey::new("n", "k")),
+            entry: Arc::new(Entry { record: None, changed_by: None, changed_at: revision }),
         }
     }
 

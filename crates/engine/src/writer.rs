@@ -78,10 +78,10 @@ pub(crate) struct Writer {
     ticket_expiry: BTreeSet<(u64, [u8; 16])>,
     idempotency_expiry: BTreeSet<(u64, IdempotencyKey)>,
     /// Deadlines of held reservations and leases, for the reconciler (stale ones are skipped).
-    deadlines: BTreeSet<(u64, NsKey)>,
+    deadlines: BTreeSet<(u64, Arc<NsKey>)>,
     /// When entries may be forgotten: `(at_ms, key, changed_at)`; the entry must still be the
     /// one indexed (same `changed_at`) and still forgettable then.
-    compaction: BTreeSet<(u64, NsKey, u64)>,
+    compaction: BTreeSet<(u64, Arc<NsKey>, u64)>,
     feed: Arc<Feed>,
     store: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
@@ -110,16 +110,16 @@ impl Writer {
         let mut state = Snapshot { revision: recovered.revision, ..Snapshot::default() };
         let mut ticket_expiry = BTreeSet::new();
         let mut idempotency_expiry = BTreeSet::new();
-        let deadlines =
-            recovered.entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
+        let entries: Vec<(Arc<NsKey>, Arc<gapguard_core::Entry>)> =
+            recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
+        let deadlines = entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
         // When they were resolved is not stored: retention counts from this start.
         let started_ms = clock.now_ms();
-        let compaction = recovered
-            .entries
+        let compaction = entries
             .iter()
             .filter_map(|(k, e)| retention_of(k, e, &config.limits).map(|r| (started_ms + r, k.clone(), e.changed_at)))
             .collect();
-        state.entries = recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
+        state.entries = entries.into_iter().collect();
         for (id, expires) in recovered.used_tickets {
             state.used_tickets.insert(id, expires);
             ticket_expiry.insert((expires, id));
@@ -354,7 +354,7 @@ impl Writer {
                 });
             if still {
                 draft.working.entries.remove(&key);
-                draft.batch.forget_entries.push(key);
+                draft.batch.forget_entries.push(Arc::unwrap_or_clone(key));
             }
         }
         // The reconciler: every reservation or lease whose deadline passed while held is
@@ -415,12 +415,12 @@ struct Draft {
     head: [u8; 32],
     ticket_expiry: Vec<(u64, [u8; 16])>,
     idempotency_expiry: Vec<(u64, IdempotencyKey)>,
-    deadlines: Vec<(u64, NsKey)>,
+    deadlines: Vec<(u64, Arc<NsKey>)>,
     changes: Vec<Change>,
     /// Write requests applied in the batch.
     n_written: usize,
     /// Changed entries that may be forgotten after a retention: `(lifecycle, key, changed_at)`.
-    forgettable: Vec<(Lifecycle, NsKey, u64)>,
+    forgettable: Vec<(Lifecycle, Arc<NsKey>, u64)>,
     /// The reconciler's expiries and their outcomes, for the observer once the batch is durable.
     expired: Vec<(WriteRequest, Outcome)>,
 }
@@ -463,6 +463,8 @@ impl Draft {
             self.working.revision = meta.revision;
         }
         for (key, entry) in applied.changes {
+            // One allocation each, shared by the state, the batch and the change feed.
+            let (key, entry) = (Arc::new(key), Arc::new(entry));
             match lifecycle(&key, &entry) {
                 Lifecycle::Deadline(at_ms) => self.deadlines.push((at_ms, key.clone())),
                 Lifecycle::Nothing => {}
@@ -470,7 +472,7 @@ impl Draft {
             }
             self.changes.push(Change { revision: meta.revision, key: key.clone(), entry: entry.clone() });
             self.batch.entries.push((key.clone(), entry.clone()));
-            self.working.entries.insert(Arc::new(key), Arc::new(entry));
+            self.working.entries.insert(key, entry);
         }
         if let Some((id, expires)) = applied.used_ticket {
             let fresh = self.working.used_tickets.insert(id, expires).is_none();

@@ -89,10 +89,10 @@ fn batch_survives_reopen<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let idem = IdempotencyRecord { fingerprint: [9; 32], outcome: Outcome::Deleted { revision: 3 }, expires_at_ms: 99 };
     let batch = Batch {
         revision: 3,
-        entries: vec![
+        entries: Batch::share_entries([
             (NsKey::new("ns", "a"), entry(json!({"x": [1, 2]}), 1)),
             (NsKey::new("ns", "b"), entry(json!(7), 2)),
-        ],
+        ]),
         audit,
         used_tickets: vec![([1; 16], 500)],
         idempotency: vec![(idem_key.clone(), idem.clone())],
@@ -106,7 +106,7 @@ fn batch_survives_reopen<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let store = open(dir.path());
     let r = store.recover().expect("recover");
     assert_eq!(r.revision, 3);
-    assert_eq!(r.entries, batch.entries);
+    assert_eq!(Batch::share_entries(r.entries), batch.entries);
     assert_eq!(r.used_tickets, vec![([1; 16], 500)]);
     assert_eq!(r.idempotency, vec![(idem_key, idem)]);
     assert_eq!(r.audit_head, Some(head));
@@ -125,7 +125,7 @@ fn load_keys_is_exact<S: Storage>(open: &dyn Fn(&Path) -> S) {
     let other_ns = (NsKey::new("other", "a"), entry(json!("elsewhere"), 1));
     let mut all = entries.clone();
     all.push(other_ns);
-    store.commit(Batch { revision: 1, entries: all, ..Batch::default() }).expect("commit");
+    store.commit(Batch { revision: 1, entries: Batch::share_entries(all), ..Batch::default() }).expect("commit");
     let wanted: BTreeSet<NsKey> = [NsKey::new("ns", "a"), NsKey::new("ns", "c"), NsKey::new("ns", "zz")].into();
     let got = store.load_keys(&wanted).expect("load");
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec![NsKey::new("ns", "a"), NsKey::new("ns", "c")]);
@@ -140,7 +140,7 @@ fn tombstones_and_pruning<S: Storage>(open: &dyn Fn(&Path) -> S) {
     store
         .commit(Batch {
             revision: 1,
-            entries: vec![(NsKey::new("ns", "a"), entry(json!(1), 1))],
+            entries: Batch::share_entries([(NsKey::new("ns", "a"), entry(json!(1), 1))]),
             used_tickets: vec![([3; 16], 5), ([4; 16], 50)],
             idempotency: vec![(idem_key.clone(), idem)],
             ..Batch::default()
@@ -150,7 +150,7 @@ fn tombstones_and_pruning<S: Storage>(open: &dyn Fn(&Path) -> S) {
     store
         .commit(Batch {
             revision: 2,
-            entries: vec![(NsKey::new("ns", "a"), tombstone.clone())],
+            entries: Batch::share_entries([(NsKey::new("ns", "a"), tombstone.clone())]),
             prune_tickets: vec![[3; 16]],
             prune_idempotency: vec![idem_key],
             ..Batch::default()
@@ -204,7 +204,9 @@ fn forgotten_keys_are_gone<S: Storage>(open: &dyn Fn(&Path) -> S) {
     {
         let store = open(dir.path());
         let entries = vec![(a.clone(), entry(json!(1), 1)), (b.clone(), entry(json!(2), 1))];
-        store.commit(Batch { revision: 1, entries, ..Batch::default() }).expect("commit");
+        store
+            .commit(Batch { revision: 1, entries: Batch::share_entries(entries), ..Batch::default() })
+            .expect("commit");
         store.commit(Batch { revision: 1, forget_entries: vec![a.clone()], ..Batch::default() }).expect("commit");
         let keys: BTreeSet<NsKey> = [a.clone(), b.clone()].into();
         assert_eq!(store.load_keys(&keys).expect("load").keys().cloned().collect::<Vec<_>>(), vec![b.clone()]);
@@ -212,7 +214,7 @@ fn forgotten_keys_are_gone<S: Storage>(open: &dyn Fn(&Path) -> S) {
         let again = Batch {
             revision: 2,
             forget_entries: vec![b.clone()],
-            entries: vec![(b.clone(), entry(json!(3), 2))],
+            entries: Batch::share_entries([(b.clone(), entry(json!(3), 2))]),
             ..Batch::default()
         };
         store.commit(again).expect("commit");
@@ -229,7 +231,7 @@ fn broken_batch_changes_nothing<S: Storage>(open: &dyn Fn(&Path) -> S) {
     // Event 3 where 2 is next: the whole batch, entries included, must be refused.
     let bad = Batch {
         revision: 2,
-        entries: vec![(NsKey::new("ns", "x"), entry(json!(1), 2))],
+        entries: Batch::share_entries([(NsKey::new("ns", "x"), entry(json!(1), 2))]),
         audit: events(3, 1, GENESIS),
         ..Batch::default()
     };

@@ -6,6 +6,7 @@
 //! all of it is durable when [`Storage::commit`] returns, or none of it is.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use gapguard_core::{Entry, IdempotencyRecord, NsKey, Revision, SealedEvent, TicketId};
 
@@ -54,8 +55,9 @@ pub struct Recovered {
 pub struct Batch {
     /// The revision after this batch (unchanged if nothing in it committed a revision).
     pub revision: Revision,
-    /// New entries (later ones for the same key win).
-    pub entries: Vec<(NsKey, Entry)>,
+    /// New entries (later ones for the same key win). Shared with the writer's state and
+    /// change feed: a batch holds the same allocations, not copies.
+    pub entries: Vec<(Arc<NsKey>, Arc<Entry>)>,
     /// Sealed audit events, in sequence order, continuing the stored chain.
     pub audit: Vec<SealedEvent>,
     /// Tickets used by acts in this batch.
@@ -78,6 +80,13 @@ pub struct Batch {
     /// A shared backend: idempotency keys this node claimed for the requests of the batch, to
     /// release (see [`SharedStorage::claim_idempotency`]).
     pub release_claims: Vec<IdempotencyKey>,
+}
+
+impl Batch {
+    /// Owned entries as a batch holds them (for tests and tools that build batches by hand).
+    pub fn share_entries(entries: impl IntoIterator<Item = (NsKey, Entry)>) -> Vec<(Arc<NsKey>, Arc<Entry>)> {
+        entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect()
+    }
 }
 
 /// Errors of a storage backend.

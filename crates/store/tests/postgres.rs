@@ -43,10 +43,18 @@ fn postgres_backend_passes_the_conformance_suite_and_shares_state() {
     let locked = a.begin(&LockRequest { keys: BTreeSet::from([k.clone()]), ..LockRequest::default() }).expect("begin");
     assert_eq!(locked.revision, 0);
     assert!(locked.entries.is_empty());
-    a.commit(Batch { revision: 1, entries: vec![(k.clone(), entry(json!(1), 1))], ..Batch::default() })
-        .expect("commit");
-    b.commit(Batch { revision: 2, entries: vec![(k.clone(), entry(json!(2), 2))], ..Batch::default() })
-        .expect("commit");
+    a.commit(Batch {
+        revision: 1,
+        entries: Batch::share_entries([(k.clone(), entry(json!(1), 1))]),
+        ..Batch::default()
+    })
+    .expect("commit");
+    b.commit(Batch {
+        revision: 2,
+        entries: Batch::share_entries([(k.clone(), entry(json!(2), 2))]),
+        ..Batch::default()
+    })
+    .expect("commit");
     let seen = a.changes_since(start.cursor).expect("changes");
     assert_eq!(seen.revision, 2);
     let values: Vec<_> = seen.changes.iter().map(|(rev, key, e)| (*rev, key.clone(), e.clone())).collect();
@@ -54,7 +62,11 @@ fn postgres_backend_passes_the_conformance_suite_and_shares_state() {
     assert_eq!(a.changes_since(seen.cursor).expect("changes").changes.len(), 0);
 
     // A batch behind the stored revision is refused whole.
-    let err = a.commit(Batch { revision: 1, entries: vec![(k.clone(), entry(json!(9), 1))], ..Batch::default() });
+    let err = a.commit(Batch {
+        revision: 1,
+        entries: Batch::share_entries([(k.clone(), entry(json!(9), 1))]),
+        ..Batch::default()
+    });
     assert!(matches!(err, Err(StoreError::Invalid(_))), "{err:?}");
     assert_eq!(b.recover().expect("recover").entries, vec![(k.clone(), entry(json!(2), 2))]);
 
@@ -82,7 +94,13 @@ fn the_change_log_keeps_its_newest_changes_and_refuses_a_cursor_before_them() {
     let store = PgStore::connect(&url, options).expect("connect");
     for rev in 1..=5 {
         let k = NsKey::new("ns", format!("k{rev}"));
-        store.commit(Batch { revision: rev, entries: vec![(k, entry(json!(rev), rev))], ..Batch::default() }).unwrap();
+        store
+            .commit(Batch {
+                revision: rev,
+                entries: Batch::share_entries([(k, entry(json!(rev), rev))]),
+                ..Batch::default()
+            })
+            .unwrap();
     }
     let all = store.changes_since(0).expect("changes");
     assert_eq!(all.changes.len(), 5);

@@ -254,7 +254,7 @@ impl Writer {
         }
         let changes = std::mem::take(&mut done.changes);
         for change in &changes {
-            self.state.entries.insert(Arc::new(change.key.clone()), Arc::new(change.entry.clone()));
+            self.state.entries.insert(change.key.clone(), change.entry.clone());
         }
         self.state.revision = self.state.revision.max(done.revision);
         self.cursor = last;
@@ -291,8 +291,9 @@ impl Writer {
         for (revision, key, entry) in changes.changes {
             match entry {
                 Some(entry) => {
+                    let (key, entry) = (Arc::new(key), Arc::new(entry));
                     feed.push(Change { revision, key: key.clone(), entry: entry.clone() });
-                    self.state.entries.insert(Arc::new(key), Arc::new(entry));
+                    self.state.entries.insert(key, entry);
                 }
                 None => {
                     self.state.entries.remove(&key);

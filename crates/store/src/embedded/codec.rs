@@ -4,6 +4,8 @@
 //! State entries and idempotency records are carried as their JSON (the same bytes the redb
 //! tables hold); audit events as their sealed body and hash.
 
+use std::sync::Arc;
+
 use gapguard_core::{Entry, IdempotencyRecord, NsKey, SealedEvent};
 
 use crate::{Batch, IdempotencyKey, StoreError};
@@ -149,7 +151,7 @@ pub(crate) fn decode(buf: &[u8]) -> Result<(u64, Batch), StoreError> {
     for _ in 0..r.count()? {
         let key = NsKey { ns: r.string()?, key: r.string()? };
         let entry: Entry = serde_json::from_slice(r.bytes()?).map_err(json("wal entry"))?;
-        batch.entries.push((key, entry));
+        batch.entries.push((Arc::new(key), Arc::new(entry)));
     }
     for _ in 0..r.count()? {
         let seq = r.u64()?;

@@ -508,7 +508,7 @@ impl Storage for EmbeddedStore {
             }
             for (k, e) in &b.entries {
                 if keys.contains(k) {
-                    out.insert(k.clone(), e.clone());
+                    out.insert(NsKey::clone(k), Entry::clone(e));
                 }
             }
         }

@@ -588,14 +588,17 @@ mod tests {
 
     /// A batch whose record is about `bytes` long.
     fn batch_of(revision: u64, bytes: usize) -> Batch {
-        let mut b = batch(revision);
-        b.entries[0].1.changed_by = Some("x".repeat(bytes));
-        b
+        batch_by(revision, "x".repeat(bytes))
     }
 
     fn batch(revision: u64) -> Batch {
-        let entry = Entry { record: None, changed_by: Some(format!("c{revision}")), changed_at: revision };
-        Batch { revision, entries: vec![(NsKey::new("ns", format!("k{revision}")), entry)], ..Batch::default() }
+        batch_by(revision, format!("c{revision}"))
+    }
+
+    fn batch_by(revision: u64, changed_by: String) -> Batch {
+        let entry = Entry { record: None, changed_by: Some(changed_by), changed_at: revision };
+        let entries = Batch::share_entries([(NsKey::new("ns", format!("k{revision}")), entry)]);
+        Batch { revision, entries, ..Batch::default() }
     }
 
     #[test]
@@ -795,8 +798,7 @@ mod tests {
         let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
         wal.append(&batch(1)).unwrap();
         assert!(!Wal::prepare_spare(dir.path(), &wal.state()).unwrap(), "too little traffic for a spare");
-        let mut big = batch(2);
-        big.entries[0].1.changed_by = Some("x".repeat(EARLY_SPARE_BYTES as usize));
+        let big = batch_of(2, EARLY_SPARE_BYTES as usize);
         wal.append(&big).unwrap();
         assert!(Wal::prepare_spare(dir.path(), &wal.state()).unwrap());
         assert!(!Wal::prepare_spare(dir.path(), &wal.state()).unwrap(), "one spare at a time");
