@@ -107,7 +107,7 @@ struct Cli {
     /// (x16, x64) and checks (x16) on a server without API keys and on one with a key, each
     /// case in the order no auth, auth, auth, no auth; prints each variant's ops/s and the
     /// overhead against the target (under 5 %).
-    #[arg(long, conflicts_with_all = ["auth", "only", "systems"])]
+    #[arg(long, conflicts_with_all = ["auth", "only", "systems", "connections"])]
     auth_overhead: bool,
 
     /// Instead of the comparison, measure what metrics and tracing cost gapguard: durable
@@ -116,7 +116,7 @@ struct Cli {
     /// exported over OTLP/HTTP to a sink in this process, one trace in ten and every one;
     /// rounds ordered off, metrics, +otlp 10%, metrics+otlp, then backwards; prints each
     /// variant's ops/s and overhead against the criterion (under 10 %).
-    #[arg(long, conflicts_with_all = ["auth", "auth_overhead", "only", "systems"])]
+    #[arg(long, conflicts_with_all = ["auth", "auth_overhead", "only", "systems", "connections"])]
     obs_overhead: bool,
 }
 
@@ -479,5 +479,21 @@ fn parse_connections(value: &str) -> Result<usize, String> {
     match value.trim().parse::<usize>() {
         Ok(n @ (1 | 16 | 64)) => Ok(n),
         _ => Err(format!("`{value}` is not a connection count the bench runs at (1, 16 or 64)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_the_counts_the_workloads_run_at() {
+        let cli = Cli::try_parse_from(["gapguard-bench", "--connections", "16,64"]).expect("parses");
+        assert_eq!(cli.connections, vec![16, 64]);
+        for bad in ["2", "0", "x", "16,65"] {
+            let err = Cli::try_parse_from(["gapguard-bench", "--connections", bad]).expect_err(bad);
+            assert!(err.to_string().contains("1, 16 or 64"), "{bad}: {err}");
+        }
+        assert!(Cli::try_parse_from(["gapguard-bench", "--connections", "16", "--auth-overhead"]).is_err());
     }
 }
