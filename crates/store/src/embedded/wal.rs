@@ -700,6 +700,20 @@ mod tests {
         OpenOptions::new().write(true).open(path).unwrap().set_len(PREALLOCATE_BYTES).unwrap();
     }
 
+    /// A log whose first segment (records 1..=3 of about `record_bytes` each, grown to a whole
+    /// segment's length) was retired through record 3, hence became the spare; the open
+    /// segment starts at 4, empty.
+    fn with_retired_first_segment(dir: &Path, record_bytes: usize) -> Wal {
+        let (mut wal, _) = Wal::open(dir, 0, true).unwrap();
+        for r in 1..=3 {
+            wal.append(&batch_of(r, record_bytes)).unwrap();
+        }
+        wal.rotate().unwrap();
+        grow_to_full_size(dir, 1);
+        assert_eq!(Wal::retire_through(dir, 3, &wal.state()).unwrap(), 1);
+        wal
+    }
+
     fn lsns(records: &[(u64, Batch)]) -> Vec<u64> {
         records.iter().map(|r| r.0).collect()
     }
@@ -708,13 +722,7 @@ mod tests {
     fn a_retired_segment_is_recycled_and_its_old_records_are_never_read_back() {
         both_ways(|| {
             let dir = tempfile::tempdir().unwrap();
-            let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
-            for r in 1..=3 {
-                wal.append(&batch_of(r, 5000)).unwrap();
-            }
-            wal.rotate().unwrap();
-            grow_to_full_size(dir.path(), 1);
-            assert_eq!(Wal::retire_through(dir.path(), 3, &wal.state()).unwrap(), 1);
+            let mut wal = with_retired_first_segment(dir.path(), 5000);
             let spare = dir.path().join(SPARE);
             assert_eq!(fs::metadata(&spare).unwrap().len(), PREALLOCATE_BYTES, "the retired segment is the spare");
             assert!(wal.state().spare_ready.load(Ordering::Relaxed));
@@ -771,14 +779,7 @@ mod tests {
     #[test]
     fn a_recycled_segment_renamed_before_a_crash_reads_as_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
-        for r in 1..=3 {
-            wal.append(&batch(r)).unwrap();
-        }
-        wal.rotate().unwrap();
-        grow_to_full_size(dir.path(), 1);
-        Wal::retire_through(dir.path(), 3, &wal.state()).unwrap();
-        drop(wal);
+        drop(with_retired_first_segment(dir.path(), 100));
         // The writer renamed the spare to the next segment and crashed before its end mark at
         // the start was durable: the segment starts with record 1 of its earlier life.
         fs::remove_file(dir.path().join(segment_name(4))).unwrap();
