@@ -37,8 +37,7 @@
 //! with the next record (as the page cache would). The data then goes from the buffer to the
 //! device in the `write` itself, and the `fdatasync` only has the device's cache to flush.
 //! Measured here for 2 KB records into written space, per write + `fdatasync`: 86–96 µs
-//! and 31–34 µs of CPU, against 106–161 µs and 50–73 µs through the page cache. The write
-//! and the flush go in one `pwritev2(RWF_DSYNC)` where the kernel takes the flag.
+//! and 31–34 µs of CPU, against 106–161 µs and 50–73 µs through the page cache.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd as _;
@@ -116,21 +115,18 @@ struct Direct {
     tail: Vec<u8>,
     /// The aligned buffer a write goes out from.
     pages: Vec<Page>,
-    /// Whether the kernel takes `RWF_DSYNC` (until it refuses it once).
-    dsync: bool,
 }
 
 impl Direct {
     /// Starting a segment at `bytes`' end, `bytes` being all the segment holds before it.
     fn new(bytes: &[u8]) -> Self {
         let page_start = bytes.len() / PAGE * PAGE;
-        Self { tail: bytes[page_start..].to_vec(), pages: Vec::new(), dsync: true }
+        Self { tail: bytes[page_start..].to_vec(), pages: Vec::new() }
     }
 
     /// Writes `bytes` at `at`, the write position, with the tail in front and zeros after, to
-    /// the end of the page; `durably`, in the same call as the device's cache flush
-    /// (`RWF_DSYNC`) if the kernel can. Returns whether it did: if not, the caller syncs.
-    fn write(&mut self, file: &File, at: u64, bytes: &[u8], durably: bool) -> std::io::Result<bool> {
+    /// the end of the page.
+    fn write(&mut self, file: &File, at: u64, bytes: &[u8]) -> std::io::Result<()> {
         let start = at - self.tail.len() as u64;
         debug_assert_eq!(start % PAGE as u64, 0, "the tail starts a page");
         let len = self.tail.len() + bytes.len();
@@ -139,13 +135,7 @@ impl Direct {
         buf[..self.tail.len()].copy_from_slice(&self.tail);
         buf[self.tail.len()..len].copy_from_slice(bytes);
         buf[len..].fill(0);
-        if durably && self.dsync {
-            if write_durably(file, buf, start)? {
-                return Ok(true);
-            }
-            self.dsync = false;
-        }
-        file.write_all_at(buf, start).map(|()| false)
+        file.write_all_at(buf, start)
     }
 
     /// After a write from `at` is durable, the write position moves on by `advance` bytes
@@ -159,27 +149,6 @@ impl Direct {
         self.tail.clear();
         self.tail.extend_from_slice(kept);
     }
-}
-
-/// Writes all of `buf` at `offset` with `RWF_DSYNC`: durable when the call returns, the
-/// write and the device's cache flush issued by the kernel back to back, in one system call
-/// and one wake-up of the writer instead of a `write` and an `fdatasync` (puts at one
-/// connection: about 10 % more, alternated runs). `Ok(false)`: this kernel does not know the
-/// flag (before Linux 4.7) and nothing was written.
-fn write_durably(file: &File, buf: &[u8], offset: u64) -> std::io::Result<bool> {
-    use rustix::io::{Errno, ReadWriteFlags};
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = [std::io::IoSlice::new(&buf[done..])];
-        match rustix::io::pwritev2(file, &rest, offset + done as u64, ReadWriteFlags::DSYNC) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(Errno::INTR) => {}
-            Err(Errno::OPNOTSUPP | Errno::NOSYS) if done == 0 => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(true)
 }
 
 /// Opens a segment for appends, with `O_DIRECT` if the filesystem takes it (`true`).
@@ -359,7 +328,7 @@ impl Wal {
                 let (file, direct) = open_for_appends(&path)?;
                 let mut direct = direct.then(|| Direct::new(&[]));
                 match &mut direct {
-                    Some(d) => d.write(&file, 0, &[0; HEADER_BYTES], false).map(drop),
+                    Some(d) => d.write(&file, 0, &[0; HEADER_BYTES]),
                     None => file.write_all_at(&[0; HEADER_BYTES], 0),
                 }
                 .map_err(io("cannot write", &path))?;
@@ -422,12 +391,12 @@ impl Wal {
         self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
         let record_len = self.buf.len() as u64;
         self.buf.extend_from_slice(&[0; HEADER_BYTES]); // the end mark
-        let synced = match &mut self.direct {
-            Some(direct) => direct.write(&self.file, self.segment_bytes, &self.buf, self.fsync),
-            None => self.file.write_all_at(&self.buf, self.segment_bytes).map(|()| false),
+        match &mut self.direct {
+            Some(direct) => direct.write(&self.file, self.segment_bytes, &self.buf),
+            None => self.file.write_all_at(&self.buf, self.segment_bytes),
         }
         .map_err(io("cannot append to", &self.path))?;
-        if self.fsync && !synced {
+        if self.fsync {
             self.file.sync_data().map_err(io("cannot fsync", &self.path))?;
         }
         if let Some(direct) = &mut self.direct {
