@@ -27,10 +27,10 @@
 //!
 //! Every record is written together with an 8-byte zero header after it, the **end mark**,
 //! which the next record overwrites. Reading stops at a zero header: the log's clean end,
-//! whatever bytes a recycled segment holds past it. A whole record found past the end of a
-//! crash's torn write is from a recycled segment's earlier life when its LSN is below the
-//! segment's first, and is the clean end too. Closed segments are cut to their records'
-//! length, so they hold records only.
+//! whatever bytes a recycled segment holds past it. A whole record whose LSN is below its
+//! segment's first is from the segment's earlier life (a crash came before the end mark at
+//! its start, or the one after its last record, was durable): the clean end too. Closed
+//! segments are cut to their records' length, so they hold records only.
 //!
 //! The open segment is written with `O_DIRECT` where the filesystem takes it: whole aligned
 //! pages, the last page's bytes before the write position kept in memory and written again
