@@ -97,9 +97,7 @@ pub(crate) struct Wal {
     path: PathBuf,
     /// Bytes of records in the open segment: where the next one is written.
     segment_bytes: u64,
-    /// Whether the open segment's space was written before its records (it was a spare).
-    written: bool,
-    /// Shared with the checkpointer.
+    /// Shared with the checkpointer; this thread alone writes `fill` and `written`.
     state: Arc<SegmentState>,
     next_lsn: u64,
     fsync: bool,
@@ -153,16 +151,19 @@ impl Direct {
 
 /// Opens a segment for appends, with `O_DIRECT` if the filesystem takes it (`true`).
 fn open_for_appends(path: &Path) -> Result<(File, bool), StoreError> {
+    open_direct(OpenOptions::new().write(true), path)
+}
+
+/// Opens `path` with `options` and `O_DIRECT`, or without it where the filesystem has no
+/// direct I/O (`EINVAL`: tmpfs, for one); `true` when direct.
+fn open_direct(options: &OpenOptions, path: &Path) -> Result<(File, bool), StoreError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut options = OpenOptions::new();
-    options.write(true);
     #[cfg(test)]
     if !tests::DIRECT_IO.get() {
         return options.open(path).map(|f| (f, false)).map_err(io("cannot open", path));
     }
     match options.clone().custom_flags(libc::O_DIRECT).open(path) {
         Ok(file) => Ok((file, true)),
-        // EINVAL: this filesystem has no direct I/O (tmpfs, for one).
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             options.open(path).map(|f| (f, false)).map_err(io("cannot open", path))
         }
@@ -288,24 +289,19 @@ impl Wal {
         };
         state.fill.store(segment_bytes, Ordering::Relaxed);
         state.written.store(written, Ordering::Relaxed);
-        let wal = Self {
-            dir: dir.to_owned(),
-            file,
-            path,
-            segment_bytes,
-            written,
-            state,
-            next_lsn,
-            fsync,
-            buf: Vec::new(),
-            direct,
-        };
+        let wal =
+            Self { dir: dir.to_owned(), file, path, segment_bytes, state, next_lsn, fsync, buf: Vec::new(), direct };
         Ok((wal, records))
     }
 
     /// What the checkpointer needs to know of the open segment ([`Wal::prepare_spare`]).
     pub(crate) fn state(&self) -> Arc<SegmentState> {
         self.state.clone()
+    }
+
+    /// Whether the open segment's space was written before its records (it was a spare).
+    fn written(&self) -> bool {
+        self.state.written.load(Ordering::Relaxed)
     }
 
     /// The segment starting at `start_lsn`, opened for appends: the spare if there is one
@@ -367,17 +363,18 @@ impl Wal {
     fn rotate(&mut self) -> Result<(), StoreError> {
         self.file.set_len(self.segment_bytes).map_err(io("cannot truncate", &self.path))?;
         self.file.sync_all().map_err(io("cannot sync", &self.path))?;
-        (self.file, self.path, self.written, self.direct) = Self::next_segment(&self.dir, self.next_lsn, &self.state)?;
+        let written;
+        (self.file, self.path, written, self.direct) = Self::next_segment(&self.dir, self.next_lsn, &self.state)?;
         self.segment_bytes = 0;
         self.state.fill.store(0, Ordering::Relaxed);
-        self.state.written.store(self.written, Ordering::Relaxed);
+        self.state.written.store(written, Ordering::Relaxed);
         Ok(())
     }
 
     /// Appends a batch and makes it durable (unless fsync is off). Returns its LSN.
     pub(crate) fn append(&mut self, batch: &Batch) -> Result<u64, StoreError> {
         if self.segment_bytes >= SEGMENT_MAX_BYTES
-            || (!self.written && self.segment_bytes > 0 && self.state.spare_ready.load(Ordering::Relaxed))
+            || (!self.written() && self.segment_bytes > 0 && self.state.spare_ready.load(Ordering::Relaxed))
         {
             self.rotate()?;
         }
@@ -440,11 +437,7 @@ impl Wal {
     /// runs on the checkpointer's thread, away from the appends. Returns whether it wrote one.
     pub(crate) fn prepare_spare(dir: &Path, state: &SegmentState) -> Result<bool, StoreError> {
         let spare = dir.join(SPARE);
-        let fill = state.fill.load(Ordering::Relaxed);
-        let wanted = match state.written.load(Ordering::Relaxed) {
-            true => fill >= SEGMENT_MAX_BYTES / 2,
-            false => fill >= EARLY_SPARE_BYTES,
-        };
+        let wanted = wants_spare(state.fill.load(Ordering::Relaxed), state.written.load(Ordering::Relaxed));
         if !wanted || state.spare_ready.load(Ordering::Relaxed) || spare.exists() {
             return Ok(false);
         }
@@ -467,21 +460,22 @@ impl Wal {
     }
 }
 
+/// Whether an open segment holding `fill` bytes of records wants a spare made for it: at half
+/// full, or at [`EARLY_SPARE_BYTES`] if its space was `fallocate`d (not `written`).
+fn wants_spare(fill: u64, written: bool) -> bool {
+    match written {
+        true => fill >= SEGMENT_MAX_BYTES / 2,
+        false => fill >= EARLY_SPARE_BYTES,
+    }
+}
+
 /// Writes a segment's worth of zeros to a new file at `path`, durably, a chunk at a time.
 /// With `O_DIRECT` where the filesystem takes it: the zeros then go from one buffer straight
 /// to the device, instead of being copied into 64 MiB of page cache on a core the requests
 /// need (`perf` put buffered zero-filling at 6 % of the server's CPU during puts at 16
 /// connections).
 fn zero_fill(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    let file = match options.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => file,
-        // EINVAL: this filesystem has no direct I/O (tmpfs, for one).
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path).map_err(io("cannot create", path))?,
-        Err(e) => return Err(io("cannot create", path)(e)),
-    };
+    let (file, _) = open_direct(OpenOptions::new().write(true).create(true).truncate(true), path)?;
     let zeros = vec![Page([0; PAGE]); ZERO_FILL_CHUNK / PAGE];
     let mut at = 0u64;
     while at < PREALLOCATE_BYTES {
@@ -729,9 +723,9 @@ mod tests {
             // The open segment (4) was fallocated: with a spare ready, the append after its
             // first record rotates to the spare, which still holds records 1..=3.
             wal.append(&batch(4)).unwrap();
-            assert!(!wal.written);
+            assert!(!wal.written());
             wal.append(&batch(5)).unwrap();
-            assert!(wal.written && !spare.exists());
+            assert!(wal.written() && !spare.exists());
             let starts: Vec<u64> = segments(dir.path()).unwrap().iter().map(|s| s.0).collect();
             assert_eq!(starts, vec![4, 5]);
             drop(wal);
@@ -807,7 +801,7 @@ mod tests {
         assert_eq!(spare.len() as u64, PREALLOCATE_BYTES);
         assert!(spare.iter().all(|&b| b == 0));
         wal.append(&batch(3)).unwrap();
-        assert!(wal.written);
+        assert!(wal.written());
         let starts: Vec<u64> = segments(dir.path()).unwrap().iter().map(|s| s.0).collect();
         assert_eq!(starts, vec![1, 3]);
         // Half full of records, a written segment wants its next spare; not before.
@@ -816,5 +810,26 @@ mod tests {
         let (_, records) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!(lsns(&records), vec![1, 2, 3]);
         assert_eq!(records[1].1, big);
+    }
+
+    #[test]
+    fn a_spare_is_wanted_from_its_threshold_on() {
+        assert!(!wants_spare(EARLY_SPARE_BYTES - 1, false));
+        assert!(wants_spare(EARLY_SPARE_BYTES, false));
+        assert!(!wants_spare(SEGMENT_MAX_BYTES / 2 - 1, true));
+        assert!(wants_spare(SEGMENT_MAX_BYTES / 2, true));
+    }
+
+    #[test]
+    fn a_retired_segment_shorter_than_a_whole_one_is_deleted_not_recycled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        wal.append(&batch(1)).unwrap();
+        wal.rotate().unwrap();
+        let first = dir.path().join(segment_name(1));
+        OpenOptions::new().write(true).open(&first).unwrap().set_len(PREALLOCATE_BYTES - 1).unwrap();
+        assert_eq!(Wal::retire_through(dir.path(), 1, &wal.state()).unwrap(), 1);
+        assert!(!first.exists() && !dir.path().join(SPARE).exists());
+        assert!(!wal.state().spare_ready.load(Ordering::Relaxed));
     }
 }
