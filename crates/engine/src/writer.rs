@@ -110,8 +110,7 @@ impl Writer {
         let mut state = Snapshot { revision: recovered.revision, ..Snapshot::default() };
         let mut ticket_expiry = BTreeSet::new();
         let mut idempotency_expiry = BTreeSet::new();
-        let entries: Vec<(Arc<NsKey>, Arc<gapguard_core::Entry>)> =
-            recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
+        let entries = Batch::share_entries(recovered.entries);
         let deadlines = entries.iter().filter_map(|(k, e)| deadline_of(k, e).map(|d| (d, k.clone()))).collect();
         // When they were resolved is not stored: retention counts from this start.
         let started_ms = clock.now_ms();

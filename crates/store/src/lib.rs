@@ -83,7 +83,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Owned entries as a batch holds them (for tests and tools that build batches by hand).
+    /// Owned entries as a batch (and the engine's state) holds them: each key and entry one
+    /// shared allocation.
     pub fn share_entries(entries: impl IntoIterator<Item = (NsKey, Entry)>) -> Vec<(Arc<NsKey>, Arc<Entry>)> {
         entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect()
     }
