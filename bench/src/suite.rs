@@ -347,3 +347,27 @@ fn pool_problem(pool: &PoolLevel, capacity: i64, successes: u64) -> Option<Strin
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(connections: Vec<usize>) -> Plan {
+        Plan {
+            workloads: vec![Workload::Puts],
+            warmup: Duration::ZERO,
+            measure: Duration::from_secs(1),
+            stock: 1,
+            verify_stock: 1,
+            connections,
+            pids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_plan_runs_at_the_chosen_counts_or_at_all() {
+        assert!([1, 16, 64].iter().all(|&n| plan(Vec::new()).runs_at(n)));
+        let chosen = plan(vec![16, 64]);
+        assert!(!chosen.runs_at(1) && chosen.runs_at(16) && chosen.runs_at(64));
+    }
+}
