@@ -160,14 +160,16 @@ impl Writer {
         let mut stopping = false;
         // Only a lone request polls: see `EngineConfig::spin_before_sleep`.
         let mut spin = self.config.spin_before_sleep;
+        // The size of the last batch: the next one may wait to be as large (`batch_linger`).
+        let mut last_len = 0;
         while let Some(first) = next_job(&mut jobs, spin) {
             batch_jobs.push(first);
-            while batch_jobs.len() < self.config.max_batch {
-                match jobs.try_recv() {
-                    Ok(job) => batch_jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            let target = match last_len {
+                0 | 1 => 0,
+                n => usize::min(n, self.config.max_batch),
+            };
+            gather(&mut jobs, &mut batch_jobs, self.config.max_batch, target, self.config.batch_linger);
+            last_len = batch_jobs.len();
             spin = match batch_jobs.len() {
                 1 => self.config.spin_before_sleep,
                 _ => std::time::Duration::ZERO,
@@ -368,6 +370,27 @@ impl Writer {
             let request = WriteRequest::Single { ns: key.ns.clone(), op, kind: AuditKind::Expire };
             let outcome = draft.apply(&request, ctx, now_ms);
             draft.expired.push((request, outcome));
+        }
+    }
+}
+
+/// Takes the queued jobs into `batch`, up to `max` in all; then, while it holds fewer than
+/// `target`, polls for more until `linger` has passed since the call.
+fn gather(
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    batch: &mut Vec<Job>,
+    max: usize,
+    target: usize,
+    linger: std::time::Duration,
+) {
+    let started = Instant::now();
+    while batch.len() < max {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(mpsc::error::TryRecvError::Empty) if batch.len() < target && started.elapsed() < linger => {
+                std::hint::spin_loop();
+            }
+            Err(_) => return,
         }
     }
 }

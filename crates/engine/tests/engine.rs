@@ -43,13 +43,16 @@ impl Storage for Instrumented {
 }
 
 fn open(dir: &std::path::Path, clock: Arc<ManualClock>) -> (Engine, Arc<Instrumented>) {
+    open_with(dir, clock, EngineConfig { prune_interval: Duration::from_millis(20), ..EngineConfig::default() })
+}
+
+fn open_with(dir: &std::path::Path, clock: Arc<ManualClock>, config: EngineConfig) -> (Engine, Arc<Instrumented>) {
     let store = Arc::new(Instrumented {
         inner: EmbeddedStore::open(dir).unwrap(),
         commits: AtomicUsize::new(0),
         fail: AtomicBool::new(false),
         stall: AtomicBool::new(false),
     });
-    let config = EngineConfig { prune_interval: Duration::from_millis(20), ..EngineConfig::default() };
     (Engine::open(store.clone(), clock, config).unwrap(), store)
 }
 
@@ -216,6 +219,45 @@ async fn idempotency_replays_refuses_other_requests_and_survives_restart() {
     let fresh = engine.write(add(), ctx("p5"), Some(claim(2))).await.unwrap();
     assert!(!fresh.replayed);
     assert_eq!(engine.get("ns", "paid").0.unwrap().value, json!(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_to_grow_as_large_as_the_last_one_but_a_lone_write_never_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let linger = Duration::from_millis(500);
+    // No pruning job may join a batch and make up its size.
+    let config =
+        EngineConfig { batch_linger: linger, prune_interval: Duration::from_secs(3600), ..EngineConfig::default() };
+    let (engine, store) = open_with(dir.path(), Arc::new(ManualClock::new(1)), config);
+    let write = |key: &'static str| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.write(put(key, json!(1)), ctx(key), None).await })
+    };
+    // A batch of two: two writes queue up behind a stalled commit.
+    store.stall.store(true, Ordering::SeqCst);
+    let stalled = write("stalled");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (x, y) = (write("x"), write("y"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.stall.store(false, Ordering::SeqCst);
+    for task in [stalled, x, y] {
+        task.await.unwrap().unwrap();
+    }
+    let commits = store.commits.load(Ordering::SeqCst);
+    // The next batch waits for a second write, up to the linger.
+    let first = write("first");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!first.is_finished(), "the batch did not wait to grow");
+    let second = write("second");
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(store.commits.load(Ordering::SeqCst), commits + 1, "the two writes were not one batch");
+    // A write alone waits out the linger (the last batch had two), and makes the last batch one
+    // write: the write after it does not wait at all.
+    write("alone").await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    write("after").await.unwrap().unwrap();
+    assert!(started.elapsed() < linger / 2, "a lone write waited {:?}", started.elapsed());
 }
 
 #[tokio::test]

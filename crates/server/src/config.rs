@@ -55,6 +55,9 @@ pub struct Config {
     /// How long the store's writer polls for work before it sleeps, in microseconds (0: it
     /// sleeps at once). See [`gapguard_engine::EngineConfig::spin_before_sleep`].
     pub writer_spin_us: u64,
+    /// How long the writer may wait for a batch to grow as large as the last one, in
+    /// microseconds (0: never). See [`gapguard_engine::EngineConfig::batch_linger`].
+    pub writer_linger_us: u64,
     /// Whether metrics are recorded and served (default: yes). Off, `/metrics` answers 404
     /// and `/v1/slo` counts nothing: for measuring what the metrics cost.
     pub metrics: bool,
@@ -137,6 +140,7 @@ impl Default for Config {
             metrics_listen: None,
             metrics: true,
             writer_spin_us: 250,
+            writer_linger_us: 30,
         }
     }
 }
@@ -180,6 +184,7 @@ struct File {
     metrics_listen: Option<String>,
     metrics: Option<bool>,
     writer_spin_us: Option<u64>,
+    writer_linger_us: Option<u64>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -346,14 +351,14 @@ impl Config {
             );
         }
         config.metrics = file.metrics.unwrap_or(true);
-        if let Some(us) = file.writer_spin_us {
-            if us > 10_000 {
-                return Err(ConfigError::Invalid(format!(
-                    "writer_spin_us = {us} is above the limit of 10000 (10 ms); 0 turns spinning off"
-                )));
+        let writer_us = |name: &str, us: Option<u64>, default: u64| match us {
+            Some(us) if us > 10_000 => {
+                Err(ConfigError::Invalid(format!("{name} = {us} is above the limit of 10000 (10 ms); 0 turns it off")))
             }
-            config.writer_spin_us = us;
-        }
+            us => Ok(us.unwrap_or(default)),
+        };
+        config.writer_spin_us = writer_us("writer_spin_us", file.writer_spin_us, config.writer_spin_us)?;
+        config.writer_linger_us = writer_us("writer_linger_us", file.writer_linger_us, config.writer_linger_us)?;
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout_ms = ms.max(1);
         }
@@ -392,12 +397,18 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_spin_is_read_and_bounded() {
-        assert_eq!(Config::parse("").unwrap().writer_spin_us, 250);
+    fn the_writer_spin_and_linger_are_read_and_bounded() {
+        let defaults = Config::parse("").unwrap();
+        assert_eq!((defaults.writer_spin_us, defaults.writer_linger_us), (250, 30));
         assert_eq!(Config::parse("writer_spin_us = 0").unwrap().writer_spin_us, 0);
         assert_eq!(Config::parse("writer_spin_us = 10000").unwrap().writer_spin_us, 10_000);
         let err = Config::parse("writer_spin_us = 10001").unwrap_err().to_string();
         assert!(err.contains("writer_spin_us = 10001") && err.contains("10000"), "{err}");
+        let linger = Config::parse("writer_linger_us = 0\nwriter_spin_us = 7").unwrap();
+        assert_eq!((linger.writer_spin_us, linger.writer_linger_us), (7, 0));
+        assert_eq!(Config::parse("writer_linger_us = 10000").unwrap().writer_linger_us, 10_000);
+        let err = Config::parse("writer_linger_us = 10001").unwrap_err().to_string();
+        assert!(err.contains("writer_linger_us = 10001") && err.contains("10000"), "{err}");
     }
 
     #[test]
