@@ -65,15 +65,16 @@ pub struct EngineConfig {
     /// 25.6–26.5k/s not polling). Zero: never poll.
     pub spin_before_sleep: Duration,
     /// How long the writer may wait, after the first write of a batch, for the batch to grow
-    /// as large as the one before it (only after a batch of several: a lone write never
-    /// waits). Each batch costs the writer a write and an fsync, two device requests whose
+    /// as large as the one before it, or to 8 requests if that was larger (only after a batch
+    /// of several: a lone write never waits). Each batch costs the writer a write and an fsync, two device requests whose
     /// system calls, hypervisor exits and wake-ups cost far more CPU than the requests'
     /// own work; on two cores shared with the clients, fewer and larger batches leave more
     /// CPU to the request threads. Measured in alternated runs at 16 connections, 30 µs
-    /// against none: reserve→commit pairs 8.4–9.1k/s against 7.5–7.9k/s (three rounds),
-    /// 8.1–9.9k against 7.5–8.0k (four), and ahead in four of five earlier ones; puts from
-    /// within the noise to 18 % more; the decrement, check→act and 64 connections within the
-    /// noise. Zero: never wait.
+    /// against none: reserve→commit pairs 9.0–10.7k/s against 8.4–8.7k/s, 8.4–9.1k against
+    /// 7.5–7.9k (three rounds each), 8.1–9.9k against 7.5–8.0k (four); puts from within the
+    /// noise to 18 % more; the decrement and check→act within the noise. At 64 connections
+    /// (puts and reserve→commit) within the noise, once batches stopped waiting for more than
+    /// 8 (waiting for the last batch's 15 to 20 cost puts 10 %). Zero: never wait.
     pub batch_linger: Duration,
 }
 
