@@ -258,6 +258,27 @@ async fn a_batch_waits_to_grow_as_large_as_the_last_one_but_a_lone_write_never_w
     let started = std::time::Instant::now();
     write("after").await.unwrap().unwrap();
     assert!(started.elapsed() < linger / 2, "a lone write waited {:?}", started.elapsed());
+
+    // After a batch of nine, a batch waits for eight at most (`batch_linger`'s cap).
+    const NINE: [&str; 9] = ["n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
+    store.stall.store(true, Ordering::SeqCst);
+    let stalled = write("stalled-again");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let nine: Vec<_> = NINE.into_iter().map(write).collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.stall.store(false, Ordering::SeqCst);
+    stalled.await.unwrap().unwrap();
+    for task in nine {
+        task.await.unwrap().unwrap();
+    }
+    let commits = store.commits.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let eight: Vec<_> = NINE[..8].iter().map(|k| write(k)).collect();
+    for task in eight {
+        task.await.unwrap().unwrap();
+    }
+    assert!(started.elapsed() < linger / 2, "eight writes waited {:?} for a ninth", started.elapsed());
+    assert_eq!(store.commits.load(Ordering::SeqCst), commits + 1, "the eight were not one batch");
 }
 
 #[tokio::test]
