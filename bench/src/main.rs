@@ -48,6 +48,13 @@ struct Cli {
     #[arg(long, default_value_t = 1000)]
     warmup_ms: u64,
 
+    /// Timed runs per workload, system and connection count, the systems taking turns round
+    /// by round (so that a slow spell of the machine falls on all of them). Each system's
+    /// median run is reported (the lower middle one for an even count), with every round's
+    /// figure; the ratios and targets use the medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    rounds: u64,
+
     /// Run only these workloads (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
@@ -277,6 +284,7 @@ async fn run(cli: &Cli) -> Result<bool> {
         verify_stock: cli.verify_stock,
         connections: cli.connections.clone(),
         pids,
+        rounds: cli.rounds as usize,
     };
     let findings = suite::run(&suts, &plan).await;
     // gapguard-pg's nodes stop before the PostgreSQL under them.
@@ -293,6 +301,9 @@ async fn run(cli: &Cli) -> Result<bool> {
     drop(servers);
 
     println!("gapguard-bench: {} s per run after {} ms warm-up", cli.seconds, cli.warmup_ms);
+    if cli.rounds > 1 {
+        println!("  {} rounds, the systems taking turns; each row is the system's median run", cli.rounds);
+    }
     let gapguard_auth =
         cli.auth && systems.iter().any(|s| matches!(s, System::Gapguard | System::GapguardPg1 | System::GapguardPg3));
     if gapguard_auth {
@@ -422,6 +433,7 @@ fn overhead_setup(cli: &Cli) -> Result<(PathBuf, PathBuf, Plan)> {
         verify_stock: cli.verify_stock,
         connections: Vec::new(),
         pids: Vec::new(),
+        rounds: 1,
     };
     Ok((bin, base, plan))
 }

@@ -50,6 +50,10 @@ pub struct RunResult {
     /// gapguard on PostgreSQL: the nodes' group commits over the whole run (warm-up included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits: Option<CommitStats>,
+    /// With `--rounds`: the successful ops/s of every round, in the order they ran (this
+    /// result is their median run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds_ops_per_s: Vec<f64>,
 }
 
 impl RunResult {
@@ -74,7 +78,29 @@ impl RunResult {
             stock_ran_out: tally.exhausted > 0,
             server_cpu_us_per_op: None,
             commits: None,
+            rounds_ops_per_s: Vec::new(),
         }
+    }
+
+    /// The result to report of the rounds of one system, workload and connection count: the
+    /// first round with errors, so that they show (a clean median would hide them), else the
+    /// median by successful ops/s (the lower middle one for an even count); with every
+    /// round's ops/s when there were several. `None` for no rounds.
+    pub fn median_of(mut runs: Vec<RunResult>) -> Option<Self> {
+        let all: Vec<f64> = runs.iter().map(|r| r.ops_per_s).collect();
+        let pick = match runs.iter().position(|r| r.errors > 0) {
+            Some(failed) => failed,
+            None => {
+                let mut order: Vec<usize> = (0..runs.len()).collect();
+                order.sort_by(|&a, &b| runs[a].ops_per_s.total_cmp(&runs[b].ops_per_s));
+                *order.get(order.len().checked_sub(1)? / 2)?
+            }
+        };
+        let mut result = runs.swap_remove(pick);
+        if all.len() > 1 {
+            result.rounds_ops_per_s = all;
+        }
+        Some(result)
     }
 
     /// A run that could not even start (its set-up failed).
@@ -98,6 +124,7 @@ impl RunResult {
             stock_ran_out: false,
             server_cpu_us_per_op: None,
             commits: None,
+            rounds_ops_per_s: Vec::new(),
         }
     }
 }
@@ -260,6 +287,15 @@ pub fn print_workload(workload: Workload, results: &[RunResult]) {
         }
     }
     for r in &rows {
+        if !r.rounds_ops_per_s.is_empty() {
+            let rounds: Vec<String> = r.rounds_ops_per_s.iter().map(|&x| thousands(x)).collect();
+            println!(
+                "  {} x{}: rounds {} ok/s (the median is shown)",
+                r.system.name(),
+                r.connections,
+                rounds.join(", ")
+            );
+        }
         if let Some(c) = &r.commits {
             println!(
                 "  {} x{}: {} group commits, {:.1} writes each, {:.2} ms each from BEGIN to COMMIT",
@@ -448,7 +484,29 @@ pub fn thousands(value: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::thousands;
+    use super::{thousands, RunResult};
+    use crate::workload::{System, Workload};
+
+    fn run(ops_per_s: f64, errors: u64) -> RunResult {
+        let failure = anyhow::anyhow!("refused");
+        let mut r = RunResult::failed(Workload::Puts, System::Gapguard, 16, &failure);
+        (r.ops_per_s, r.errors) = (ops_per_s, errors);
+        r
+    }
+
+    #[test]
+    fn the_median_round_is_reported_unless_a_round_failed() {
+        assert!(RunResult::median_of(Vec::new()).is_none());
+        let one = RunResult::median_of(vec![run(5.0, 0)]).unwrap();
+        assert_eq!((one.ops_per_s, one.rounds_ops_per_s.len()), (5.0, 0));
+        let three = RunResult::median_of(vec![run(30.0, 0), run(10.0, 0), run(20.0, 0)]).unwrap();
+        assert_eq!(three.ops_per_s, 20.0);
+        assert_eq!(three.rounds_ops_per_s, [30.0, 10.0, 20.0], "every round, in the order run");
+        let four = RunResult::median_of(vec![run(40.0, 0), run(10.0, 0), run(30.0, 0), run(20.0, 0)]).unwrap();
+        assert_eq!(four.ops_per_s, 20.0, "the lower middle of an even count");
+        let failed = RunResult::median_of(vec![run(30.0, 0), run(10.0, 1), run(20.0, 0)]).unwrap();
+        assert_eq!((failed.ops_per_s, failed.errors), (10.0, 1), "a failed round shows");
+    }
 
     #[test]
     fn thousands_groups_digits() {

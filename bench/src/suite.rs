@@ -173,6 +173,8 @@ pub struct Plan {
     /// The process of each system that is one process (gapguard embedded, etcd, Redis), for
     /// the server CPU per operation.
     pub pids: Vec<(System, u32)>,
+    /// Timed runs of each system per workload and connection count, in turns (at least 1).
+    pub rounds: usize,
 }
 
 impl Plan {
@@ -197,23 +199,33 @@ pub async fn run(suts: &[Sut], plan: &Plan) -> Findings {
     for &workload in &plan.workloads {
         let suts: Vec<&Sut> = suts.iter().filter(|sut| sut.system().supports(workload)).collect();
         for &connections in workload.connections().iter().filter(|&&n| plan.runs_at(n)) {
-            for &sut in suts.iter().filter(|sut| sut.system().connections(workload).contains(&connections)) {
-                let system = sut.system();
-                eprintln!(
-                    "running {} x{connections} on {} ({:.0} s + {:.0} s warm-up)",
-                    workload.name(),
-                    system.name(),
-                    plan.measure.as_secs_f64(),
-                    plan.warmup.as_secs_f64()
-                );
-                match timed(sut, workload, connections, plan).await {
-                    Ok((result, accounting)) => {
-                        findings.results.push(result);
-                        findings.verifications.extend(accounting);
+            let here: Vec<&Sut> =
+                suts.iter().copied().filter(|sut| sut.system().connections(workload).contains(&connections)).collect();
+            let mut runs: Vec<Vec<RunResult>> = here.iter().map(|_| Vec::new()).collect();
+            for round in 1..=plan.rounds {
+                for (sut, runs) in here.iter().zip(&mut runs) {
+                    let system = sut.system();
+                    let of_rounds = match plan.rounds {
+                        1 => String::new(),
+                        n => format!(", round {round} of {n}"),
+                    };
+                    eprintln!(
+                        "running {} x{connections} on {} ({:.0} s + {:.0} s warm-up{of_rounds})",
+                        workload.name(),
+                        system.name(),
+                        plan.measure.as_secs_f64(),
+                        plan.warmup.as_secs_f64()
+                    );
+                    match timed(sut, workload, connections, plan).await {
+                        Ok((result, accounting)) => {
+                            runs.push(result);
+                            findings.verifications.extend(accounting);
+                        }
+                        Err(e) => runs.push(RunResult::failed(workload, system, connections, &e)),
                     }
-                    Err(e) => findings.results.push(RunResult::failed(workload, system, connections, &e)),
                 }
             }
+            findings.results.extend(runs.into_iter().filter_map(RunResult::median_of));
         }
         if workload.contended() && plan.runs_at(workload.connections()[0]) {
             for &sut in suts.iter().filter(|sut| sut.system().verifies_exhaustion()) {
@@ -361,6 +373,7 @@ mod tests {
             verify_stock: 1,
             connections,
             pids: Vec::new(),
+            rounds: 1,
         }
     }
 
