@@ -55,8 +55,9 @@ pub struct Config {
     /// How long the store's writer polls for work before it sleeps, in microseconds (0: it
     /// sleeps at once). See [`gapguard_engine::EngineConfig::spin_before_sleep`].
     pub writer_spin_us: u64,
-    /// How long the writer may wait for a batch to grow as large as the last one, in
-    /// microseconds (0: never). See [`gapguard_engine::EngineConfig::batch_linger`].
+    /// How long the writer may wait for a batch to grow as large as the last one (up to 8
+    /// requests), in microseconds (0: never). See
+    /// [`gapguard_engine::EngineConfig::batch_linger`].
     pub writer_linger_us: u64,
     /// Whether metrics are recorded and served (default: yes). Off, `/metrics` answers 404
     /// and `/v1/slo` counts nothing: for measuring what the metrics cost.
