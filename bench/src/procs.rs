@@ -115,18 +115,20 @@ impl Drop for ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!("{} did not stop within {STOP_TIMEOUT:?}: killing it", self.name);
-        let _ = self.child.kill();
+        signal(&self.child, libc::SIGKILL);
         let _ = self.child.wait();
     }
 }
 
-/// Sends `sig` to `child`.
+/// Sends `sig` to `child`'s process group, which [`spawn`] made the child lead: a
+/// `--gapguard` wrapper script that starts the server in the background (rather than
+/// `exec`ing it) is stopped with the server, which would otherwise outlive the run.
 fn signal(child: &Child, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
-        // not yet reaped (try_wait said it is running), so it cannot have been reused.
+        // SAFETY: kill(2) has no memory-safety preconditions. The group is our own child's,
+        // not yet reaped (try_wait said it is running), so its id cannot have been reused.
         unsafe {
-            libc::kill(pid, sig);
+            libc::kill(-pid, sig);
         }
     }
 }
@@ -479,4 +481,41 @@ pub async fn run_postgres_tool(bin: &Path, args: &[String], dir: &Path) -> Resul
         bail!("{} failed ({}):\n{}", bin.display(), out.status, lines[lines.len().saturating_sub(12)..].join("\n"));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a process exists (and is not a zombie).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    }
+
+    #[test]
+    fn stopping_a_wrapper_stops_what_it_started_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("server.pid");
+        let log = dir.path().join("wrapper.log");
+        // A wrapper that starts its "server" in the background and waits for it.
+        let script = format!("sleep 600 & echo $! > {}; wait", pid_file.display());
+        let child = spawn(Command::new("sh").args(["-c", &script])).unwrap();
+        let guard = ChildGuard { name: "wrapper", child, stop: Stop::Term, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let server: u32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the wrapper did not start its server");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(alive(server));
+        drop(guard);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(server) {
+            assert!(Instant::now() < deadline, "the wrapper's server {server} outlived the wrapper");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
