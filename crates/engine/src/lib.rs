@@ -32,6 +32,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use feed::{Change, Compacted, Subscription, FEED_WINDOW_CHANGES};
 pub use observe::{NoObserver, Observer};
 pub use snapshot::Snapshot;
+pub use writer::BATCH_LINGER_TARGET_MAX;
 use writer::{Job, Writer};
 
 /// How long an idempotency key stays claimed in a shared backend by a node that crashed while
@@ -64,17 +65,18 @@ pub struct EngineConfig {
     /// from the request threads (puts at 16 connections: 21–25k/s polling after every batch,
     /// 25.6–26.5k/s not polling). Zero: never poll.
     pub spin_before_sleep: Duration,
-    /// How long the writer may wait, after the first write of a batch, for the batch to grow
-    /// as large as the one before it, or to 8 requests if that was larger (only after a batch
-    /// of several: a lone write never waits). Each batch costs the writer a write and an
-    /// fsync, two device requests whose system calls, hypervisor exits and wake-ups cost far
-    /// more CPU than the requests' own work; on two cores shared with the clients, fewer and
-    /// larger batches leave more CPU to the request threads. Measured in alternated runs at 16 connections, 30 µs
-    /// against none: reserve→commit pairs 9.0–10.7k/s against 8.4–8.7k/s, 8.4–9.1k against
-    /// 7.5–7.9k (three rounds each), 8.1–9.9k against 7.5–8.0k (four); puts from within the
-    /// noise to 18 % more; the decrement and check→act within the noise. At 64 connections
-    /// (puts and reserve→commit) within the noise, once batches stopped waiting for more than
-    /// 8 (waiting for the last batch's 15 to 20 cost puts 10 %). Zero: never wait.
+    /// How long the writer may wait, once the queue has run dry, for a batch to grow as
+    /// large as the one before it, or to [`BATCH_LINGER_TARGET_MAX`] requests if that was
+    /// larger (only after a batch of several: a lone write never waits). Each batch costs the
+    /// writer a write and an fsync, two device requests whose system calls, hypervisor exits
+    /// and wake-ups cost far more CPU than the requests' own work; on two cores shared with
+    /// the clients, fewer and larger batches leave more CPU to the request threads. Measured
+    /// in alternated runs at 16 connections, 30 µs against none: reserve→commit pairs
+    /// 9.0–10.7k/s against 8.4–8.7k/s, 8.4–9.1k against 7.5–7.9k (three rounds each),
+    /// 8.1–9.9k against 7.5–8.0k (four); puts from within the noise to 18 % more; the
+    /// decrement and check→act within the noise. At 64 connections (puts and reserve→commit)
+    /// within the noise, once batches stopped waiting for more than 8 (waiting for the last
+    /// batch's 15 to 20 cost puts 10 %). Zero: never wait.
     pub batch_linger: Duration,
 }
 

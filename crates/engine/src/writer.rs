@@ -166,7 +166,7 @@ impl Writer {
             batch_jobs.push(first);
             let target = match last_len {
                 0 | 1 => 0,
-                n => n.min(LINGER_TARGET_MAX).min(self.config.max_batch),
+                n => n.min(BATCH_LINGER_TARGET_MAX).min(self.config.max_batch),
             };
             gather(&mut jobs, &mut batch_jobs, self.config.max_batch, target, self.config.batch_linger);
             last_len = batch_jobs.len();
@@ -378,10 +378,11 @@ impl Writer {
 /// batch is shared by its requests, so one more request saves much in a small batch and
 /// little in a large one, where waiting for it only burns CPU (puts at 64 connections, whose
 /// batches hold 15 to 20, were 10 % slower waiting for the last batch's size).
-const LINGER_TARGET_MAX: usize = 8;
+pub const BATCH_LINGER_TARGET_MAX: usize = 8;
 
 /// Takes the queued jobs into `batch`, up to `max` in all; then, while it holds fewer than
-/// `target`, polls for more until `linger` has passed since the call.
+/// `target`, polls for more until `linger` has passed since the queue first ran dry (the
+/// clock is read only then: a batch that needs no wait costs no clock read).
 fn gather(
     jobs: &mut mpsc::UnboundedReceiver<Job>,
     batch: &mut Vec<Job>,
@@ -389,11 +390,13 @@ fn gather(
     target: usize,
     linger: std::time::Duration,
 ) {
-    let started = Instant::now();
+    let mut dry_since = None;
     while batch.len() < max {
         match jobs.try_recv() {
             Ok(job) => batch.push(job),
-            Err(mpsc::error::TryRecvError::Empty) if batch.len() < target && started.elapsed() < linger => {
+            Err(mpsc::error::TryRecvError::Empty)
+                if batch.len() < target && dry_since.get_or_insert_with(Instant::now).elapsed() < linger =>
+            {
                 std::hint::spin_loop();
             }
             Err(_) => return,

@@ -229,15 +229,16 @@ async fn a_batch_waits_to_grow_as_large_as_the_last_one_but_a_lone_write_never_w
     let config =
         EngineConfig { batch_linger: linger, prune_interval: Duration::from_secs(3600), ..EngineConfig::default() };
     let (engine, store) = open_with(dir.path(), Arc::new(ManualClock::new(1)), config);
-    let write = |key: &'static str| {
+    let write = |key: String| {
         let engine = engine.clone();
-        tokio::spawn(async move { engine.write(put(key, json!(1)), ctx(key), None).await })
+        tokio::spawn(async move { engine.write(put(&key, json!(1)), ctx(&key), None).await })
     };
+    let write_all = |keys: &[String]| keys.iter().cloned().map(write).collect::<Vec<_>>();
     // A batch of two: two writes queue up behind a stalled commit.
     store.stall.store(true, Ordering::SeqCst);
-    let stalled = write("stalled");
+    let stalled = write("stalled".into());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let (x, y) = (write("x"), write("y"));
+    let (x, y) = (write("x".into()), write("y".into()));
     tokio::time::sleep(Duration::from_millis(50)).await;
     store.stall.store(false, Ordering::SeqCst);
     for task in [stalled, x, y] {
@@ -245,40 +246,41 @@ async fn a_batch_waits_to_grow_as_large_as_the_last_one_but_a_lone_write_never_w
     }
     let commits = store.commits.load(Ordering::SeqCst);
     // The next batch waits for a second write, up to the linger.
-    let first = write("first");
+    let first = write("first".into());
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!first.is_finished(), "the batch did not wait to grow");
-    let second = write("second");
+    let second = write("second".into());
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
     assert_eq!(store.commits.load(Ordering::SeqCst), commits + 1, "the two writes were not one batch");
     // A write alone waits out the linger (the last batch had two), and makes the last batch one
     // write: the write after it does not wait at all.
-    write("alone").await.unwrap().unwrap();
+    write("alone".into()).await.unwrap().unwrap();
     let started = std::time::Instant::now();
-    write("after").await.unwrap().unwrap();
+    write("after".into()).await.unwrap().unwrap();
     assert!(started.elapsed() < linger / 2, "a lone write waited {:?}", started.elapsed());
 
-    // After a batch of nine, a batch waits for eight at most (`batch_linger`'s cap).
-    const NINE: [&str; 9] = ["n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
+    // After a batch one past the cap, a batch waits for the cap at most.
+    let cap = gapguard_engine::BATCH_LINGER_TARGET_MAX;
+    let past_cap: Vec<String> = (0..=cap).map(|i| format!("n{i}")).collect();
     store.stall.store(true, Ordering::SeqCst);
-    let stalled = write("stalled-again");
+    let stalled = write("stalled-again".into());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let nine: Vec<_> = NINE.into_iter().map(write).collect();
+    let queued = write_all(&past_cap);
     tokio::time::sleep(Duration::from_millis(50)).await;
     store.stall.store(false, Ordering::SeqCst);
     stalled.await.unwrap().unwrap();
-    for task in nine {
+    for task in queued {
         task.await.unwrap().unwrap();
     }
     let commits = store.commits.load(Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let eight: Vec<_> = NINE[..8].iter().map(|k| write(k)).collect();
-    for task in eight {
+    let capped = write_all(&past_cap[..cap]);
+    for task in capped {
         task.await.unwrap().unwrap();
     }
-    assert!(started.elapsed() < linger / 2, "eight writes waited {:?} for a ninth", started.elapsed());
-    assert_eq!(store.commits.load(Ordering::SeqCst), commits + 1, "the eight were not one batch");
+    assert!(started.elapsed() < linger / 2, "{cap} writes waited {:?} for one more", started.elapsed());
+    assert_eq!(store.commits.load(Ordering::SeqCst), commits + 1, "the {cap} were not one batch");
 }
 
 #[tokio::test]

@@ -635,9 +635,7 @@ mod tests {
     #[test]
     fn a_flipped_bit_in_a_closed_segment_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
-        wal.append(&batch(1)).unwrap();
-        wal.rotate().unwrap();
+        let mut wal = one_closed_segment(dir.path());
         wal.append(&batch(2)).unwrap();
         drop(wal);
         let (_, first) = segments(dir.path()).unwrap().remove(0);
@@ -675,10 +673,7 @@ mod tests {
     #[test]
     fn an_empty_open_segment_takes_its_first_record_at_its_start() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
-        wal.append(&batch(1)).unwrap();
-        wal.rotate().unwrap();
-        drop(wal);
+        drop(one_closed_segment(dir.path()));
         let (mut wal, records) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!((records.len(), wal.segment_bytes), (1, 0));
         wal.append(&batch(2)).unwrap();
@@ -692,6 +687,14 @@ mod tests {
     fn grow_to_full_size(dir: &Path, start: u64) {
         let path = dir.join(segment_name(start));
         OpenOptions::new().write(true).open(path).unwrap().set_len(PREALLOCATE_BYTES).unwrap();
+    }
+
+    /// A log whose first segment, holding record 1, is closed; the open one starts at 2.
+    fn one_closed_segment(dir: &Path) -> Wal {
+        let (mut wal, _) = Wal::open(dir, 0, true).unwrap();
+        wal.append(&batch(1)).unwrap();
+        wal.rotate().unwrap();
+        wal
     }
 
     /// A log whose first segment (records 1..=3 of about `record_bytes` each, grown to a whole
@@ -823,9 +826,7 @@ mod tests {
     #[test]
     fn a_retired_segment_shorter_than_a_whole_one_is_deleted_not_recycled() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
-        wal.append(&batch(1)).unwrap();
-        wal.rotate().unwrap();
+        let wal = one_closed_segment(dir.path());
         let first = dir.path().join(segment_name(1));
         OpenOptions::new().write(true).open(&first).unwrap().set_len(PREALLOCATE_BYTES - 1).unwrap();
         assert_eq!(Wal::retire_through(dir.path(), 1, &wal.state()).unwrap(), 1);
