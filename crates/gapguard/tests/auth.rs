@@ -91,8 +91,14 @@ async fn every_route_refuses_callers_without_the_right_key_and_changes_nothing()
     let (server, _dir) = start();
     let http = Http::new(&server);
     let before = revision(&http).await;
-    for (method, path, body, role) in routes() {
-        let body = body.as_ref();
+    // Each route as written, and with its namespace percent-encoded: the hot routes take the
+    // first way without the router (see the server's `hot` module), the second through it.
+    let both_ways = routes().into_iter().flat_map(|(method, path, body, role)| {
+        let encoded = path.replacen("/shop/", "/sh%6Fp/", 1);
+        [(method, path.to_owned(), body.clone(), role), (method, encoded, body, role)]
+    });
+    for (method, path, body, role) in both_ways {
+        let (path, body) = (path.as_str(), body.as_ref());
         let r = call(&http, method, path, body, None).await;
         assert_eq!((r.status, r.body["error"].as_str()), (401, Some("unauthorized")), "{method} {path} without a key");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));

@@ -228,3 +228,88 @@ async fn health_and_openapi_are_served() {
         assert!(doc.body["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
 }
+
+/// The hot routes (a key's GET and PUT, check, act, reserve, commit) are served without the
+/// router when their path needs no decoding; with the namespace percent-encoded, the same
+/// requests go through the router. Both ways must answer alike, and count in the metrics under
+/// the same route.
+#[tokio::test]
+async fn the_hot_routes_answer_as_the_router_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    let over_limit = json!({"value": "x".repeat(1024 * 1024)});
+    // (method, path after the namespace, body, headers, the status both ways answer)
+    type Case<'a> = (&'a str, &'a str, Option<serde_json::Value>, Vec<(&'a str, &'a str)>, u16);
+    let cases: Vec<Case> = vec![
+        ("PUT", "kv/a", Some(json!({"value": 1, "extra": 2})), vec![], 400),
+        ("PUT", "kv/a", Some(json!([1])), vec![], 400),
+        ("PUT", "kv/a", Some(over_limit), vec![], 413),
+        ("PUT", "kv/a", Some(json!({"value": 1})), vec![("x-correlation-id", "not visible")], 400),
+        ("GET", "kv/missing", None, vec![], 404),
+        ("POST", "check", Some(json!({"conditions": [{"exists": "missing"}]})), vec![], 412),
+        ("POST", "check", Some(json!({"conditions": []})), vec![], 400),
+        ("POST", "act", Some(json!({"ticket": "gt1.forged.x", "ops": [{"add": {"key": "n", "by": 1}}]})), vec![], 400),
+        (
+            "POST",
+            "act",
+            Some(json!({"conditions": [{"exists": "missing"}], "ops": [{"add": {"key": "n", "by": 1}}]})),
+            vec![],
+            409,
+        ),
+        ("POST", "pools/none/reserve", Some(json!({"amount": 1, "ttl_ms": 1000})), vec![], 404),
+        ("POST", "reservations/rsv_9_9/commit", None, vec![], 404),
+    ];
+    for (method, route, body, headers, status) in &cases {
+        let hot = http.send(method, &format!("/v1/ns/shop/{route}"), body.as_ref(), headers).await;
+        let routed = http.send(method, &format!("/v1/ns/sh%6Fp/{route}"), body.as_ref(), headers).await;
+        assert_eq!(hot.status, *status, "{method} {route} {headers:?}: {:?}", hot.body);
+        assert_eq!((routed.status, &routed.body), (hot.status, &hot.body), "{method} {route}");
+        let echoed = headers.is_empty();
+        assert_eq!(hot.header("x-correlation-id").is_some(), echoed, "{method} {route}");
+        assert_eq!(routed.header("x-correlation-id").is_some(), echoed, "{method} {route}");
+    }
+    // The error of the oversize body names the limit.
+    assert_eq!(
+        http.put("/v1/ns/shop/kv/a", json!({"value": "x".repeat(1024 * 1024)})).await.body["limit_bytes"],
+        1024 * 1024
+    );
+
+    // Writes both ways, each echoing the caller's correlation id; the second sees the first.
+    let id = [("x-correlation-id", "both-ways-1")];
+    let first = http.send("PUT", "/v1/ns/shop/kv/n", Some(&json!({"value": 1})), &id).await;
+    assert_eq!((first.status, first.body["version"].as_u64()), (200, Some(1)), "{:?}", first.body);
+    assert_eq!(first.header("x-correlation-id"), Some("both-ways-1"));
+    let second = http.send("PUT", "/v1/ns/sh%6Fp/kv/n", Some(&json!({"value": 2})), &id).await;
+    assert_eq!((second.status, second.body["version"].as_u64()), (200, Some(2)), "{:?}", second.body);
+    assert_eq!(second.header("x-correlation-id"), Some("both-ways-1"));
+    let read = [http.get("/v1/ns/shop/kv/n").await, http.get("/v1/ns/sh%6Fp/kv/n").await];
+    assert_eq!(read[0].body, read[1].body);
+    assert_eq!(read[0].body["value"], 2);
+
+    // A reservation taken one way is committed the other.
+    http.put("/v1/ns/shop/pools/p", json!({"capacity": 2})).await;
+    let reserved = http.post("/v1/ns/shop/pools/p/reserve", json!({"amount": 1, "ttl_ms": 60000})).await;
+    assert_eq!(reserved.status, 200, "{:?}", reserved.body);
+    let id = reserved.body["reservation"].as_str().unwrap();
+    let commit = http.send("POST", &format!("/v1/ns/sh%6Fp/reservations/{id}/commit"), None, &[]).await;
+    assert_eq!(commit.status, 200, "{:?}", commit.body);
+    let again = http.send("POST", &format!("/v1/ns/shop/reservations/{id}/commit"), None, &[]).await;
+    assert_eq!((again.status, again.body["error"].as_str()), (409, Some("reservation_committed")), "{:?}", again.body);
+
+    // Every request of a pair was counted under the route's template, once each way.
+    let metrics = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+    let count = |route: &str, method: &str, status: u16| {
+        let series =
+            format!("gapguard_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(count("/v1/ns/{ns}/check", "POST", 412), Some(2.0), "{metrics}");
+    assert_eq!(count("/v1/ns/{ns}/check", "POST", 400), Some(2.0));
+    assert_eq!(count("/v1/ns/{ns}/act", "POST", 409), Some(2.0));
+    assert_eq!(count("/v1/ns/{ns}/kv/{*key}", "GET", 404), Some(2.0));
+    assert_eq!(count("/v1/ns/{ns}/kv/{*key}", "PUT", 413), Some(3.0));
+    assert_eq!(count("/v1/ns/{ns}/pools/{pool}/reserve", "POST", 404), Some(2.0));
+    assert_eq!(count("/v1/ns/{ns}/reservations/{id}/commit", "POST", 200), Some(1.0));
+    assert_eq!(count("/v1/ns/{ns}/reservations/{id}/commit", "POST", 409), Some(1.0));
+}

@@ -27,6 +27,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
+use crate::hot::{Hot, Route};
+
 /// The first byte of a TLS handshake record; anything else on a TLS port is not TLS.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Bytes of a plain-HTTP request read (and discarded) before it is answered `400`.
@@ -57,11 +59,13 @@ pub(crate) struct ConnectionConfig {
     pub request_timeout: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then stops accepting, lets each
-/// connection finish the request it is serving, and returns once every connection is closed.
+/// Serves `router` on `listener` (and `hot`, the routes it serves without the router, when
+/// given) until `shutdown` completes, then stops accepting, lets each connection finish the
+/// request it is serving, and returns once every connection is closed.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    hot: Option<Arc<Hot>>,
     config: ConnectionConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -86,6 +90,7 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
             router: router.clone(),
+            hot: hot.clone(),
             http: http.clone(),
             tls: config.tls.clone(),
             header_read_timeout: config.header_read_timeout,
@@ -117,6 +122,7 @@ async fn accept_failed(e: std::io::Error) {
 /// One accepted connection.
 struct Connection {
     router: Router,
+    hot: Option<Arc<Hot>>,
     http: http1::Builder,
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
@@ -167,7 +173,7 @@ impl Connection {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let Self { router, http, mut stop, peer, clock, .. } = self;
+        let Self { router, hot, http, mut stop, peer, clock, .. } = self;
         // The connection's clock goes with each request (for its deadline in `load::layer`)
         // and learns when a head arrived and when its answer is out.
         let service = hyper::service::service_fn({
@@ -175,11 +181,15 @@ impl Connection {
             move |mut request: hyper::Request<hyper::body::Incoming>| {
                 clock.head_received();
                 request.extensions_mut().insert(Arc::clone(&clock));
-                let (router, clock) = (router.clone(), Arc::clone(&clock));
+                let route = hot.as_ref().and_then(|_| Route::recognise(request.method(), request.uri().path()));
+                let (router, hot, clock) = (router.clone(), hot.clone(), Arc::clone(&clock));
                 async move {
-                    let response = match router.oneshot(request).await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
+                    let response = match (hot, route) {
+                        (Some(hot), Some(route)) => hot.serve(route, crate::hot::with_body(request)).await,
+                        _ => match router.oneshot(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        },
                     };
                     Ok::<_, Infallible>(clock.answered(response))
                 }

@@ -133,27 +133,29 @@ pub async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Response {
-    match admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req) {
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    match admit(&state.keys, route, crate::extract::ns_param(&params), &mut req) {
         Ok(()) => next.run(req).await,
         Err(refused) => *refused,
     }
 }
 
-/// Admits a request to a matched route (`matched`; unmatched ones are not authenticated: they
-/// answer 404 whoever asks), unless it is `/healthz`, `/readyz` or `/metrics`: authenticates the
-/// caller, checks the route's role and the namespace, and records the key id for the audit log
-/// and the scope of idempotency keys. Admits everything when no keys are configured. A refusal
-/// is the response to send (401 or 403), boxed: it is the rare path.
+/// Admits a request to a matched route (`route`, the route's template; unmatched requests are
+/// not authenticated: they answer 404 whoever asks) in namespace `ns` (the route's `{ns}`,
+/// decoded), unless it is `/healthz`, `/readyz` or `/metrics`: authenticates the caller, checks
+/// the route's role and the namespace, and records the key id for the audit log and the scope of
+/// idempotency keys. Admits everything when no keys are configured. A refusal is the response
+/// to send (401 or 403), boxed: it is the rare path.
 pub(crate) fn admit(
     keys: &Keys,
-    matched: Option<&MatchedPath>,
-    params: Option<&RawPathParams>,
+    route: Option<&str>,
+    ns: Option<&str>,
     req: &mut Request,
 ) -> Result<(), Box<Response>> {
     if !keys.enabled() {
         return Ok(());
     }
-    let Some(route) = matched.map(MatchedPath::as_str) else { return Ok(()) };
+    let Some(route) = route else { return Ok(()) };
     if route == "/healthz" || route == "/readyz" || (route == "/metrics" && !keys.metrics_need_key) {
         return Ok(());
     }
@@ -179,7 +181,6 @@ pub(crate) fn admit(
             role_name(needed)
         ))));
     }
-    let ns = params.and_then(|p| p.iter().find(|(name, _)| *name == "ns").map(|(_, v)| v));
     if let Some(ns) = ns {
         if !key.namespaces.iter().any(|n| n == "*" || n == ns) {
             return Err(Box::new(forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id))));

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -39,28 +40,45 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.engine.limits().max_body_bytes;
-        let raw = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    codes::PAYLOAD_TOO_LARGE,
-                    format!("request body is larger than the limit of {limit} bytes"),
-                )
-                .with("limit_bytes", limit)
-            } else {
-                ApiError::invalid("body", rejection.body_text())
-            }
-        })?;
+        Self::read(req.into_body(), state.engine.limits().max_body_bytes).await
+    }
+}
+
+impl<T: DeserializeOwned> JsonBody<T> {
+    /// Reads a body of at most `limit` bytes and decodes it.
+    pub(crate) async fn read(body: Body, limit: usize) -> Result<Self, ApiError> {
+        let raw = read_body(body, limit).await?;
         let value = decode(&raw)?;
         Ok(Self { value, raw })
     }
 }
 
-/// Decodes JSON strictly, naming the path of the first bad field.
+/// Reads a request body of at most `limit` bytes: past it, `413 payload_too_large`.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::iter::successors(std::error::Error::source(&e), |e| e.source())
+            .any(|cause| cause.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than the limit of {limit} bytes"),
+            )
+            .with("limit_bytes", limit)
+        } else {
+            ApiError::invalid("body", format!("the request body could not be read: {e}"))
+        }
+    })
+}
+
+/// Decodes a JSON object strictly, naming the path of the first bad field. Every request body
+/// of the API is an object: serde would also read a struct from an array of its fields in
+/// order (`[1]` as `{"value": 1}`), which is refused here.
 pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid("body", "the body is empty; expected a JSON object"));
+    match raw.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(ApiError::invalid("body", "the body is empty; expected a JSON object")),
+        Some(b'{') => {}
+        Some(_) => return Err(ApiError::invalid("body", "expected a JSON object")),
     }
     let mut de = serde_json::Deserializer::from_slice(raw);
     // Tracking the path of every field costs on every request; it is only needed to name the
@@ -115,16 +133,38 @@ pub async fn envelope(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
     params: Result<RawPathParams, RawPathParamsRejection>,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    enveloped(&state, route, ns_param(&params), req, |req| next.run(req)).await
+}
+
+/// The decoded `{ns}` of a matched route's path, if it has one.
+pub(crate) fn ns_param(params: &Result<RawPathParams, RawPathParamsRejection>) -> Option<&str> {
+    params.as_ref().ok()?.iter().find(|(name, _)| *name == "ns").map(|(_, value)| value)
+}
+
+/// What [`envelope`] does, for a request to `route` (the matched route's template; `None`:
+/// unmatched) in namespace `ns` (the route's decoded `{ns}`), which `serve` answers when
+/// admitted. The router's middleware and the hot routes ([`crate::hot`]) both go through it.
+pub(crate) async fn enveloped<F, Fut>(
+    state: &AppState,
+    route: Option<&str>,
+    ns: Option<&str>,
+    mut req: Request,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let limit = state.engine.limits().max_correlation_id_bytes;
     let id = match correlation_id(req.headers(), limit) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     let traceparent = req.headers().get("traceparent").cloned();
-    let route = matched.as_ref().map(MatchedPath::as_str);
     // The server span of the request; check and act name their role on it (`toctou.*`).
     let span = tracing::info_span!(
         target: REQUEST_SPAN_TARGET,
@@ -140,13 +180,13 @@ pub async fn envelope(
     crate::otel::set_remote_parent(&span, req.headers());
     req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None });
     let tracked = state.metrics.is_enabled().then(|| (Instant::now(), req.method().clone()));
-    let admitted = crate::auth::admit(&state.keys, matched.as_ref(), params.ok().as_ref(), &mut req);
+    let admitted = crate::auth::admit(&state.keys, route, ns, &mut req);
     let mut response = match admitted {
-        Ok(()) => next.run(req).instrument(span.clone()).await,
+        Ok(()) => serve(req).instrument(span.clone()).await,
         Err(refused) => *refused,
     };
     if let Some((started, method)) = tracked {
-        state.metrics.track(matched.as_ref(), &method, started, response.status());
+        state.metrics.track(route, &method, started, response.status());
     }
     span.record("http.response.status_code", response.status().as_u16());
     let headers = response.headers_mut();
@@ -216,5 +256,12 @@ mod tests {
         assert_eq!(err.details["field"], "body");
         let err = decode::<gapguard_api::PutRequest>(br#"{"value":1} x"#).unwrap_err();
         assert!(err.message.contains("trailing"), "{}", err.message);
+        // A struct from an array of its fields, as serde allows, is not an object.
+        let err = decode::<gapguard_api::PutRequest>(b" [1]").unwrap_err();
+        assert_eq!(
+            (err.details["field"].as_str(), err.message.as_str()),
+            (Some("body"), "body: expected a JSON object")
+        );
+        assert_eq!(decode::<gapguard_api::PutRequest>(b" {\"value\": [1]}").unwrap().value, serde_json::json!([1]));
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 mod convert;
 pub mod error;
 mod extract;
+mod hot;
 mod load;
 pub mod metrics;
 pub mod otel;
@@ -156,7 +157,12 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     }
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
     let keys = auth::Keys::new(&config.api_keys).with_metrics_needing_a_key(config.metrics_require_key);
-    let router = routes::app_with_shutdown(engine.clone(), keys.clone(), metrics.clone(), streams_stop.clone());
+    let state = routes::AppState::new(routes::Shared {
+        engine: engine.clone(),
+        keys: Arc::new(keys),
+        metrics,
+        shutdown: streams_stop,
+    });
     let (stop_all, stopped) = tokio::sync::watch::channel(false);
     let signal = async move {
         signalled.await;
@@ -165,24 +171,20 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         let _ = stop_all.send(true);
     };
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
-    let limits = load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout };
+    let slots = load::Slots::new(load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout });
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let metrics_server = metrics_listener.map(|listener| {
-        let state = routes::AppState::new(routes::Shared {
-            engine: engine.clone(),
-            keys: Arc::new(keys),
-            metrics,
-            shutdown: streams_stop,
-        });
         let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout, request_timeout };
         let mut stopped = stopped.clone();
         let stop = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        tokio::spawn(accept::serve(listener, metrics::router(state), connections, stop))
+        tokio::spawn(accept::serve(listener, metrics::router(state.clone()), None, connections, stop))
     });
     let connections = accept::ConnectionConfig { tls, header_read_timeout, request_timeout };
-    let served = accept::serve(listener, load::layer(router, limits), connections, signal).await;
+    let router = load::layer(routes::router(state.clone()), Arc::clone(&slots));
+    let hot = hot::Hot::new(state, slots);
+    let served = accept::serve(listener, router, Some(hot), connections, signal).await;
     if let Some(metrics_server) = metrics_server {
         // It stops on the same signal; a scrape in progress finishes first.
         let _ = metrics_server.await;

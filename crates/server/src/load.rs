@@ -6,6 +6,7 @@
 //! as alive. Watch streams are exempt from the deadline (they live as long as the watcher
 //! wants) and hold their slot only until the stream is opened.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,45 +43,64 @@ pub(crate) struct LoadLimits {
 /// Wraps `router` in the in-flight bound (first: a shed request costs nothing more) and the
 /// request deadline, as one layer (each `from_fn` layer costs every request a clone of the
 /// inner service and a boxed future).
-pub(crate) fn layer(router: Router, limits: LoadLimits) -> Router {
-    assert!(limits.max_in_flight > 0, "max_in_flight must be at least 1");
-    // Past Tokio's maximum the bound could never be reached anyway.
-    let max = limits.max_in_flight.min(Semaphore::MAX_PERMITS);
-    let slots = Slots { semaphore: Semaphore::new(max), max, timeout: limits.request_timeout };
-    router.layer(from_fn_with_state(Arc::new(slots), shed))
+pub(crate) fn layer(router: Router, slots: Arc<Slots>) -> Router {
+    router.layer(from_fn_with_state(slots, shed))
 }
 
 /// The in-flight bound, and the deadline of each request.
-struct Slots {
+pub(crate) struct Slots {
     semaphore: Semaphore,
     max: usize,
     timeout: Duration,
 }
 
-/// Serves the request within its deadline if a slot is free, else answers `503 unavailable`
-/// with `Retry-After`.
-async fn shed(State(slots): State<Arc<Slots>>, request: Request, next: Next) -> Response {
-    if request.uri().path() == HEALTH_PATH {
-        return deadline(slots.timeout, request, next).await;
+impl Slots {
+    /// The slots of `limits`, shared by the router's layer and the hot routes.
+    pub(crate) fn new(limits: LoadLimits) -> Arc<Self> {
+        assert!(limits.max_in_flight > 0, "max_in_flight must be at least 1");
+        // Past Tokio's maximum the bound could never be reached anyway.
+        let max = limits.max_in_flight.min(Semaphore::MAX_PERMITS);
+        Arc::new(Self { semaphore: Semaphore::new(max), max, timeout: limits.request_timeout })
     }
-    let Ok(_slot) = slots.semaphore.try_acquire() else {
-        return ApiError::unavailable(format!(
-            "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
-            slots.max
-        ))
-        .into_response();
-    };
-    deadline(slots.timeout, request, next).await
+
+    /// Has `serve` answer the request within its deadline if a slot is free, else answers
+    /// `503 unavailable` with `Retry-After`.
+    pub(crate) async fn serve<F, Fut>(&self, request: Request, serve: F) -> Response
+    where
+        F: FnOnce(Request) -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        if request.uri().path() == HEALTH_PATH {
+            return deadline(self.timeout, request, serve).await;
+        }
+        let Ok(_slot) = self.semaphore.try_acquire() else {
+            return ApiError::unavailable(format!(
+                "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
+                self.max
+            ))
+            .into_response();
+        };
+        deadline(self.timeout, request, serve).await
+    }
+}
+
+/// The layer's middleware: [`Slots::serve`].
+async fn shed(State(slots): State<Arc<Slots>>, request: Request, next: Next) -> Response {
+    slots.serve(request, |request| next.run(request)).await
 }
 
 /// Gives the request `timeout` to complete. Past it: `408 request_timeout` if the client had
 /// not finished sending the body (nothing was done), else `503 unavailable` (the request may
 /// or may not have taken effect: retry it with the same `Idempotency-Key`).
-async fn deadline(timeout: Duration, request: Request, next: Next) -> Response {
+async fn deadline<F, Fut>(timeout: Duration, request: Request, serve: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let is_watch = request.method() == Method::GET
         && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str() == WATCH_ROUTE);
     if is_watch {
-        return next.run(request).await;
+        return serve(request).await;
     }
     let body_read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
     let clock = request.extensions().get::<Arc<ConnectionClock>>().cloned();
@@ -94,12 +114,12 @@ async fn deadline(timeout: Duration, request: Request, next: Next) -> Response {
             deadline.arm();
             tokio::select! {
                 biased;
-                response = next.run(request) => Some(response),
+                response = serve(request) => Some(response),
                 () = expired => None,
             }
         }
         // Driven without a connection (tests): a timer.
-        None => tokio::time::timeout(timeout, next.run(request)).await.ok(),
+        None => tokio::time::timeout(timeout, serve(request)).await.ok(),
     };
     let Some(response) = answered else {
         let timeout_ms = timeout.as_millis();
@@ -172,7 +192,7 @@ mod tests {
             .route("/slow", get(slow.clone()))
             .route(WATCH_ROUTE, get(slow))
             .route("/echo", post(|body: Bytes| async move { body }));
-        layer(routes, limits)
+        layer(routes, Slots::new(limits))
     }
 
     async fn status_and_body(response: Response) -> (StatusCode, Option<&'static str>, serde_json::Value) {

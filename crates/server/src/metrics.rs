@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gapguard_core::{Condition, ConditionFailure, Op, OpError, OpResult, Outcome, Refusal, WriteRequest};
@@ -466,10 +466,10 @@ fn render_response(state: &AppState) -> Response {
 }
 
 impl Metrics {
-    /// Counts a request by its matched route (`unmatched` for the fallback), method and
-    /// status, and records its time from `started` to its response head.
-    pub(crate) fn track(&self, matched: Option<&MatchedPath>, method: &Method, started: Instant, status: StatusCode) {
-        let route = matched.map_or_else(|| UNMATCHED.to_owned(), |m| m.as_str().to_owned());
+    /// Counts a request by its matched route's template (`unmatched` for the fallback), method
+    /// and status, and records its time from `started` to its response head.
+    pub(crate) fn track(&self, route: Option<&str>, method: &Method, started: Instant, status: StatusCode) {
+        let route = route.unwrap_or(UNMATCHED).to_owned();
         let labels = HttpRouteLabels { route, method: method_label(method).to_owned() };
         self.http_request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
         let status = status.as_u16();

@@ -100,14 +100,7 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result
 
 /// Reads the raw body of a route whose body is optional (or absent), within the limit.
 async fn raw_body(state: &AppState, req: axum::extract::Request) -> Result<Bytes, ApiError> {
-    let limit = state.engine.limits().max_body_bytes;
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-        ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            api::codes::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-    })
+    crate::extract::read_body(req.into_body(), state.engine.limits().max_body_bytes).await
 }
 
 macro_rules! call {

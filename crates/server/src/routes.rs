@@ -72,7 +72,25 @@ pub fn app_with_shutdown(
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
-    let state = AppState::new(Shared { engine, keys: Arc::new(keys), metrics, shutdown });
+    router(AppState::new(Shared { engine, keys: Arc::new(keys), metrics, shutdown }))
+}
+
+/// The templates of the routes that [`crate::hot`] also serves without the router.
+pub(crate) mod route {
+    /// `GET` and `PUT` (and `DELETE`) of one key.
+    pub const KV_KEY: &str = "/v1/ns/{ns}/kv/{*key}";
+    /// `POST`: a check.
+    pub const CHECK: &str = "/v1/ns/{ns}/check";
+    /// `POST`: an act.
+    pub const ACT: &str = "/v1/ns/{ns}/act";
+    /// `POST`: a reservation from a pool.
+    pub const RESERVE: &str = "/v1/ns/{ns}/pools/{pool}/reserve";
+    /// `POST`: a reservation's commit.
+    pub const COMMIT: &str = "/v1/ns/{ns}/reservations/{id}/commit";
+}
+
+/// The router of API v1 over `state`.
+pub(crate) fn router(state: AppState) -> Router {
     let body_limit = state.engine.limits().max_body_bytes;
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -80,17 +98,17 @@ pub fn app_with_shutdown(
         .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/ns/{ns}/kv", get(list_kv))
-        .route("/v1/ns/{ns}/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
-        .route("/v1/ns/{ns}/check", post(check))
-        .route("/v1/ns/{ns}/act", post(act))
+        .route(route::KV_KEY, get(get_kv).put(put_kv).delete(delete_kv))
+        .route(route::CHECK, post(check))
+        .route(route::ACT, post(act))
         .route("/v1/ns/{ns}/txn", post(txn))
         .route("/v1/ns/{ns}/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/slo", get(slo))
         .route("/v1/ns/{ns}/pools/{pool}", get(primitives::get_pool).put(primitives::set_pool))
-        .route("/v1/ns/{ns}/pools/{pool}/reserve", post(primitives::reserve))
+        .route(route::RESERVE, post(primitives::reserve))
         .route("/v1/ns/{ns}/reservations/{id}", get(primitives::get_reservation))
-        .route("/v1/ns/{ns}/reservations/{id}/commit", post(primitives::commit))
+        .route(route::COMMIT, post(primitives::commit))
         .route("/v1/ns/{ns}/reservations/{id}/release", post(primitives::release))
         .route("/v1/ns/{ns}/leases/{name}", get(primitives::get_lease))
         .route("/v1/ns/{ns}/leases/{name}/acquire", post(primitives::acquire))
@@ -106,10 +124,13 @@ pub fn app_with_shutdown(
     router
         .layer(axum::middleware::from_fn_with_state(state.clone(), envelope))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            ApiError::internal(&"a request handler panicked").into_response()
-        }))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| panicked()))
         .with_state(state)
+}
+
+/// The answer to a request whose handler panicked.
+pub(crate) fn panicked() -> Response {
+    ApiError::internal(&"a request handler panicked").into_response()
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -250,7 +271,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     params(("ns" = String, Path), ("key" = String, Path, description = "may contain `/`"),
         ("Idempotency-Key" = Option<String>, Header), ("X-Correlation-Id" = Option<String>, Header)),
     responses((status = 200, body = api::PutResponse), (status = 400, body = api::ErrorBody), (status = 413, body = api::ErrorBody)))]
-async fn put_kv(
+pub(crate) async fn put_kv(
     State(state): State<AppState>,
     ApiPath((ns, key)): ApiPath<(String, String)>,
     Extension(correlation): Extension<Correlation>,
@@ -271,7 +292,7 @@ async fn put_kv(
 
 #[utoipa::path(get, path = "/v1/ns/{ns}/kv/{key}", params(("ns" = String, Path), ("key" = String, Path)),
     responses((status = 200, body = api::KeyValue), (status = 404, body = api::ErrorBody)))]
-async fn get_kv(
+pub(crate) async fn get_kv(
     State(state): State<AppState>,
     ApiPath((ns, key)): ApiPath<(String, String)>,
 ) -> Result<Json<api::KeyValue>, ApiError> {
@@ -353,7 +374,7 @@ async fn list_kv(
 #[utoipa::path(post, path = "/v1/ns/{ns}/check", request_body = api::CheckRequest, params(("ns" = String, Path)),
     responses((status = 200, body = api::CheckResponse), (status = 412, body = api::ErrorBody, description = "check_failed, with `failed`"),
         (status = 400, body = api::ErrorBody)))]
-async fn check(
+pub(crate) async fn check(
     State(state): State<AppState>,
     ApiPath(ns): ApiPath<String>,
     Extension(correlation): Extension<Correlation>,
@@ -401,7 +422,7 @@ async fn check(
         (status = 409, body = api::ErrorBody, description = "stale_check (with `changed`), condition_failed (with `failed`), ticket_used, not_a_number, overflow"),
         (status = 410, body = api::ErrorBody, description = "ticket_expired"),
         (status = 400, body = api::ErrorBody, description = "invalid_request, invalid_ticket")))]
-async fn act(
+pub(crate) async fn act(
     State(state): State<AppState>,
     ApiPath(ns): ApiPath<String>,
     Extension(correlation): Extension<Correlation>,
