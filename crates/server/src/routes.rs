@@ -123,6 +123,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     router
         .layer(axum::middleware::from_fn_with_state(state.clone(), envelope))
+        // `JsonBody` and `raw_body` apply the limit themselves (the hot routes read bodies
+        // without the router); this one is for any extractor that reads a body through axum.
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| panicked()))
         .with_state(state)
