@@ -14,6 +14,7 @@ mod snapshot;
 mod writer;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +79,16 @@ pub struct EngineConfig {
     /// within the noise, once batches stopped waiting for more than 8 (waiting for the last
     /// batch's 15 to 20 cost puts 10 %). Zero: never wait.
     pub batch_linger: Duration,
+    /// How long a write that is the only one awaiting the writer polls for its answer on the
+    /// calling thread, yielding the CPU between polls, before it waits to be woken. Waking
+    /// the request's thread costs what waking the writer does (see `spin_before_sleep`), a
+    /// second time per write. The poll stops as soon as another write is sent (under
+    /// concurrent load every write waits as before), so it only serves clients that write
+    /// one at a time, at the price of the calling thread's CPU while it polls. Measured in
+    /// alternated runs, 300 µs against none: puts at one connection 6.8–7.3k/s against
+    /// 4.3–5.2k/s; at 16 and 64 connections, and the decrement and check→act at 16, within
+    /// the noise. Zero: never poll.
+    pub answer_poll: Duration,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +100,7 @@ impl Default for EngineConfig {
             observer: Arc::new(NoObserver),
             spin_before_sleep: Duration::ZERO,
             batch_linger: Duration::ZERO,
+            answer_poll: Duration::ZERO,
         }
     }
 }
@@ -179,6 +191,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     in_flight: Mutex<HashSet<IdempotencyKey>>,
+    /// Writes sent to the writer and not answered yet (see [`EngineConfig::answer_poll`]).
+    awaiting: AtomicUsize,
     writer: writer::Status,
     feed: Arc<feed::Feed>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -212,6 +226,47 @@ struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.set.lock().expect("in-flight set lock").remove(&self.key);
+    }
+}
+
+/// Counts a write as awaiting the writer from its sending until it is answered (or dropped).
+struct Awaiting<'a> {
+    count: &'a AtomicUsize,
+    /// Whether no other write was awaiting when this one was sent.
+    alone: bool,
+}
+
+impl<'a> Awaiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        Self { count, alone: count.fetch_add(1, Ordering::AcqRel) == 0 }
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Polls for a write's answer for up to `limit`, yielding the thread between polls, while it
+/// is the only write awaiting (`awaiting` at 1): `Some` with the answer (`None` in it if the
+/// writer dropped the request), or `None` to wait for it instead: past the limit, or as soon
+/// as another write is sent. See [`EngineConfig::answer_poll`].
+fn poll_answer<T>(answer: &mut oneshot::Receiver<T>, awaiting: &AtomicUsize, limit: Duration) -> Option<Option<T>> {
+    if limit.is_zero() {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    loop {
+        match answer.try_recv() {
+            Ok(answered) => return Some(Some(answered)),
+            Err(oneshot::error::TryRecvError::Closed) => return Some(None),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        if awaiting.load(Ordering::Acquire) != 1 || started.elapsed() >= limit {
+            return None;
+        }
+        std::thread::yield_now();
     }
 }
 
@@ -303,6 +358,7 @@ impl Engine {
             clock,
             config,
             in_flight: Mutex::new(HashSet::new()),
+            awaiting: AtomicUsize::new(0),
             writer: status,
             feed,
             writer_thread: Mutex::new(Some(writer_thread)),
@@ -525,12 +581,22 @@ impl Engine {
             }
             None => None,
         };
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let job = Job::Write { request, ctx, idempotency, reply };
+        let awaiting = Awaiting::enter(&self.inner.awaiting);
         if self.inner.jobs.send(job).is_err() {
             return Err(self.unavailable());
         }
-        let answer = answer.await.unwrap_or_else(|_| Err(self.unavailable()))?;
+        let polled = match awaiting.alone {
+            true => poll_answer(&mut answer, &self.inner.awaiting, self.inner.config.answer_poll),
+            false => None,
+        };
+        let answer = match polled {
+            Some(answered) => answered,
+            None => (&mut answer).await.ok(),
+        };
+        drop(awaiting);
+        let answer = answer.unwrap_or_else(|| Err(self.unavailable()))?;
         if let Some((request, evaluated_at_ms)) = &answer.evaluated {
             // Durable by now; reported here so that the writer thread does not do it.
             self.inner.config.observer.written(request, &answer.result.outcome, *evaluated_at_ms);
@@ -608,5 +674,61 @@ impl Engine {
     /// Verifies the whole audit hash chain.
     pub fn verify_audit(&self) -> Result<AuditVerification, EngineError> {
         audit::verify(&*self.inner.store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_lone_write_polls_until_its_answer_arrives() {
+        let awaiting = AtomicUsize::new(0);
+        let alone = Awaiting::enter(&awaiting);
+        assert!(alone.alone);
+        let (reply, mut answer) = oneshot::channel();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            reply.send(7).unwrap();
+        });
+        let started = Instant::now();
+        assert_eq!(poll_answer(&mut answer, &awaiting, LONG), Some(Some(7)));
+        assert!(started.elapsed() >= Duration::from_millis(5) && started.elapsed() < LONG);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn polling_stops_at_its_limit_when_the_writer_drops_the_request_and_when_another_write_is_sent() {
+        let awaiting = AtomicUsize::new(0);
+        let first = Awaiting::enter(&awaiting);
+        let (_reply, mut answer) = oneshot::channel::<u8>();
+        let started = Instant::now();
+        assert_eq!(poll_answer(&mut answer, &awaiting, Duration::from_millis(20)), None);
+        assert!(started.elapsed() >= Duration::from_millis(20), "gave up after {:?}", started.elapsed());
+        assert_eq!(poll_answer(&mut answer, &awaiting, Duration::ZERO), None, "zero: no polling");
+
+        let (reply, mut answer) = oneshot::channel::<u8>();
+        drop(reply);
+        assert_eq!(poll_answer(&mut answer, &awaiting, LONG), Some(None));
+
+        // Another write is sent while the first polls: the first stops polling at once.
+        let (_reply, mut answer) = oneshot::channel::<u8>();
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(5));
+                let second = Awaiting::enter(&awaiting);
+                assert!(!second.alone, "the first is still awaiting");
+                std::thread::sleep(Duration::from_millis(200));
+            });
+            assert_eq!(poll_answer(&mut answer, &awaiting, LONG), None);
+            assert!(started.elapsed() < Duration::from_millis(200), "polled for {:?}", started.elapsed());
+        });
+        drop(first);
+        assert_eq!(awaiting.load(Ordering::Acquire), 0, "every write that left is no longer counted");
+        assert!(Awaiting::enter(&awaiting).alone);
     }
 }

@@ -59,6 +59,10 @@ pub struct Config {
     /// requests), in microseconds (0: never). See
     /// [`gapguard_engine::EngineConfig::batch_linger`].
     pub writer_linger_us: u64,
+    /// How long a write alone in flight polls for its answer on its request thread, in
+    /// microseconds (0: it waits to be woken). See
+    /// [`gapguard_engine::EngineConfig::answer_poll`].
+    pub answer_poll_us: u64,
     /// Whether metrics are recorded and served (default: yes). Off, `/metrics` answers 404
     /// and `/v1/slo` counts nothing: for measuring what the metrics cost.
     pub metrics: bool,
@@ -142,6 +146,7 @@ impl Default for Config {
             metrics: true,
             writer_spin_us: 250,
             writer_linger_us: 30,
+            answer_poll_us: 300,
         }
     }
 }
@@ -186,6 +191,7 @@ struct File {
     metrics: Option<bool>,
     writer_spin_us: Option<u64>,
     writer_linger_us: Option<u64>,
+    answer_poll_us: Option<u64>,
 }
 
 /// `[limits]`: each overrides one default of DESIGN §5.
@@ -360,6 +366,7 @@ impl Config {
         };
         config.writer_spin_us = writer_us("writer_spin_us", file.writer_spin_us, config.writer_spin_us)?;
         config.writer_linger_us = writer_us("writer_linger_us", file.writer_linger_us, config.writer_linger_us)?;
+        config.answer_poll_us = writer_us("answer_poll_us", file.answer_poll_us, config.answer_poll_us)?;
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout_ms = ms.max(1);
         }
@@ -410,6 +417,11 @@ mod tests {
         assert_eq!(Config::parse("writer_linger_us = 10000").unwrap().writer_linger_us, 10_000);
         let err = Config::parse("writer_linger_us = 10001").unwrap_err().to_string();
         assert!(err.contains("writer_linger_us = 10001") && err.contains("10000"), "{err}");
+        assert_eq!(defaults.answer_poll_us, 300);
+        assert_eq!(Config::parse("answer_poll_us = 0").unwrap().answer_poll_us, 0);
+        assert_eq!(Config::parse("answer_poll_us = 10000").unwrap().answer_poll_us, 10_000);
+        let err = Config::parse("answer_poll_us = 10001").unwrap_err().to_string();
+        assert!(err.contains("answer_poll_us = 10001") && err.contains("10000"), "{err}");
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         observer,
         spin_before_sleep: Duration::from_micros(config.writer_spin_us),
         batch_linger: Duration::from_micros(config.writer_linger_us),
+        answer_poll: Duration::from_micros(config.answer_poll_us),
         ..EngineConfig::default()
     };
     // Recovery blocks, before anything else runs on the runtime.
