@@ -85,9 +85,10 @@ pub struct EngineConfig {
     /// second time per write. The poll stops as soon as another write is sent (under
     /// concurrent load every write waits as before), so it only serves clients that write
     /// one at a time, at the price of the calling thread's CPU while it polls. Measured in
-    /// alternated runs, 300 µs against none: puts at one connection 6.8–7.3k/s against
-    /// 4.3–5.2k/s; at 16 and 64 connections, and the decrement and check→act at 16, within
-    /// the noise. Zero: never poll.
+    /// alternated runs, 300 µs against none: puts at one connection 5.8–7.3k/s against
+    /// 4.3–5.2k/s; at 16 and 64 connections, and the decrement, check→act and
+    /// reserve→commit, within the noise. Over a shared backend (PostgreSQL), where writes do
+    /// not go through the writer thread, it does nothing. Zero: never poll.
     pub answer_poll: Duration,
 }
 
