@@ -87,8 +87,11 @@ pub struct EngineConfig {
     /// one at a time, at the price of the calling thread's CPU while it polls. Measured in
     /// alternated runs, 300 µs against none: puts at one connection 5.8–7.3k/s against
     /// 4.3–5.2k/s; at 16 and 64 connections, and the decrement, check→act and
-    /// reserve→commit, within the noise. Over a shared backend (PostgreSQL), where writes do
-    /// not go through the writer thread, it does nothing. Zero: never poll.
+    /// reserve→commit, within the noise. Where an fsync takes longer than the limit, a lone
+    /// write spends the limit polling for nothing. It does nothing over a shared backend
+    /// (PostgreSQL, whose writes do not go through the writer thread), nor outside a
+    /// multi-threaded Tokio runtime of two workers or more (a poll would stall the only
+    /// worker). Zero: never poll.
     pub answer_poll: Duration,
 }
 
@@ -231,6 +234,9 @@ impl Drop for InFlight<'_> {
 }
 
 /// Counts a write as awaiting the writer from its sending until it is answered (or dropped).
+/// A request dropped before its answer (past its deadline) stops counting while its job may
+/// still be queued: a write sent then may take itself for alone and poll, bounded by
+/// [`EngineConfig::answer_poll`].
 struct Awaiting<'a> {
     count: &'a AtomicUsize,
     /// Whether no other write was awaiting when this one was sent.
@@ -247,6 +253,15 @@ impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Whether the calling task may hold its thread for a while: only on a multi-threaded Tokio
+/// runtime with more than one worker. On a single worker the poll would stall every other
+/// task (the accept loop, the other connections) and could never see another write arrive.
+fn may_block_a_worker() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && runtime.metrics().num_workers() > 1
+    })
 }
 
 /// Polls for a write's answer for up to `limit`, yielding the thread between polls, while it
@@ -588,7 +603,7 @@ impl Engine {
         if self.inner.jobs.send(job).is_err() {
             return Err(self.unavailable());
         }
-        let polled = match awaiting.alone {
+        let polled = match awaiting.alone && may_block_a_worker() {
             true => poll_answer(&mut answer, &self.inner.awaiting, self.inner.config.answer_poll),
             false => None,
         };
@@ -686,6 +701,16 @@ mod tests {
     const LONG: Duration = Duration::from_secs(10);
 
     #[test]
+    fn only_a_multi_threaded_runtime_of_two_workers_or_more_may_be_blocked() {
+        assert!(!may_block_a_worker(), "outside a runtime");
+        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(!current.block_on(async { may_block_a_worker() }));
+        let multi = |workers| tokio::runtime::Builder::new_multi_thread().worker_threads(workers).build().unwrap();
+        assert!(!multi(1).block_on(async { may_block_a_worker() }));
+        assert!(multi(2).block_on(async { may_block_a_worker() }));
+    }
+
+    #[test]
     fn a_lone_write_polls_until_its_answer_arrives() {
         let awaiting = AtomicUsize::new(0);
         let alone = Awaiting::enter(&awaiting);
@@ -723,10 +748,10 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
                 let second = Awaiting::enter(&awaiting);
                 assert!(!second.alone, "the first is still awaiting");
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(Duration::from_secs(1));
             });
             assert_eq!(poll_answer(&mut answer, &awaiting, LONG), None);
-            assert!(started.elapsed() < Duration::from_millis(200), "polled for {:?}", started.elapsed());
+            assert!(started.elapsed() < Duration::from_secs(5), "polled for {:?}", started.elapsed());
         });
         drop(first);
         assert_eq!(awaiting.load(Ordering::Acquire), 0, "every write that left is no longer counted");

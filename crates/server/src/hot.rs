@@ -202,6 +202,81 @@ pub(crate) fn with_body(request: hyper::Request<hyper::body::Incoming>) -> Reque
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use axum::Router;
+    use gapguard_engine::{Engine, EngineConfig, SystemClock};
+    use gapguard_store::EmbeddedStore;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use crate::accept::{self, ConnectionConfig};
+    use crate::auth::Keys;
+    use crate::load::LoadLimits;
+    use crate::metrics::Metrics;
+    use crate::routes::Shared;
+
+    /// One request over its own connection; the answer's status.
+    async fn status(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> u16 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not HTTP: {answer:?}"))
+    }
+
+    /// The accept loop hands the hot routes to [`Hot`] and everything else to the router: here
+    /// a router that answers every request `418`, so what reaches it shows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_accept_loop_serves_the_hot_routes_itself_and_the_rest_through_the_router() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let engine = Engine::open(store, Arc::new(SystemClock::default()), EngineConfig::default()).unwrap();
+        let (_streams, shutdown) = tokio::sync::watch::channel(false);
+        let metrics = Arc::new(Metrics::off());
+        let state = AppState::new(Shared { engine, keys: Arc::new(Keys::default()), metrics, shutdown });
+        let slots = Slots::new(LoadLimits { max_in_flight: 8, request_timeout: Duration::from_secs(30) });
+        let router = Router::new().fallback(|| async { StatusCode::IM_A_TEAPOT });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ConnectionConfig {
+            tls: None,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(accept::serve(listener, router, Some(Hot::new(state, slots)), config, stopped));
+
+        let cases = [
+            ("PUT", "/v1/ns/shop/kv/a", r#"{"value": 1}"#, 200),
+            ("GET", "/v1/ns/shop/kv/a", "", 200),
+            ("POST", "/v1/ns/shop/check", r#"{"conditions": [{"exists": "a"}]}"#, 200),
+            ("POST", "/v1/ns/shop/act", r#"{"ops": [{"put": {"key": "b", "value": 2}}]}"#, 200),
+            ("POST", "/v1/ns/shop/pools/p/reserve", r#"{"amount": 1, "ttl_ms": 1000}"#, 404),
+            ("POST", "/v1/ns/shop/reservations/rsv_1_0/commit", "", 404),
+            ("PUT", "/v1/ns/shop/kv/a", r#"{"value": 1, "extra": 2}"#, 400),
+            // Not hot: the router's.
+            ("PUT", "/v1/ns/sh%6Fp/kv/a", r#"{"value": 1}"#, 418),
+            ("HEAD", "/v1/ns/shop/kv/a", "", 418),
+            ("DELETE", "/v1/ns/shop/kv/a", "", 418),
+            ("POST", "/v1/ns/shop/txn", r#"{"then": []}"#, 418),
+            ("GET", "/healthz", "", 418),
+        ];
+        for (method, path, body, expected) in cases {
+            assert_eq!(status(addr, method, path, body).await, expected, "{method} {path}");
+        }
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn hot_routes_are_recognised_and_the_rest_left_to_the_router() {
