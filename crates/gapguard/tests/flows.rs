@@ -283,6 +283,12 @@ async fn the_hot_routes_answer_as_the_router_does() {
     let second = http.send("PUT", "/v1/ns/sh%6Fp/kv/n", Some(&json!({"value": 2})), &id).await;
     assert_eq!((second.status, second.body["version"].as_u64()), (200, Some(2)), "{:?}", second.body);
     assert_eq!(second.header("x-correlation-id"), Some("both-ways-1"));
+    // An idempotent retry is the same request whichever way its path is encoded.
+    let key = [("idempotency-key", "both-ways-put")];
+    let first = http.send("PUT", "/v1/ns/shop/kv/m", Some(&json!({"value": 1})), &key).await;
+    let retry = http.send("PUT", "/v1/ns/sh%6Fp/kv/m", Some(&json!({"value": 1})), &key).await;
+    assert_eq!((first.status, retry.status, retry.header("idempotent-replayed")), (200, 200, Some("true")));
+    assert_eq!(retry.body, first.body);
     let read = [http.get("/v1/ns/shop/kv/n").await, http.get("/v1/ns/sh%6Fp/kv/n").await];
     assert_eq!(read[0].body, read[1].body);
     assert_eq!(read[0].body["value"], 2);

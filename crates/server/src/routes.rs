@@ -199,8 +199,11 @@ pub(crate) fn idempotency(
             format!("is {} bytes, longer than the limit of {max}", key.len()),
         ));
     }
+    // The path as the router reads it: the same request with its path encoded differently
+    // (`/shop/` or `/sh%6Fp/`) is the same request.
+    let path: std::borrow::Cow<[u8]> = percent_encoding::percent_decode_str(uri.path()).into();
     let mut hasher = blake3::Hasher::new();
-    hasher.update(method.as_str().as_bytes()).update(b"\n").update(uri.path().as_bytes()).update(b"\n").update(raw);
+    hasher.update(method.as_str().as_bytes()).update(b"\n").update(&path).update(b"\n").update(raw);
     Ok(Some(IdempotencyClaim {
         // Scoped to the API key: one tenant cannot replay another's key to read its response.
         key: IdempotencyKey {
