@@ -190,6 +190,43 @@ impl Postgres {
     }
 }
 
+/// The process's shared server (see [`Postgres::per_process`]).
+static PER_PROCESS: std::sync::OnceLock<std::sync::Mutex<Postgres>> = std::sync::OnceLock::new();
+
+/// Stops the process's shared server and removes its directory, at process exit: statics
+/// are never dropped, and each test process that used one left its directory (about 90 MB)
+/// behind until the disk filled.
+extern "C" fn remove_per_process() {
+    if let Some(pg) = PER_PROCESS.get() {
+        let mut pg = pg.lock().unwrap_or_else(|e| e.into_inner());
+        pg.stop();
+        let _ = std::fs::remove_dir_all(pg.dir.path());
+    }
+}
+
+impl Postgres {
+    /// One server for the whole test process, started on first use from a thread that never
+    /// ends (so the server, whose parent-death signal follows the thread that started it,
+    /// lives as long as the process, not as the first test), stopped and its directory
+    /// removed when the process exits.
+    pub fn per_process() -> &'static std::sync::Mutex<Postgres> {
+        PER_PROCESS.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(Postgres::start()).expect("hand over the server");
+                loop {
+                    std::thread::park();
+                }
+            });
+            let pg = rx.recv().expect("PostgreSQL started");
+            // SAFETY: registers a function without arguments that only touches the static
+            // above; failing to register leaves the directory behind, as before.
+            unsafe { libc::atexit(remove_per_process) };
+            std::sync::Mutex::new(pg)
+        })
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();

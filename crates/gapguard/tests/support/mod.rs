@@ -161,30 +161,16 @@ impl Drop for Server {
 }
 
 /// The PostgreSQL database standing for the data directory `data` when the tests run against
-/// the PostgreSQL backend (`GAPGUARD_TEST_BACKEND=postgres`): one PostgreSQL per test process,
-/// started on first use, and one database per data directory, so that a restart "on the same
+/// the PostgreSQL backend (`GAPGUARD_TEST_BACKEND=postgres`): one PostgreSQL per test process
+/// ([`gapguard_testkit::Postgres::per_process`]), and one database per data directory, so that a restart "on the same
 /// data directory" finds the same state. `None` for the embedded backend (the default).
 pub fn backend_for(data: &Path) -> Option<String> {
-    use std::sync::{Mutex, OnceLock};
     match std::env::var("GAPGUARD_TEST_BACKEND").as_deref() {
         Err(_) | Ok("") | Ok("embedded") => return None,
         Ok("postgres") => {}
         Ok(other) => panic!("GAPGUARD_TEST_BACKEND={other:?}: use `embedded` or `postgres`"),
     }
-    static PG: OnceLock<Mutex<gapguard_testkit::Postgres>> = OnceLock::new();
-    let pg = PG.get_or_init(|| {
-        // Started from a thread that never ends: the server dies with the test process (its
-        // parent-death signal follows the thread that started it), not with the first test.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            tx.send(gapguard_testkit::Postgres::start()).expect("hand over the server");
-            loop {
-                std::thread::park();
-            }
-        });
-        Mutex::new(rx.recv().expect("PostgreSQL started"))
-    });
-    let pg = pg.lock().unwrap_or_else(|e| e.into_inner());
+    let pg = gapguard_testkit::Postgres::per_process().lock().unwrap_or_else(|e| e.into_inner());
     let name = format!("gg_{:016x}", {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
