@@ -89,9 +89,9 @@ pub struct EngineConfig {
     /// 4.3–5.2k/s; at 16 and 64 connections, and the decrement, check→act and
     /// reserve→commit, within the noise. Where an fsync takes longer than the limit, a lone
     /// write spends the limit polling for nothing. It does nothing over a shared backend
-    /// (PostgreSQL, whose writes do not go through the writer thread), nor outside a
-    /// multi-threaded Tokio runtime of two workers or more (a poll would stall the only
-    /// worker). Zero: never poll.
+    /// (PostgreSQL, whose writes do not go through the writer thread), nor when the engine is
+    /// opened outside a multi-threaded Tokio runtime of two workers or more (a poll would
+    /// stall the only worker). Zero: never poll.
     pub answer_poll: Duration,
 }
 
@@ -258,6 +258,7 @@ impl Drop for Awaiting<'_> {
 /// Whether the calling task may hold its thread for a while: only on a multi-threaded Tokio
 /// runtime with more than one worker. On a single worker the poll would stall every other
 /// task (the accept loop, the other connections) and could never see another write arrive.
+/// Asked once, when the engine opens, in the runtime that will serve it.
 fn may_block_a_worker() -> bool {
     tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
         runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && runtime.metrics().num_workers() > 1
@@ -289,7 +290,7 @@ fn poll_answer<T>(answer: &mut oneshot::Receiver<T>, awaiting: &AtomicUsize, lim
 impl Engine {
     /// Opens the engine over a backend: recovers its state, generates the ticket key on first
     /// start, starts the writer thread and the pruning task (which needs a Tokio runtime).
-    pub fn open(store: Arc<dyn Storage>, clock: Arc<dyn Clock>, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn open(store: Arc<dyn Storage>, clock: Arc<dyn Clock>, mut config: EngineConfig) -> Result<Self, EngineError> {
         let mut recovered = store.recover()?;
         let ticket_key = match &recovered.ticket_key {
             Some(key) => key.clone(),
@@ -316,6 +317,9 @@ impl Engine {
             "recovered state"
         );
         let shared = store.shared().is_some();
+        if !may_block_a_worker() {
+            config.answer_poll = Duration::ZERO;
+        }
         // Over a shared backend, time is the database's, and idempotency records and used
         // tickets are read fresh by each batch (the replica holds only entries).
         let db_clock = shared.then(|| Arc::new(clock::DbClock::new(clock.clone())));
@@ -603,7 +607,7 @@ impl Engine {
         if self.inner.jobs.send(job).is_err() {
             return Err(self.unavailable());
         }
-        let polled = match awaiting.alone && may_block_a_worker() {
+        let polled = match awaiting.alone {
             true => poll_answer(&mut answer, &self.inner.awaiting, self.inner.config.answer_poll),
             false => None,
         };

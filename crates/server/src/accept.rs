@@ -185,7 +185,7 @@ impl Connection {
                 let (router, hot, clock) = (router.clone(), hot.clone(), Arc::clone(&clock));
                 async move {
                     let response = match (hot, route) {
-                        (Some(hot), Some(route)) => hot.serve(route, crate::hot::with_body(request)).await,
+                        (Some(hot), Some(route)) => hot.serve(route, request.map(Body::new)).await,
                         _ => match router.oneshot(request).await {
                             Ok(response) => response,
                             Err(never) => match never {},

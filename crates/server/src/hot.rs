@@ -7,19 +7,20 @@
 //! 13.5–14.8 µs of server CPU per check against the router's 18.6–21.2 µs; this module, which
 //! keeps every step, 15.2–16.0 µs against 18.2–19.5 (`/proc` over 5 s inside checks ×16 runs,
 //! three alternations each). Here a request whose method and path name one of the hot routes is
-//! recognised by hand and given to the same handler, through the same steps as the router's
-//! layers, in the same order: the in-flight bound and the deadline ([`Slots::serve`]), the
-//! panic guard ([`routes::panicked`]), the envelope ([`enveloped`]: correlation id, span,
+//! recognised without the router and given to the same handler, through the same steps as the
+//! router's layers, in the same order: the in-flight bound and the deadline ([`Slots::serve`]),
+//! the panic guard ([`routes::panicked`]), the envelope ([`enveloped`]: correlation id, span,
 //! metrics, authentication) and the body limit ([`JsonBody::read`]).
 //!
-//! Only paths whose parameters need no decoding are taken: no `%`, no empty segment, no
-//! trailing `/`. Anything else, and every other route and method (`HEAD` included), goes to the
-//! router, which answers it exactly as before; so the two ways can differ in cost only.
+//! Paths are matched by the router's own matcher (matchit) against the router's templates
+//! ([`routes::route`]). Only paths whose parameters need no decoding are taken: no `%`, no
+//! empty segment, no trailing `/`. Anything else, and every other route and method (`HEAD`
+//! included), goes to the router, which answers it exactly as before; so the two ways can
+//! differ in cost only.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
@@ -56,46 +57,53 @@ pub(crate) enum Route {
     Commit { ns: String, id: String },
 }
 
-/// One path segment as the router would capture it, when it needs no decoding.
-fn segment(s: &str) -> Option<String> {
-    (!s.is_empty() && !s.contains('/')).then(|| s.to_owned())
+/// Which hot route a path names, before its method is looked at.
+#[derive(Clone, Copy)]
+enum Kind {
+    Key,
+    Check,
+    Act,
+    Reserve,
+    Commit,
 }
+
+/// The hot routes' templates in the matcher the router uses (matchit), so that a path means
+/// here what it means there.
+static TABLE: std::sync::LazyLock<matchit::Router<Kind>> = std::sync::LazyLock::new(|| {
+    let mut table = matchit::Router::new();
+    let routes = [
+        (route::KV_KEY, Kind::Key),
+        (route::CHECK, Kind::Check),
+        (route::ACT, Kind::Act),
+        (route::RESERVE, Kind::Reserve),
+        (route::COMMIT, Kind::Commit),
+    ];
+    for (template, kind) in routes {
+        table.insert(template, kind).expect("the hot routes' templates do not conflict");
+    }
+    table
+});
 
 impl Route {
     /// The hot route `method` and `path` name, if any.
     pub(crate) fn recognise(method: &Method, path: &str) -> Option<Self> {
-        let rest = path.strip_prefix("/v1/ns/")?;
-        // Percent-encoded parameters are the router's to decode.
-        if rest.contains('%') {
+        // Percent-encoded parameters are the router's to decode; a path with an empty
+        // segment (`//`, a trailing `/`) is the router's too.
+        if path.contains('%') || path.contains("//") || path.ends_with('/') {
             return None;
         }
-        let (ns, rest) = rest.split_once('/')?;
-        let ns = segment(ns)?;
-        let post = *method == Method::POST;
-        match rest {
-            "check" if post => return Some(Self::Check { ns }),
-            "act" if post => return Some(Self::Act { ns }),
-            _ => {}
+        let found = TABLE.at(path).ok()?;
+        let param = |name| found.params.get(name).map(str::to_owned);
+        let ns = param("ns")?;
+        match (*found.value, method) {
+            (Kind::Key, &Method::GET) => Some(Self::GetKey { ns, key: param("key")? }),
+            (Kind::Key, &Method::PUT) => Some(Self::PutKey { ns, key: param("key")? }),
+            (Kind::Check, &Method::POST) => Some(Self::Check { ns }),
+            (Kind::Act, &Method::POST) => Some(Self::Act { ns }),
+            (Kind::Reserve, &Method::POST) => Some(Self::Reserve { ns, pool: param("pool")? }),
+            (Kind::Commit, &Method::POST) => Some(Self::Commit { ns, id: param("id")? }),
+            _ => None,
         }
-        if let Some(key) = rest.strip_prefix("kv/") {
-            if key.is_empty() || key.ends_with('/') || key.contains("//") {
-                return None;
-            }
-            let key = key.to_owned();
-            return match *method {
-                Method::GET => Some(Self::GetKey { ns, key }),
-                Method::PUT => Some(Self::PutKey { ns, key }),
-                _ => None,
-            };
-        }
-        if !post {
-            return None;
-        }
-        if let Some(pool) = rest.strip_prefix("pools/").and_then(|r| r.strip_suffix("/reserve")) {
-            return Some(Self::Reserve { ns, pool: segment(pool)? });
-        }
-        let id = rest.strip_prefix("reservations/")?.strip_suffix("/commit")?;
-        Some(Self::Commit { ns, id: segment(id)? })
     }
 
     /// The route's template, as the router names it (in metrics, spans and authorization).
@@ -192,11 +200,6 @@ impl Hot {
             })
             .await
     }
-}
-
-/// The body of a request that hyper received, as the router's handlers take it.
-pub(crate) fn with_body(request: hyper::Request<hyper::body::Incoming>) -> Request {
-    request.map(Body::new)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The routes of API v1 and the router that serves them.
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -91,7 +91,6 @@ pub(crate) mod route {
 
 /// The router of API v1 over `state`.
 pub(crate) fn router(state: AppState) -> Router {
-    let body_limit = state.engine.limits().max_body_bytes;
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -123,9 +122,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     router
         .layer(axum::middleware::from_fn_with_state(state.clone(), envelope))
-        // `JsonBody` and `raw_body` apply the limit themselves (the hot routes read bodies
-        // without the router); this one is for any extractor that reads a body through axum.
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| panicked()))
         .with_state(state)
 }
