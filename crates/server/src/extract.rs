@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::routes::AppState;
+use crate::strict::Strict;
 
 /// A path extractor that answers `400 invalid_request` in JSON.
 #[derive(FromRequestParts)]
@@ -72,8 +73,9 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
 }
 
 /// Decodes a JSON object strictly, naming the path of the first bad field. Every request body
-/// of the API is an object: serde would also read a struct from an array of its fields in
-/// order (`[1]` as `{"value": 1}`), which is refused here.
+/// of the API is an object, and so is every struct in it: serde would also read a struct from
+/// an array of its fields in order (`[1]` as `{"value": 1}`, `{"add": ["k", 5]}` as an add of
+/// 5 to `k`), which is refused here, at the top level and, through [`Strict`], at every depth.
 pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     match raw.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Err(ApiError::invalid("body", "the body is empty; expected a JSON object")),
@@ -83,7 +85,7 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(raw);
     // Tracking the path of every field costs on every request; it is only needed to name the
     // bad one, so a body that fails is decoded a second time, with tracking, for the error.
-    let value = match T::deserialize(&mut de) {
+    let value = match T::deserialize(Strict(&mut de)) {
         Ok(value) => value,
         Err(_) => return Err(bad_field::<T>(raw)),
     };
@@ -94,7 +96,7 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
 /// The error of a body that does not decode as `T`, naming the path of the first bad field.
 fn bad_field<T: DeserializeOwned>(raw: &[u8]) -> ApiError {
     let mut de = serde_json::Deserializer::from_slice(raw);
-    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+    match serde_path_to_error::deserialize::<_, T>(Strict(&mut de)) {
         Err(e) => {
             let path = e.path().to_string();
             let field = if path == "." { "body".to_owned() } else { path };
@@ -263,5 +265,28 @@ mod tests {
             (Some("body"), "body: expected a JSON object")
         );
         assert_eq!(decode::<gapguard_api::PutRequest>(b" {\"value\": [1]}").unwrap().value, serde_json::json!([1]));
+    }
+
+    #[test]
+    fn nested_structs_given_as_arrays_are_refused_by_path() {
+        // Each was accepted, and its op committed, before `Strict` (found by tests/bad_input.rs):
+        // the order of the fields decided the meaning.
+        for (body, field) in [
+            (r#"{"then":[{"add":["counter",5]}]}"#, "then[0].add"),
+            (r#"{"if":[{"compare":["stock",">=",1]}],"then":[{"delete":{"key":"d"}}]}"#, "if[0].compare"),
+            (r#"{"if":[{"available":["quota",1]}]}"#, "if[0].available"),
+            (r#"{"then":[{"reserve":["quota",3600000,1]}]}"#, "then[0].reserve"),
+            (r#"{"else":[{"grant":["user:eve","admin","doc:*"]}]}"#, "else[0].grant"),
+        ] {
+            let err = decode::<gapguard_api::TxnRequest>(body.as_bytes()).unwrap_err();
+            assert_eq!(err.details["field"], field, "{body}: {}", err.message);
+            assert!(err.message.contains("invalid type: sequence, expected struct"), "{body}: {}", err.message);
+        }
+        // The same bodies with objects decode.
+        let txn: gapguard_api::TxnRequest = decode(
+            br#"{"if":[{"compare":{"key":"stock","op":">=","value":1}}],"then":[{"add":{"key":"counter","by":5}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((txn.compare.len(), txn.success.len()), (1, 1));
     }
 }

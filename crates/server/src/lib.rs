@@ -16,6 +16,7 @@ mod primitives;
 pub mod routes;
 pub mod rules;
 mod slo;
+mod strict;
 mod tls;
 
 use std::net::SocketAddr;

@@ -74,11 +74,12 @@ impl Slots {
             return deadline(self.timeout, request, serve).await;
         }
         let Ok(_slot) = self.semaphore.try_acquire() else {
-            return ApiError::unavailable(format!(
+            let response = ApiError::unavailable(format!(
                 "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
                 self.max
             ))
             .into_response();
+            return close_if_unread(response, request.body().is_end_stream());
         };
         deadline(self.timeout, request, serve).await
     }
@@ -140,6 +141,19 @@ where
         ))
         .into_response();
     };
+    close_if_unread(response, body_read.load(Ordering::Acquire))
+}
+
+/// Adds `Connection: close` to the answer of a request whose body was not read to its end (a
+/// refusal decided before the body was read: no route, a bad path, authentication, the
+/// in-flight bound; or a body past the limit). hyper does not read the rest of such a body to
+/// keep the connection; it closes it once the answer is out, and without the header a client
+/// would send its next request on a connection about to close (and see it fail). Found by
+/// `tests/bad_input.rs`.
+fn close_if_unread(mut response: Response, body_read: bool) -> Response {
+    if !body_read {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

@@ -1,0 +1,315 @@
+//! A deserializer wrapper that reads every struct from a JSON object only.
+//!
+//! serde's derived `Deserialize` for a struct also accepts a sequence of its fields in
+//! declaration order, and serde_json hands it one when asked for a struct and given an array
+//! (serde-rs/serde#1587). For a request body that is a hazard, not a convenience: the order of
+//! the fields decides the meaning (`{"reserve": ["p", 5, 1]}` reserves 5 for 1 ms), and no
+//! documented request has that form. [`Strict`] wraps a deserializer and everything it hands
+//! out (sequences, maps, enums, variants, seeds), and turns each request for a struct into a
+//! request for a map, which refuses an array with serde's own "invalid type: sequence,
+//! expected struct …" error. Everything else is passed through untouched.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+
+/// A deserializer whose structs must be maps (see the module's documentation).
+pub struct Strict<D>(pub D);
+
+/// Passes a `deserialize_*` call through to the wrapped deserializer, with the visitor wrapped.
+macro_rules! forward {
+    ($($method:ident($($arg:ident: $ty:ty),*);)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, D::Error> {
+                self.0.$method($($arg,)* Wrap(visitor))
+            }
+        )*
+    };
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
+    type Error = D::Error;
+
+    forward! {
+        deserialize_any();
+        deserialize_bool();
+        deserialize_i8();
+        deserialize_i16();
+        deserialize_i32();
+        deserialize_i64();
+        deserialize_i128();
+        deserialize_u8();
+        deserialize_u16();
+        deserialize_u32();
+        deserialize_u64();
+        deserialize_u128();
+        deserialize_f32();
+        deserialize_f64();
+        deserialize_char();
+        deserialize_str();
+        deserialize_string();
+        deserialize_bytes();
+        deserialize_byte_buf();
+        deserialize_option();
+        deserialize_unit();
+        deserialize_unit_struct(name: &'static str);
+        deserialize_newtype_struct(name: &'static str);
+        deserialize_seq();
+        deserialize_tuple(len: usize);
+        deserialize_tuple_struct(name: &'static str, len: usize);
+        deserialize_map();
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]);
+        deserialize_identifier();
+        deserialize_ignored_any();
+    }
+
+    /// The point of the wrapper: a struct is read as a map, so an array is refused.
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(Wrap(visitor))
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+}
+
+/// A visitor whose nested deserializers (sequence elements, map keys and values, enum
+/// variants, `Some` and newtype contents) are [`Strict`] too.
+struct Wrap<V>(V);
+
+/// Passes `visit_*` calls of plain values through unchanged.
+macro_rules! plain {
+    ($($method:ident($ty:ty);)*) => {
+        $(
+            fn $method<E: de::Error>(self, v: $ty) -> Result<Self::Value, E> {
+                self.0.$method(v)
+            }
+        )*
+    };
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    plain! {
+        visit_bool(bool);
+        visit_i8(i8);
+        visit_i16(i16);
+        visit_i32(i32);
+        visit_i64(i64);
+        visit_i128(i128);
+        visit_u8(u8);
+        visit_u16(u16);
+        visit_u32(u32);
+        visit_u64(u64);
+        visit_u128(u128);
+        visit_f32(f32);
+        visit_f64(f64);
+        visit_char(char);
+        visit_str(&str);
+        visit_borrowed_str(&'de str);
+        visit_string(String);
+        visit_bytes(&[u8]);
+        visit_borrowed_bytes(&'de [u8]);
+        visit_byte_buf(Vec<u8>);
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.0.visit_none()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.0.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        self.0.visit_some(Strict(deserializer))
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        self.0.visit_newtype_struct(Strict(deserializer))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_seq(Strict(seq))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_map(Strict(map))
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_enum(Strict(data))
+    }
+}
+
+/// A seed that deserializes through [`Strict`].
+struct Seed<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<S::Value, D::Error> {
+        self.0.deserialize(Strict(deserializer))
+    }
+}
+
+impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, A::Error> {
+        self.0.next_element_seed(Seed(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        self.0.next_key_seed(Seed(seed))
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+        self.0.next_value_seed(Seed(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, A: EnumAccess<'de>> EnumAccess<'de> for Strict<A> {
+    type Error = A::Error;
+    type Variant = Strict<A::Variant>;
+
+    fn variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<(T::Value, Self::Variant), A::Error> {
+        let (value, variant) = self.0.variant_seed(Seed(seed))?;
+        Ok((value, Strict(variant)))
+    }
+}
+
+impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn unit_variant(self) -> Result<(), A::Error> {
+        self.0.unit_variant()
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+        self.0.newtype_variant_seed(Seed(seed))
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
+        self.0.tuple_variant(len, Wrap(visitor))
+    }
+
+    /// A struct variant's content is read as a map, as a struct is.
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, A::Error> {
+        self.0.newtype_variant_seed(AsMap(visitor))
+    }
+}
+
+/// A seed that reads its content as a map, for [`VariantAccess::struct_variant`].
+struct AsMap<V>(V);
+
+impl<'de, V: Visitor<'de>> DeserializeSeed<'de> for AsMap<V> {
+    type Value = V::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<V::Value, D::Error> {
+        deserializer.deserialize_map(Wrap(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::Strict;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        key: String,
+        n: i64,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(rename_all = "snake_case", deny_unknown_fields)]
+    enum Op {
+        Add(Inner),
+        Put { key: String, value: serde_json::Value },
+        Delete(String),
+        Pair(String, u8),
+        Nothing,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        ops: Vec<Op>,
+        inner: Option<Inner>,
+        #[serde(default)]
+        value: Option<serde_json::Value>,
+    }
+
+    fn strict(json: &str) -> Result<Body, String> {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let body = Body::deserialize(Strict(&mut de)).map_err(|e| e.to_string())?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(body)
+    }
+
+    #[test]
+    fn structs_read_from_objects_as_serde_json_reads_them() {
+        let json = r#"{"ops":[{"add":{"key":"a","n":-1}},{"put":{"key":"b","value":[1,{"x":[2]}]}},
+            {"delete":"c"},{"pair":["d",7]},"nothing"],"inner":{"key":"e","n":2},"value":[[1],{"k":[]}]}"#;
+        let plain: Body = serde_json::from_str(json).unwrap();
+        assert_eq!(strict(json).unwrap(), plain);
+        assert_eq!(plain.ops.len(), 5);
+        // Arrays that are values stay arrays; tuples and sequences still read from arrays.
+        assert_eq!(plain.value, Some(serde_json::json!([[1], {"k": []}])));
+        assert_eq!(strict(r#"{"ops":[],"inner":null}"#).unwrap().inner, None);
+    }
+
+    #[test]
+    fn a_struct_given_as_an_array_is_refused_at_every_depth() {
+        // Each is accepted by serde_json alone.
+        for json in [
+            r#"[[],null]"#,
+            r#"{"ops":[],"inner":["e",2]}"#,
+            r#"{"ops":[{"add":["a",1]}],"inner":null}"#,
+            r#"{"ops":[{"put":["b",1]}],"inner":null}"#,
+        ] {
+            assert!(serde_json::from_str::<Body>(json).is_ok(), "serde_json alone accepts {json}");
+            let err = strict(json).unwrap_err();
+            assert!(err.contains("invalid type: sequence, expected struct"), "{json}: {err}");
+        }
+        let err = strict(r#"{"ops":[{"put":["b",1]}],"inner":null}"#).unwrap_err();
+        assert!(err.contains("struct variant Op::Put"), "{err}");
+    }
+
+    #[test]
+    fn other_errors_are_serde_jsons_own() {
+        let err = strict(r#"{"ops":[{"add":{"key":"a","n":"x"}}],"inner":null}"#).unwrap_err();
+        assert!(err.starts_with("invalid type: string \"x\", expected i64"), "{err}");
+        let err = strict(r#"{"ops":[],"inner":null,"extra":1}"#).unwrap_err();
+        assert!(err.starts_with("unknown field `extra`"), "{err}");
+    }
+}
