@@ -31,4 +31,4 @@ cargo test --workspace --locked
 # The black-box suites once more, every server over PostgreSQL instead of the embedded store
 # (one suite, two backends; the multi-node tests are in crates/gapguard/tests/postgres.rs).
 GAPGUARD_TEST_BACKEND=postgres cargo test --locked -p gapguard \
-  --test flows --test primitives --test concurrency --test auth --test security --test metrics --test crash
+  --test flows --test primitives --test concurrency --test auth --test security --test metrics --test crash --test bad_input
