@@ -7,11 +7,21 @@
 //! documented request has that form. [`Strict`] wraps a deserializer and everything it hands
 //! out (sequences, maps, enums, variants, seeds), and turns each request for a struct into a
 //! request for a map, which refuses an array with serde's own "invalid type: sequence,
-//! expected struct …" error. Everything else is passed through untouched.
+//! expected struct …" error.
+//!
+//! It also words two errors of an enum given as an object (a condition, an op) for a person:
+//! serde_json says "expected value" both for an object with no key (`{}`) and for one with a
+//! second key (`{"exists": "a", "absent": "b"}`, two conditions in one object); [`Strict`]
+//! says that the object takes one key, and names them. Everything else is passed through
+//! untouched.
+
+use std::cell::Cell;
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, EnumAccess, Error as _, MapAccess, SeqAccess, VariantAccess, Visitor,
+};
 
 /// A deserializer whose structs must be maps (see the module's documentation).
 pub struct Strict<D>(pub D);
@@ -58,7 +68,6 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
         deserialize_tuple(len: usize);
         deserialize_tuple_struct(name: &'static str, len: usize);
         deserialize_map();
-        deserialize_enum(name: &'static str, variants: &'static [&'static str]);
         deserialize_identifier();
         deserialize_ignored_any();
     }
@@ -73,9 +82,111 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
         self.0.deserialize_map(Wrap(visitor))
     }
 
+    /// An enum, with serde_json's "expected value" for an object of no key or of two reworded.
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        let stage = Cell::new(Stage::Name);
+        let visitor = Staged { inner: Wrap(visitor), stage: &stage };
+        self.0.deserialize_enum(name, variants, visitor).map_err(|e| match stage.get() {
+            Stage::Name if e.to_string().starts_with("expected value") => {
+                D::Error::custom(format_args!("expected an object with one key, one of {}", Names(variants)))
+            }
+            Stage::Done if e.to_string().starts_with("expected value") => D::Error::custom(format_args!(
+                "expected an object with one key only (one of {}): give each its own object",
+                Names(variants)
+            )),
+            _ => e,
+        })
+    }
+
     fn is_human_readable(&self) -> bool {
         self.0.is_human_readable()
     }
+}
+
+/// How far an enum got: its variant's name, then its content, then done.
+#[derive(Clone, Copy)]
+enum Stage {
+    Name,
+    Content,
+    Done,
+}
+
+/// `a`, `b`, `c`.
+struct Names(&'static [&'static str]);
+
+impl fmt::Display for Names {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, name) in self.0.iter().enumerate() {
+            write!(f, "{}`{name}`", if i == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
+/// An enum's visitor, access and variant access that record its [`Stage`].
+struct Staged<'a, T> {
+    inner: T,
+    stage: &'a Cell<Stage>,
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Staged<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.inner.expecting(f)
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+        self.inner.visit_enum(Staged { inner: data, stage: self.stage })
+    }
+}
+
+impl<'a, 'de, A: EnumAccess<'de>> EnumAccess<'de> for Staged<'a, A> {
+    type Error = A::Error;
+    type Variant = Staged<'a, A::Variant>;
+
+    fn variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<(T::Value, Self::Variant), A::Error> {
+        let (value, variant) = self.inner.variant_seed(seed)?;
+        self.stage.set(Stage::Content);
+        Ok((value, Staged { inner: variant, stage: self.stage }))
+    }
+}
+
+impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Staged<'_, A> {
+    type Error = A::Error;
+
+    fn unit_variant(self) -> Result<(), A::Error> {
+        done(self.stage, self.inner.unit_variant())
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+        done(self.stage, self.inner.newtype_variant_seed(seed))
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
+        done(self.stage, self.inner.tuple_variant(len, visitor))
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, A::Error> {
+        done(self.stage, self.inner.struct_variant(fields, visitor))
+    }
+}
+
+/// The variant's content was read: what follows it is the enum's own business.
+fn done<R, E>(stage: &Cell<Stage>, result: Result<R, E>) -> Result<R, E> {
+    if result.is_ok() {
+        stage.set(Stage::Done);
+    }
+    result
 }
 
 /// A visitor whose nested deserializers (sequence elements, map keys and values, enum
@@ -303,6 +414,32 @@ mod tests {
         }
         let err = strict(r#"{"ops":[{"put":["b",1]}],"inner":null}"#).unwrap_err();
         assert!(err.contains("struct variant Op::Put"), "{err}");
+    }
+
+    #[test]
+    fn an_enum_object_of_no_key_or_of_two_is_told_it_takes_one() {
+        let names = "`add`, `put`, `delete`, `pair`, `nothing`";
+        // serde_json alone says "expected value" for both.
+        for (json, expected) in [
+            (r#"{"ops":[{}],"inner":null}"#, format!("expected an object with one key, one of {names}")),
+            (
+                r#"{"ops":[{"delete":"a","pair":["b",1]}],"inner":null}"#,
+                format!("expected an object with one key only (one of {names}): give each its own object"),
+            ),
+        ] {
+            assert!(serde_json::from_str::<Body>(json).unwrap_err().to_string().starts_with("expected value"));
+            let err = strict(json).unwrap_err();
+            assert!(err.starts_with(&expected), "{json}: {err}");
+        }
+        // Errors inside the variant, and a body cut short, keep serde_json's words.
+        for (json, expected) in [
+            (r#"{"ops":[{"delete": }],"inner":null}"#, "expected value at line 1 column 20"),
+            (r#"{"ops":[{"delete":"a""#, "EOF while parsing an object at line 1 column 21"),
+            (r#"{"ops":[{"nope":"a"}],"inner":null}"#, "unknown variant `nope`, expected one of"),
+        ] {
+            let err = strict(json).unwrap_err();
+            assert!(err.starts_with(expected), "{json}: {err}");
+        }
     }
 
     #[test]
