@@ -507,6 +507,11 @@ pub struct GrantsResponse {
     pub revision: u64,
 }
 
+/// Body of a reservation's commit or release: nothing, or `{}` (any field is refused).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
 /// Body of an orphan resolution.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

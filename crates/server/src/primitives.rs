@@ -226,11 +226,13 @@ async fn resolve_reservation(
     convert::name(&id, "reservation", limits)?;
     let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
     let raw = raw_body(&state, req).await?;
+    // No body, or `{}`: anything else is a mistake worth telling (it was ignored before).
+    let api::EmptyRequest {} = optional_body(&raw)?;
     let op = if commit { Op::Commit { reservation: id } } else { Op::Release { reservation: id } };
     call!(state, ns, correlation, method, uri, headers, raw).run(op, AuditKind::Reservation, applied).await
 }
 
-#[utoipa::path(post, path = "/v1/ns/{ns}/reservations/{id}/commit",
+#[utoipa::path(post, path = "/v1/ns/{ns}/reservations/{id}/commit", request_body = Option<api::EmptyRequest>,
     params(("ns" = String, Path), ("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     responses((status = 200, body = api::AppliedResponse), (status = 410, body = api::ErrorBody, description = "reservation_expired"),
         (status = 409, body = api::ErrorBody, description = "reservation_released, reservation_committed"), (status = 404, body = api::ErrorBody)))]
@@ -243,7 +245,7 @@ pub(crate) async fn commit(
     resolve_reservation(state, ns, id, correlation, req, true).await
 }
 
-#[utoipa::path(post, path = "/v1/ns/{ns}/reservations/{id}/release",
+#[utoipa::path(post, path = "/v1/ns/{ns}/reservations/{id}/release", request_body = Option<api::EmptyRequest>,
     params(("ns" = String, Path), ("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     responses((status = 200, body = api::AppliedResponse), (status = 410, body = api::ErrorBody, description = "reservation_expired"),
         (status = 409, body = api::ErrorBody, description = "reservation_committed, reservation_released"), (status = 404, body = api::ErrorBody)))]

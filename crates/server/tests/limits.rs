@@ -267,4 +267,24 @@ async fn primitive_limits_and_bad_input() {
     let act = json!({"ops": [{"reserve": {"pool": "p", "amount": 1, "ttl_ms": 0}}]});
     g.assert_invalid("POST", "/v1/ns/n/act", act, "ops[0].reserve.ttl_ms").await;
     g.assert_invalid("GET", "/v1/ns/n/watch?types=kv,bogus", Value::Null, "types").await;
+
+    // A commit or release takes no body, or `{}`; anything else is refused, and the
+    // reservation stays held (any body was ignored before).
+    let (_, held) = g.json("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": 60_000})).await;
+    let id = held["reservation"].as_str().expect("a reservation id");
+    for action in ["commit", "release"] {
+        let uri = format!("/v1/ns/n/reservations/{id}/{action}");
+        g.assert_invalid("POST", &uri, json!({"amount": 2}), "amount").await;
+        g.assert_invalid("POST", &uri, json!([]), "body").await;
+        let (status, err) = g.call("POST", &uri, "garbage", &[]).await;
+        assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("body")), "{err}");
+    }
+    let (_, state) = g.json("GET", &format!("/v1/ns/n/reservations/{id}"), Value::Null).await;
+    assert_eq!(state["state"], "held", "{state}");
+    for (action, body) in [("commit", "{}"), ("release", "")] {
+        let (_, held) = g.json("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": 60_000})).await;
+        let uri = format!("/v1/ns/n/reservations/{}/{action}", held["reservation"].as_str().unwrap());
+        let (status, done) = g.call("POST", &uri, body, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{action} with {body:?}: {done}");
+    }
 }
