@@ -329,11 +329,11 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Strict<A> {
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
-        self.0.newtype_variant_seed(Seed(seed))
+        self.0.newtype_variant_seed(Seed(seed)).map_err(named_alone)
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
-        self.0.tuple_variant(len, Wrap(visitor))
+        self.0.tuple_variant(len, Wrap(visitor)).map_err(named_alone)
     }
 
     /// A struct variant's content is read as a map, as a struct is.
@@ -342,7 +342,16 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Strict<A> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, A::Error> {
-        self.0.newtype_variant_seed(AsMap(visitor))
+        self.0.newtype_variant_seed(AsMap(visitor)).map_err(named_alone)
+    }
+}
+
+/// serde_json's error for a variant that takes a value given by its name alone (`"exists"`
+/// for `{"exists": "key"}`), in words a person can act on; any other error unchanged.
+fn named_alone<E: de::Error>(e: E) -> E {
+    match e.to_string().starts_with("invalid type: unit variant") {
+        true => E::custom("expected an object with this name as its key and a value, not the name alone"),
+        false => e,
     }
 }
 
@@ -454,6 +463,21 @@ mod tests {
             let err = strict(json).unwrap_err();
             assert!(err.starts_with(expected), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn a_variant_that_takes_a_value_given_by_its_name_alone_is_told_so() {
+        for json in [
+            r#"{"ops":["delete"],"inner":null}"#,
+            r#"{"ops":["pair"],"inner":null}"#,
+            r#"{"ops":["put"],"inner":null}"#,
+        ] {
+            let alone = serde_json::from_str::<Body>(json).unwrap_err().to_string();
+            assert!(alone.starts_with("invalid type: unit variant"), "{json}: {alone}");
+            let err = strict(json).unwrap_err();
+            assert!(err.starts_with("expected an object with this name as its key and a value"), "{json}: {err}");
+        }
+        assert_eq!(strict(r#"{"ops":["nothing"],"inner":null}"#).unwrap().ops, [Op::Nothing]);
     }
 
     #[test]
