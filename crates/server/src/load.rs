@@ -74,12 +74,13 @@ impl Slots {
             return deadline(self.timeout, request, serve).await;
         }
         let Ok(_slot) = self.semaphore.try_acquire() else {
+            let read = drain_small(request.into_body()).await;
             let response = ApiError::unavailable(format!(
                 "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
                 self.max
             ))
             .into_response();
-            return close_if_unread(response, request.body().is_end_stream());
+            return close_if_unread(response, read);
         };
         deadline(self.timeout, request, serve).await
     }
@@ -144,9 +145,30 @@ where
     close_if_unread(response, body_read.load(Ordering::Acquire))
 }
 
+/// The largest body a shed request has read (and dropped) so that its connection stays open.
+const SHED_DRAIN_BYTES: usize = 64 * 1024;
+/// How long a shed request waits for that body before its connection is closed instead.
+const SHED_DRAIN_WAIT: Duration = Duration::from_millis(50);
+
+/// Reads and drops the body of a request shed by the in-flight bound, if it is known to be at
+/// most [`SHED_DRAIN_BYTES`] and arrives within [`SHED_DRAIN_WAIT`] (a client's JSON body
+/// usually came with its head); returns whether it was read to its end. Shedding is what the
+/// server does when it is overloaded: closing the connection of every shed request with a body
+/// would add a reconnection (and a TLS handshake) to each retry, outside the bound.
+async fn drain_small(body: Body) -> bool {
+    if body.is_end_stream() {
+        return true;
+    }
+    if body.size_hint().upper().is_none_or(|n| n > SHED_DRAIN_BYTES as u64) {
+        return false;
+    }
+    matches!(tokio::time::timeout(SHED_DRAIN_WAIT, axum::body::to_bytes(body, SHED_DRAIN_BYTES)).await, Ok(Ok(_)))
+}
+
 /// Adds `Connection: close` to the answer of a request whose body was not read to its end: a
 /// refusal decided before the body was read (no route, a bad path, authentication, the
-/// in-flight bound), a body past the limit, or a route that takes no body given one. hyper
+/// in-flight bound, for a body too large or too slow for [`drain_small`]), a body past the
+/// limit, or a route that takes no body given one. hyper
 /// keeps such a connection only if the rest of the body is already in its buffer, and closes
 /// it otherwise once the answer is out, without telling the client, whose next request on it
 /// then fails (found by `tests/bad_input.rs` with 64 KiB bodies). Which of the two happens is
@@ -241,6 +263,30 @@ mod tests {
         }
         let after = app.clone().oneshot(get("/echo"));
         assert_eq!(after.await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED, "a slot is free again");
+    }
+
+    #[tokio::test]
+    async fn a_shed_request_keeps_its_connection_if_its_body_is_small_and_ready() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let limits = LoadLimits { max_in_flight: 1, request_timeout: Duration::from_secs(30) };
+        let app = router(limits, Arc::clone(&gate));
+        let held = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let post = |body: Body| Request::post("/echo").body(body).unwrap();
+        let never_ends = || Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
+        for (body, closes, what) in [
+            (Body::empty(), false, "no body"),
+            (Body::from(vec![b'x'; SHED_DRAIN_BYTES]), false, "a body at the drain limit"),
+            (Body::from(vec![b'x'; SHED_DRAIN_BYTES + 1]), true, "a body past the drain limit"),
+            (never_ends(), true, "a body of unknown length"),
+        ] {
+            let response = app.clone().oneshot(post(body)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
+            let close = response.headers().get(header::CONNECTION).is_some_and(|v| v == "close");
+            assert_eq!(close, closes, "{what}: Connection: close");
+        }
+        gate.notify_waiters();
+        assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 
     #[tokio::test]
