@@ -167,14 +167,14 @@ async fn drain_small(body: Body) -> bool {
 
 /// Adds `Connection: close` to the answer of a request whose body was not read to its end: a
 /// refusal decided before the body was read (no route, a bad path, authentication, the
-/// in-flight bound, for a body too large or too slow for [`drain_small`]), a body past the
-/// limit, or a route that takes no body given one. hyper
-/// keeps such a connection only if the rest of the body is already in its buffer, and closes
-/// it otherwise once the answer is out, without telling the client, whose next request on it
-/// then fails (found by `tests/bad_input.rs` with 64 KiB bodies). Which of the two happens is
-/// not known here, so the connection is closed, and said to be, every time: a client
-/// reconnects after such an answer, an error path, at the price of a new connection (a TLS
-/// handshake with TLS) even where hyper could have kept it.
+/// in-flight bound for a body too large or too slow for [`drain_small`]), a body past the
+/// limit, or a route that takes no body given one. hyper keeps such a connection only if the
+/// rest of the body is already in its buffer, and closes it otherwise once the answer is out,
+/// without telling the client, whose next request on it then fails (found by
+/// `tests/bad_input.rs` with 64 KiB bodies). Which of the two happens is not known here, so the
+/// connection is closed, and said to be, every time: a client reconnects after such an answer,
+/// an error path, at the price of a new connection (a TLS handshake with TLS) even where hyper
+/// could have kept it.
 fn close_if_unread(mut response: Response, body_read: bool) -> Response {
     if !body_read {
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
