@@ -9,12 +9,14 @@
 //! request for a map, which refuses an array with serde's own "invalid type: sequence,
 //! expected struct …" error.
 //!
-//! It also words two errors of an enum given as an object (a condition, an op) for a person.
-//! serde_json says "expected value" for an object whose key is missing or not a string (`{}`),
+//! It also rewords, for a person, serde_json's errors about the form of an enum (a condition,
+//! an op). serde_json says "expected value" for an object whose key is missing or not a string (`{}`),
 //! and for anything but the closing `}` after the key's value (a second key, as in `{"exists":
 //! "a", "absent": "b"}`: two conditions in one object), and for a value that is neither an
-//! object nor a string. [`Strict`] says instead which names the enum takes, or that the object
-//! takes one key. Errors inside the key's value and a body cut short keep serde_json's words.
+//! object nor a string; and "invalid type: unit variant" for a variant that takes a value given
+//! by its name alone (`"exists"`). [`Strict`] says instead which names the enum takes, that the
+//! object takes one key, or that the name needs its value. Errors inside the key's value and a
+//! body cut short keep serde_json's words.
 //!
 //! It cannot reach a struct that serde buffers first (`#[serde(untagged)]`, `flatten`,
 //! internally or adjacently tagged enums): none of the request bodies has one, and one added
@@ -97,15 +99,22 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
     ) -> Result<V::Value, D::Error> {
         let stage = Cell::new(Stage::Start);
         let visitor = Staged { inner: Wrap(visitor), stage: &stage };
-        self.0.deserialize_enum(name, variants, visitor).map_err(|e| match stage.get() {
-            Stage::Start | Stage::Name if e.to_string().starts_with("expected value") => {
-                D::Error::custom(format_args!("expected one of {}", Names(variants)))
+        self.0.deserialize_enum(name, variants, visitor).map_err(|e| {
+            let said = e.to_string();
+            let names = Names(variants);
+            match stage.get() {
+                Stage::Start | Stage::Name if said.starts_with("expected value") => {
+                    D::Error::custom(format_args!("expected one of {names}"))
+                }
+                // A variant that takes a value, given by its name alone (`"exists"`).
+                Stage::Content if said.starts_with("invalid type: unit variant") => {
+                    D::Error::custom("expected an object with this name as its key and a value, not the name alone")
+                }
+                Stage::Done if said.starts_with("expected value") => D::Error::custom(format_args!(
+                    "expected `}}` after the key's value: the object takes one key, one of {names} (give each its own object)"
+                )),
+                _ => e,
             }
-            Stage::Done if e.to_string().starts_with("expected value") => D::Error::custom(format_args!(
-                "expected `}}` after the key's value: the object takes one key, one of {} (give each its own object)",
-                Names(variants)
-            )),
-            _ => e,
         })
     }
 
@@ -329,11 +338,11 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Strict<A> {
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
-        self.0.newtype_variant_seed(Seed(seed)).map_err(named_alone)
+        self.0.newtype_variant_seed(Seed(seed))
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
-        self.0.tuple_variant(len, Wrap(visitor)).map_err(named_alone)
+        self.0.tuple_variant(len, Wrap(visitor))
     }
 
     /// A struct variant's content is read as a map, as a struct is.
@@ -342,16 +351,7 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Strict<A> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, A::Error> {
-        self.0.newtype_variant_seed(AsMap(visitor)).map_err(named_alone)
-    }
-}
-
-/// serde_json's error for a variant that takes a value given by its name alone (`"exists"`
-/// for `{"exists": "key"}`), in words a person can act on; any other error unchanged.
-fn named_alone<E: de::Error>(e: E) -> E {
-    match e.to_string().starts_with("invalid type: unit variant") {
-        true => E::custom("expected an object with this name as its key and a value, not the name alone"),
-        false => e,
+        self.0.newtype_variant_seed(AsMap(visitor))
     }
 }
 
