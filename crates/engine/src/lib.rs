@@ -195,7 +195,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     in_flight: Mutex<HashSet<IdempotencyKey>>,
-    /// Writes sent to the writer and not answered yet (see [`EngineConfig::answer_poll`]).
+    /// Writes sent to the writer and not answered yet, counted only while
+    /// [`EngineConfig::answer_poll`] is on.
     awaiting: AtomicUsize,
     writer: writer::Status,
     feed: Arc<feed::Feed>,
@@ -603,13 +604,16 @@ impl Engine {
         };
         let (reply, mut answer) = oneshot::channel();
         let job = Job::Write { request, ctx, idempotency, reply };
-        let awaiting = Awaiting::enter(&self.inner.awaiting);
+        // Counted only where a lone write may poll: the count is a shared atomic, and every
+        // write goes through here.
+        let poll = self.inner.config.answer_poll;
+        let awaiting = (!poll.is_zero()).then(|| Awaiting::enter(&self.inner.awaiting));
         if self.inner.jobs.send(job).is_err() {
             return Err(self.unavailable());
         }
-        let polled = match awaiting.alone {
-            true => poll_answer(&mut answer, &self.inner.awaiting, self.inner.config.answer_poll),
-            false => None,
+        let polled = match &awaiting {
+            Some(awaiting) if awaiting.alone => poll_answer(&mut answer, &self.inner.awaiting, poll),
+            _ => None,
         };
         let answer = match polled {
             Some(answered) => answered,
