@@ -895,12 +895,14 @@ impl Guard {
         let accepted = (200..300).contains(&answer.status);
         if !accepted && after != before {
             // The reconciler's expiries are not the request's doing (the test makes nothing
-            // that expires while it runs, but say so rather than blame the request).
+            // that expires while it runs, but say so rather than blame the request). Only
+            // those: a refused request's denied check is audited without moving the revision
+            // or any state read here.
             let since = self.audit_since(before.revision);
             let reconciler_only = after.revision > before.revision
-                && since.as_array().is_some_and(|events| {
-                    !events.is_empty() && events.iter().all(|e| e["kind"] == "expire" || e["outcome"] != "committed")
-                });
+                && since
+                    .as_array()
+                    .is_some_and(|events| !events.is_empty() && events.iter().all(|e| e["kind"] == "expire"));
             if !reconciler_only {
                 let why = format!(
                     "refused ({shown_answer}) but the state changed: {}\naudit events since revision {}: {since}",

@@ -162,8 +162,9 @@ impl Drop for Server {
 
 /// The PostgreSQL database standing for the data directory `data` when the tests run against
 /// the PostgreSQL backend (`GAPGUARD_TEST_BACKEND=postgres`): one PostgreSQL per test process
-/// ([`gapguard_testkit::Postgres::per_process`]), and one database per data directory, so that a restart "on the same
-/// data directory" finds the same state. `None` for the embedded backend (the default).
+/// ([`gapguard_testkit::Postgres::per_process`]), and one database per data directory, so that
+/// a restart "on the same data directory" finds the same state. `None` for the embedded
+/// backend (the default).
 pub fn backend_for(data: &Path) -> Option<String> {
     match std::env::var("GAPGUARD_TEST_BACKEND").as_deref() {
         Err(_) | Ok("") | Ok("embedded") => return None,
