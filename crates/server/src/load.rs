@@ -289,6 +289,48 @@ mod tests {
         assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 
+    /// A body of known length whose bytes arrive `after` a delay.
+    struct Late {
+        after: std::pin::Pin<Box<tokio::time::Sleep>>,
+        data: Option<Bytes>,
+    }
+
+    impl hyper::body::Body for Late {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            std::task::ready!(self.after.as_mut().poll(cx));
+            Poll::Ready(self.data.take().map(|data| Ok(Frame::data(data))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_request_waits_for_a_small_body_up_to_its_limit() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let limits = LoadLimits { max_in_flight: 1, request_timeout: Duration::from_secs(30) };
+        let app = router(limits, Arc::clone(&gate));
+        let held = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let one_ms = Duration::from_millis(1);
+        for (after, closes) in [(SHED_DRAIN_WAIT - one_ms, false), (SHED_DRAIN_WAIT + one_ms, true)] {
+            let late = Late { after: Box::pin(tokio::time::sleep(after)), data: Some(Bytes::from_static(b"{}")) };
+            let response = app.clone().oneshot(Request::post("/echo").body(Body::new(late)).unwrap()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let close = response.headers().get(header::CONNECTION).is_some_and(|v| v == "close");
+            assert_eq!(close, closes, "a body arriving after {after:?}: Connection: close");
+        }
+        gate.notify_waiters();
+        assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
     #[tokio::test]
     async fn a_slow_handler_is_503_a_slow_body_is_408_and_a_watch_has_no_deadline() {
         let gate = Arc::new(tokio::sync::Notify::new());
