@@ -265,13 +265,27 @@ mod tests {
         assert_eq!(after.await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED, "a slot is free again");
     }
 
-    #[tokio::test]
-    async fn a_shed_request_keeps_its_connection_if_its_body_is_small_and_ready() {
+    /// A router of one slot, held by a request until the gate opens.
+    async fn one_slot_held(
+    ) -> (Router, Arc<tokio::sync::Notify>, tokio::task::JoinHandle<Result<Response, std::convert::Infallible>>) {
         let gate = Arc::new(tokio::sync::Notify::new());
         let limits = LoadLimits { max_in_flight: 1, request_timeout: Duration::from_secs(30) };
         let app = router(limits, Arc::clone(&gate));
         let held = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
         tokio::time::sleep(Duration::from_millis(50)).await;
+        (app, gate, held)
+    }
+
+    /// Sends `request` past the bound: it must be shed; whether its answer closes the connection.
+    async fn shed_closes(app: &Router, request: Request) -> bool {
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        response.headers().get(header::CONNECTION).is_some_and(|v| v == "close")
+    }
+
+    #[tokio::test]
+    async fn a_shed_request_keeps_its_connection_if_its_body_is_small_and_ready() {
+        let (app, gate, held) = one_slot_held().await;
         let post = |body: Body| Request::post("/echo").body(body).unwrap();
         let never_ends = || Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
         for (body, closes, what) in [
@@ -280,10 +294,7 @@ mod tests {
             (Body::from(vec![b'x'; SHED_DRAIN_BYTES + 1]), true, "a body past the drain limit"),
             (never_ends(), true, "a body of unknown length"),
         ] {
-            let response = app.clone().oneshot(post(body)).await.unwrap();
-            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
-            let close = response.headers().get(header::CONNECTION).is_some_and(|v| v == "close");
-            assert_eq!(close, closes, "{what}: Connection: close");
+            assert_eq!(shed_closes(&app, post(body)).await, closes, "{what}: Connection: close");
         }
         gate.notify_waiters();
         assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
@@ -314,18 +325,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shed_request_waits_for_a_small_body_up_to_its_limit() {
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let limits = LoadLimits { max_in_flight: 1, request_timeout: Duration::from_secs(30) };
-        let app = router(limits, Arc::clone(&gate));
-        let held = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (app, gate, held) = one_slot_held().await;
         let one_ms = Duration::from_millis(1);
         for (after, closes) in [(SHED_DRAIN_WAIT - one_ms, false), (SHED_DRAIN_WAIT + one_ms, true)] {
             let late = Late { after: Box::pin(tokio::time::sleep(after)), data: Some(Bytes::from_static(b"{}")) };
-            let response = app.clone().oneshot(Request::post("/echo").body(Body::new(late)).unwrap()).await.unwrap();
-            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-            let close = response.headers().get(header::CONNECTION).is_some_and(|v| v == "close");
-            assert_eq!(close, closes, "a body arriving after {after:?}: Connection: close");
+            let request = Request::post("/echo").body(Body::new(late)).unwrap();
+            assert_eq!(shed_closes(&app, request).await, closes, "a body arriving after {after:?}: Connection: close");
         }
         gate.notify_waiters();
         assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
