@@ -102,10 +102,17 @@ struct Body<E> {
 /// The hash that precedes the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// The room a sealed body starts with: an event of a few keys with a correlation id takes
+/// about 300 bytes.
+const BODY_CAPACITY: usize = 512;
+
 /// Seals `event` as number `seq` after the event whose hash is `prev`.
 pub fn seal(seq: u64, prev: &[u8; 32], event: &AuditEvent) -> SealedEvent {
     let body = Body { seq, prev: hex(prev), event };
-    let body = serde_json::to_vec(&body).expect("audit events always serialize");
+    // Sized for a typical event once, rather than grown from empty a handful of times.
+    let mut bytes = Vec::with_capacity(BODY_CAPACITY);
+    serde_json::to_writer(&mut bytes, &body).expect("audit events always serialize");
+    let body = bytes;
     let hash = *blake3::hash(&body).as_bytes();
     SealedEvent { seq, body, hash }
 }

@@ -210,7 +210,7 @@ impl Writer {
     /// failed fsync leaves the file's state unknown, so the writer stops rather than guess.
     fn commit_batch(&mut self, jobs: &mut Vec<Job>, published: &ArcSwap<Snapshot>) -> Result<(), String> {
         let now_ms = self.clock.now_ms();
-        let mut draft = Draft::new(self.state.clone(), self.audit_seq, self.audit_head);
+        let mut draft = Draft::new(self.state.clone(), self.audit_seq, self.audit_head, jobs.len());
         let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
         for job in jobs.drain(..) {
             match job {
@@ -457,16 +457,19 @@ struct Draft {
 }
 
 impl Draft {
-    fn new(working: Snapshot, seq: u64, head: [u8; 32]) -> Self {
+    /// A draft for a batch of `jobs` jobs: most write one entry and seal one event each, so
+    /// the lists of those are sized for them once rather than grown push by push.
+    fn new(working: Snapshot, seq: u64, head: [u8; 32], jobs: usize) -> Self {
+        let batch = Batch { entries: Vec::with_capacity(jobs), audit: Vec::with_capacity(jobs), ..Batch::default() };
         Self {
             working,
-            batch: Batch::default(),
+            batch,
             seq,
             head,
             ticket_expiry: Vec::new(),
             idempotency_expiry: Vec::new(),
             deadlines: Vec::new(),
-            changes: Vec::new(),
+            changes: Vec::with_capacity(jobs),
             n_written: 0,
             forgettable: Vec::new(),
             expired: Vec::new(),

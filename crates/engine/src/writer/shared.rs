@@ -198,7 +198,7 @@ impl Writer {
         }
 
         let (seq, head) = locked.audit_head.unwrap_or((0, GENESIS));
-        let mut draft = Draft::new(working, seq, head);
+        let mut draft = Draft::new(working, seq, head, work.len());
         let mut answers = Vec::with_capacity(work.len());
         for job in work {
             match job {
