@@ -1,0 +1,80 @@
+//! `http-floor` keeps the contract the bench starts gapguard by, and answers as a put does.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+/// Stops the server however the test ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends one request on `stream` and reads the answer: status, headers (lower-cased), body.
+fn exchange(stream: &mut TcpStream, request: &str) -> (u16, Vec<(String, String)>, String) {
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone the stream"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header");
+        let Some((name, value)) = line.trim_end().split_once(": ") else { break };
+        headers.push((name.to_ascii_lowercase(), value.to_owned()));
+    }
+    let length: usize = headers.iter().find(|(n, _)| n == "content-length").expect("content-length").1.parse().unwrap();
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status, headers, String::from_utf8(body).expect("utf-8 body"))
+}
+
+fn put(body: &str) -> String {
+    format!(
+        "PUT /v1/ns/bench/kv/k0 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn serves_the_bench_contract_and_answers_as_a_put() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_http-floor"))
+        .args(["serve", "--data", "/nonexistent", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start http-floor");
+    let stdout = child.stdout.take().unwrap();
+    let _server = Server(child);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("first line");
+    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}"));
+    let mut stream = TcpStream::connect(addr).expect("connect");
+
+    let (status, _, _) = exchange(&mut stream, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert_eq!(status, 200, "the bench waits for /healthz to answer 200");
+
+    // Two puts on one keep-alive connection: answered as gapguard answers, revisions rising.
+    let (status, headers, body) = exchange(&mut stream, &put(r#"{"value":1}"#));
+    assert_eq!((status, body.as_str()), (200, r#"{"revision":1,"version":1}"#));
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    assert_eq!(header("content-type"), Some("application/json"));
+    assert_eq!(header("x-correlation-id").map(str::len), Some(32));
+    let (status, _, body) = exchange(&mut stream, &put(r#"{"value":2}"#));
+    assert_eq!((status, body.as_str()), (200, r#"{"revision":2,"version":1}"#));
+
+    // The body is parsed, not only read: what is not JSON is refused.
+    let (status, _, _) = exchange(&mut stream, &put("{not json"));
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn refuses_a_command_line_other_than_serve() {
+    let out = Command::new(env!("CARGO_BIN_EXE_http-floor")).arg("kv").output().expect("run http-floor");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: http-floor serve"));
+}
