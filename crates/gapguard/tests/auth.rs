@@ -79,6 +79,29 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>, &'static str)> {
         ("POST", "/v1/ns/shop/grants/revoke", Some(json!({"subject": "s", "action": "a", "resource": "r"})), "admin"),
         ("POST", "/v1/ns/shop/orphans/orph_1_0/resolve", None, "admin"),
         ("GET", "/v1/audit/verify", None, "admin"),
+        // Granting and revoking need admin on every route that carries them.
+        (
+            "POST",
+            "/v1/ns/shop/act",
+            Some(
+                json!({"ops": [{"put": {"key": "d", "value": 1}}, {"grant": {"subject": "s", "action": "a", "resource": "r"}}]}),
+            ),
+            "admin",
+        ),
+        (
+            "POST",
+            "/v1/ns/shop/txn",
+            Some(json!({"then": [{"revoke": {"subject": "s", "action": "a", "resource": "r"}}]})),
+            "admin",
+        ),
+        (
+            "POST",
+            "/v1/ns/shop/txn",
+            Some(
+                json!({"if": [{"exists": "nothing"}], "else": [{"grant": {"subject": "s", "action": "a", "resource": "r"}}]}),
+            ),
+            "admin",
+        ),
     ]
 }
 
@@ -141,6 +164,29 @@ async fn every_route_refuses_callers_without_the_right_key_and_changes_nothing()
     let audit = call(&http, "GET", "/v1/ns/shop/audit?key=a", None, Some(READER)).await;
     assert_eq!(audit.body["events"][0]["api_key_id"], "writer");
     assert_eq!(call(&http, "GET", "/v1/audit/verify", None, Some(ADMIN)).await.body["ok"], true);
+}
+
+#[tokio::test]
+async fn grant_and_revoke_ops_need_admin_and_the_refusal_names_the_op() {
+    let (server, _dir) = start();
+    let http = Http::new(&server);
+    let grant = json!({"subject": "user:eve", "action": "read", "resource": "doc:1"});
+    let act = json!({"ops": [{"put": {"key": "k", "value": 1}}, {"grant": grant}]});
+    let r = call(&http, "POST", "/v1/ns/shop/act", Some(&act), Some(WRITER)).await;
+    assert_eq!((r.status, r.body["field"].as_str()), (403, Some("ops[1].grant")), "{:?}", r.body);
+    let txn = json!({"then": [{"put": {"key": "k", "value": 1}}], "else": [{"revoke": grant}]});
+    let r = call(&http, "POST", "/v1/ns/shop/txn", Some(&txn), Some(WRITER)).await;
+    assert_eq!((r.status, r.body["field"].as_str()), (403, Some("else[0].revoke")), "{:?}", r.body);
+    let grants = call(&http, "GET", "/v1/ns/shop/grants", None, Some(READER)).await;
+    assert_eq!(grants.body["items"], json!([]), "a refused grant op was applied");
+    assert_eq!(call(&http, "GET", "/v1/ns/shop/kv/k", None, Some(READER)).await.status, 404);
+    // The same ops from an admin go through; a write key's acts without them still do.
+    let r = call(&http, "POST", "/v1/ns/shop/act", Some(&act), Some(ADMIN)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let grants = call(&http, "GET", "/v1/ns/shop/grants", None, Some(READER)).await;
+    assert_eq!(grants.body["items"].as_array().map(Vec::len), Some(1), "{:?}", grants.body);
+    let put = json!({"ops": [{"put": {"key": "k", "value": 2}}]});
+    assert_eq!(call(&http, "POST", "/v1/ns/shop/act", Some(&put), Some(WRITER)).await.status, 200);
 }
 
 #[tokio::test]

@@ -186,9 +186,38 @@ pub(crate) fn admit(
             return Err(Box::new(forbidden(format!("API key {:?} may not use namespace {ns:?}", key.id))));
         }
     }
-    let id = key.id.clone();
+    let (id, role) = (key.id.clone(), key.role);
     if let Some(correlation) = req.extensions_mut().get_mut::<Correlation>() {
         correlation.api_key = Some(id);
+        correlation.role = Some(role);
+    }
+    Ok(())
+}
+
+/// Granting and revoking are an admin's, whichever route carries them: the grant routes need
+/// the role (see [`required_role`]), and an act's or a txn's `grant` and `revoke` ops need it
+/// too, checked here once the body is read, before anything is applied. `lists` are the
+/// request's op lists with their field names (`ops`, `then`, `else`).
+pub(crate) fn admit_ops<'a>(
+    correlation: &Correlation,
+    lists: impl IntoIterator<Item = (&'a str, &'a [gapguard_core::Op])>,
+) -> Result<(), ApiError> {
+    let Some(role) = correlation.role.filter(|role| *role < Role::Admin) else { return Ok(()) };
+    for (field, ops) in lists {
+        for (idx, op) in ops.iter().enumerate() {
+            let name = match op {
+                gapguard_core::Op::Grant { .. } => "grant",
+                gapguard_core::Op::Revoke { .. } => "revoke",
+                _ => continue,
+            };
+            let key = correlation.api_key.as_deref().unwrap_or_default();
+            let message = format!(
+                "API key {key:?} has role {}; a {name} op needs admin, as the grant routes do",
+                role_name(role)
+            );
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+                .with("field", format!("{field}[{idx}].{name}")));
+        }
     }
     Ok(())
 }

@@ -120,6 +120,8 @@ pub struct Correlation {
     pub id: String,
     /// The API key that made the request (set by the auth middleware).
     pub api_key: Option<String>,
+    /// That key's role; `None` when authentication is off (everything is allowed).
+    pub role: Option<crate::config::Role>,
 }
 
 const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -180,7 +182,7 @@ where
         http.response.status_code = tracing::field::Empty,
     );
     crate::otel::set_remote_parent(&span, req.headers());
-    req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None });
+    req.extensions_mut().insert(Correlation { id: id.clone(), api_key: None, role: None });
     let tracked = state.metrics.is_enabled().then(|| (Instant::now(), req.method().clone()));
     let admitted = crate::auth::admit(&state.keys, route, ns, &mut req);
     let mut response = match admitted {

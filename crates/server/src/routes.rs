@@ -438,6 +438,7 @@ pub(crate) async fn act(
     let request = body.value;
     let conditions = convert::conditions(request.conditions, "conditions", 0, raw_len, limits)?;
     let ops = convert::ops(request.ops, "ops", 1, raw_len, limits)?;
+    crate::auth::admit_ops(&correlation, [("ops", &ops[..])])?;
     convert::flow(&request.flow, limits)?;
     let ticket = match &request.ticket {
         Some(t) => Some(state.engine.verify_ticket(t).map_err(|e| {
@@ -500,6 +501,7 @@ async fn txn(
     let compare = convert::conditions(request.compare, "if", 0, raw_len, limits)?;
     let success = convert::ops(request.success, "then", 0, raw_len, limits)?;
     let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
+    crate::auth::admit_ops(&correlation, [("then", &success[..]), ("else", &failure[..])])?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let span = tracing::Span::current();
     if !span.is_disabled() {
