@@ -390,6 +390,35 @@ mod tests {
         assert_eq!(config.backend, None);
     }
 
+    /// Every config block the documentation shows parses, its secret placeholders filled in:
+    /// the README's once put a dozen top-level keys under `[limits]`, where no server took them.
+    #[test]
+    fn the_documented_config_blocks_parse() {
+        let docs = [
+            ("README.md", include_str!("../../../README.md")),
+            ("docs/security.md", include_str!("../../../docs/security.md")),
+            ("bench/README.md", include_str!("../../../bench/README.md")),
+        ];
+        let mut blocks = 0;
+        for (doc, text) in docs {
+            for block in text.split("```toml\n").skip(1) {
+                let block = block.split("```").next().unwrap_or_default();
+                let filled: String = block
+                    .lines()
+                    .map(|line| match line.trim_start().starts_with("secret_sha256") {
+                        true => format!("secret_sha256 = \"{}\"\n", "ab".repeat(32)),
+                        false => format!("{line}\n"),
+                    })
+                    .collect();
+                if let Err(e) = Config::parse(&filled) {
+                    panic!("a config block of {doc} does not parse: {e}\n{block}");
+                }
+                blocks += 1;
+            }
+        }
+        assert_eq!(blocks, 4, "the blocks of the three documents");
+    }
+
     #[test]
     fn a_backend_url_is_read_from_the_file() {
         let config = Config::parse("backend = \"postgres://gg@db:5432/gapguard\"\n").unwrap();
