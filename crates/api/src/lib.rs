@@ -239,6 +239,10 @@ pub struct KeyValue {
 pub struct ListResponse {
     /// Live keys, in key order.
     pub items: Vec<KeyValue>,
+    /// Whether more keys match past the last one here (as etcd's `more`): ask again with
+    /// `after` set to the last key for the next page.
+    #[serde(default)]
+    pub more: bool,
     /// The revision the listing reflects.
     pub revision: u64,
 }

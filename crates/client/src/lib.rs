@@ -366,6 +366,8 @@ struct ListQuery<'a> {
     #[serde(skip_serializing_if = "str::is_empty")]
     prefix: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<usize>,
 }
 
@@ -457,8 +459,20 @@ impl Client {
     /// `GET /v1/ns/{ns}/kv?prefix=&limit=`: live keys starting with `prefix` (`""`: all), in
     /// key order, at most `limit` (`None`: the server's default).
     pub async fn list(&self, ns: &str, prefix: &str, limit: Option<usize>) -> Result<ListResponse, ClientError> {
+        self.list_after(ns, prefix, None, limit).await
+    }
+
+    /// [`Client::list`] from after `after` (exclusive): the next page after one that said
+    /// `more`, `after` being its last key.
+    pub async fn list_after(
+        &self,
+        ns: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<ListResponse, ClientError> {
         let url = self.ns_url(ns, "/kv")?;
-        let request = self.http.get(&url).query(&ListQuery { prefix, limit });
+        let request = self.http.get(&url).query(&ListQuery { prefix, after, limit });
         Ok(self.send(&url, request).await?.value)
     }
 

@@ -179,6 +179,7 @@ async fn list_and_audit_send_only_the_query_parameters_given() {
     let (base, seen) = canned(vec![
         ("200 OK", vec![JSON], r#"{"items":[],"revision":1}"#),
         ("200 OK", vec![JSON], r#"{"items":[],"revision":1}"#),
+        ("200 OK", vec![JSON], r#"{"items":[],"more":true,"revision":1}"#),
         ("200 OK", vec![JSON], r#"{"events":[]}"#),
         ("200 OK", vec![JSON], r#"{"events":[],"next_after_seq":9}"#),
     ])
@@ -186,6 +187,7 @@ async fn list_and_audit_send_only_the_query_parameters_given() {
     let client = Client::new(&base).unwrap();
     client.list("shop", "", None).await.unwrap();
     client.list("shop", "orders/&x", Some(5)).await.unwrap();
+    assert!(client.list_after("shop", "o", Some("o/9 z"), None).await.unwrap().more);
     client.audit("shop", &AuditQuery::default()).await.unwrap();
     let query = AuditQuery {
         after_seq: Some(3),
@@ -201,6 +203,7 @@ async fn list_and_audit_send_only_the_query_parameters_given() {
         [
             "/v1/ns/shop/kv",
             "/v1/ns/shop/kv?prefix=orders%2F%26x&limit=5",
+            "/v1/ns/shop/kv?prefix=o&after=o%2F9+z",
             "/v1/ns/shop/audit",
             "/v1/ns/shop/audit?after_seq=3&key=a+b&limit=10&newest=true",
         ]

@@ -446,19 +446,25 @@ impl Engine {
         (record, snap.revision)
     }
 
-    /// Lists live keys of a namespace starting with `prefix`, in key order, at most `limit`.
-    pub fn list(&self, ns: &str, prefix: &str, limit: usize) -> (Vec<KeyValue>, Revision) {
+    /// Lists live keys of a namespace starting with `prefix` (and after `after`, exclusive),
+    /// in key order, at most `limit`; `true` if more match past the last one returned.
+    pub fn list(&self, ns: &str, prefix: &str, after: Option<&str>, limit: usize) -> (Vec<KeyValue>, bool, Revision) {
         let snap = self.inner.snapshot.load();
-        let start = NsKey::new(ns, prefix);
-        let items = snap
+        let start = match after {
+            Some(after) if after > prefix => NsKey::new(ns, after),
+            _ => NsKey::new(ns, prefix),
+        };
+        let mut items: Vec<KeyValue> = snap
             .entries
             .range(start..)
             .take_while(|(k, _)| k.ns == ns && k.key.starts_with(prefix))
-            .filter(|(k, _)| !primitives::is_internal(&k.key))
+            .filter(|(k, _)| after.is_none_or(|after| k.key.as_str() > after) && !primitives::is_internal(&k.key))
             .filter_map(|(k, e)| e.record.as_ref().map(|r| KeyValue { key: k.key.clone(), record: r.clone() }))
-            .take(limit)
+            .take(limit.saturating_add(1))
             .collect();
-        (items, snap.revision)
+        let more = items.len() > limit;
+        items.truncate(limit);
+        (items, more, snap.revision)
     }
 
     /// Reads a primitive's record (a lease, pool, reservation or orphan) by its internal key.

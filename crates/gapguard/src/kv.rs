@@ -26,7 +26,9 @@ pub async fn run(ctx: &Ctx, command: &KvCommand) -> anyhow::Result<()> {
             note_replay(response.replayed);
             ctx.out.json(&response.value)
         }
-        KvCommand::List { ns, prefix, limit, .. } => ctx.out.json(&ctx.client.list(ns, prefix, *limit).await?),
+        KvCommand::List { ns, prefix, after, limit, .. } => {
+            ctx.out.json(&ctx.client.list_after(ns, prefix, after.as_deref(), *limit).await?)
+        }
     }
 }
 

@@ -237,6 +237,9 @@ enum KvCommand {
         /// Only keys starting with this.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Only keys after this one: the last key of a listing that said `"more": true`.
+        #[arg(long)]
+        after: Option<String>,
         /// At most this many keys [default: the server's].
         #[arg(long)]
         limit: Option<usize>,
@@ -507,9 +510,9 @@ mod tests {
             panic!("not kv list")
         };
         assert_eq!((prefix.as_str(), limit), ("", None));
-        let cli = parse(&["kv", "list", "ns", "--prefix", "orders/", "--limit", "5"]).unwrap();
-        let Command::Kv(KvCommand::List { prefix, limit, .. }) = cli.command else { panic!("not kv list") };
-        assert_eq!((prefix.as_str(), limit), ("orders/", Some(5)));
+        let cli = parse(&["kv", "list", "ns", "--prefix", "orders/", "--limit", "5", "--after", "orders/7"]).unwrap();
+        let Command::Kv(KvCommand::List { prefix, limit, after, .. }) = cli.command else { panic!("not kv list") };
+        assert_eq!((prefix.as_str(), limit, after.as_deref()), ("orders/", Some(5), Some("orders/7")));
     }
 
     #[test]

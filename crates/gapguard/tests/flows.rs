@@ -227,6 +227,88 @@ async fn health_and_openapi_are_served() {
     {
         assert!(doc.body["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
+    assert!(doc.body["paths"]["/metrics"]["get"].is_object(), "/metrics missing from the OpenAPI document");
+    assert_eq!(doc.body["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
+    let mut operations = 0;
+    for (path, item) in doc.body["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            let at = format!("{} {path}", method.to_uppercase());
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            for p in &params {
+                let name = p["name"].as_str().unwrap();
+                // A parameter in the path is one of its `{…}`; any other is optional.
+                match p["in"].as_str().unwrap() {
+                    "path" => assert!(path.contains(&format!("{{{name}}}")), "{at}: `{name}` is not in the path"),
+                    _ => assert_eq!(p["required"], false, "{at}: `{name}` is required"),
+                }
+            }
+            for segment in path.split('/').filter(|s| s.starts_with('{')) {
+                let name = segment.trim_matches(|c| c == '{' || c == '}');
+                assert!(params.iter().any(|p| p["name"] == name && p["in"] == "path"), "{at}: `{name}` undeclared");
+            }
+            let statuses = |list: &[&str]| list.iter().filter(|s| op["responses"][**s].is_null()).count() == 0;
+            if !["/healthz", "/readyz", "/metrics"].contains(&path.as_str()) {
+                assert!(statuses(&["401", "403", "503"]), "{at}: authentication or load answers undocumented");
+            }
+            if !op["requestBody"].is_null() {
+                assert!(statuses(&["400", "413"]), "{at}: a body's refusals undocumented");
+            }
+            if params.iter().any(|p| p["name"] == "Idempotency-Key") {
+                assert!(statuses(&["409", "422"]), "{at}: idempotency answers undocumented");
+            }
+        }
+    }
+    assert!(operations > 25, "{operations} operations");
+    // A documented query parameter is read from the query: the kv listing's `limit` below its
+    // documented minimum is refused as the document says.
+    let list = &doc.body["paths"]["/v1/ns/{ns}/kv"]["get"]["parameters"];
+    let limit = list.as_array().unwrap().iter().find(|p| p["name"] == "limit").unwrap();
+    assert_eq!((limit["in"].as_str(), limit["schema"]["minimum"].as_u64()), (Some("query"), Some(1)));
+    assert_eq!(http.get("/v1/ns/shop/kv?limit=0").await.status, 400);
+    assert_eq!(http.get("/v1/ns/shop/kv?limit=1").await.status, 200);
+}
+
+/// A prefix listing pages: `more` says whether keys match past the page, `after` the last key
+/// of a page starts the next one, and keys outside the prefix never appear.
+#[tokio::test]
+async fn a_listing_pages_with_more_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = Http::new(&server);
+    for key in ["a", "item/", "item0", "itemz"] {
+        assert_eq!(http.put(&format!("/v1/ns/shop/kv/{key}"), json!({"value": 0})).await.status, 200);
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("item/{i:02}")).collect();
+    for key in &expected {
+        assert_eq!(http.put(&format!("/v1/ns/shop/kv/{key}"), json!({"value": key})).await.status, 200);
+    }
+    expected.insert(0, "item/".into());
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let query = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
+        let page = http.get(&format!("/v1/ns/shop/kv?prefix=item/&limit=10{query}")).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let items: Vec<String> =
+            page.body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_owned()).collect();
+        pages += 1;
+        seen.extend(items.iter().cloned());
+        if page.body["more"] == false {
+            assert_eq!(items.len(), 6, "the last page holds the rest");
+            break;
+        }
+        assert_eq!((items.len(), &page.body["more"]), (10, &json!(true)));
+        after = items.last().cloned();
+    }
+    assert_eq!((seen, pages), (expected, 3));
+    // A page that ends exactly at the last key says no more; `after` past every key, or before
+    // the prefix, behaves as a bound, not an error.
+    let whole = http.get("/v1/ns/shop/kv?prefix=item/&limit=26").await;
+    assert_eq!((whole.body["items"].as_array().unwrap().len(), &whole.body["more"]), (26, &json!(false)));
+    let past = http.get("/v1/ns/shop/kv?prefix=item/&after=item/99").await;
+    assert_eq!((past.body["items"].as_array().unwrap().len(), &past.body["more"]), (0, &json!(false)));
+    let before = http.get("/v1/ns/shop/kv?prefix=item/&after=a&limit=1").await;
+    assert_eq!((&before.body["items"][0]["key"], &before.body["more"]), (&json!("item/"), &json!(true)));
 }
 
 /// The hot routes (a key's GET and PUT, check, act, reserve, commit) are served without the

@@ -11,6 +11,7 @@ mod extract;
 mod hot;
 mod load;
 pub mod metrics;
+mod openapi;
 pub mod otel;
 mod primitives;
 pub mod routes;

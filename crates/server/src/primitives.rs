@@ -400,6 +400,7 @@ pub(crate) async fn revoke(
 
 /// Query of a grant listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantParams {
     /// Only grants to this subject.
@@ -434,6 +435,7 @@ pub(crate) async fn list_grants(
 
 /// Query of an orphan listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OrphanParams {
     /// Include resolved orphans too.
@@ -518,6 +520,7 @@ pub(crate) async fn resolve_orphan(
 
 /// Query of a watch.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WatchParams {
     /// Only keys starting with this.
@@ -562,7 +565,7 @@ fn sse_json(name: &str, data: &impl serde::Serialize) -> Event {
 type Live = broadcast::Receiver<Arc<Vec<Arc<Change>>>>;
 
 #[utoipa::path(get, path = "/v1/ns/{ns}/watch", params(("ns" = String, Path), WatchParams, ("Last-Event-ID" = Option<String>, Header)),
-    responses((status = 200, description = "text/event-stream: `change` events (data: WatchEvent, id: revision), then `compacted` or `lagged` when the stream must be resumed")))]
+    responses((status = 200, body = String, content_type = "text/event-stream", description = "`change` events (data: WatchEvent, id: revision), then `compacted` or `lagged` when the stream must be resumed")))]
 pub(crate) async fn watch(
     State(state): State<AppState>,
     ApiPath(ns): ApiPath<String>,

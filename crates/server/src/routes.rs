@@ -20,6 +20,7 @@ use crate::convert;
 use crate::error::ApiError;
 use crate::extract::{envelope, ApiPath, ApiQuery, Correlation, JsonBody};
 use crate::metrics::{self, LabelNames, Metrics};
+use crate::openapi::Completion;
 use crate::otel;
 use crate::primitives;
 
@@ -335,12 +336,17 @@ async fn delete_kv(
 
 /// Query of a prefix listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
     /// Only keys starting with this (default: all).
     #[serde(default)]
     prefix: String,
+    /// Only keys after this one (exclusive): the last key of the previous page, when it said
+    /// `more`.
+    after: Option<String>,
     /// At most this many items (default 1000, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<usize>,
 }
 
@@ -358,7 +364,10 @@ async fn list_kv(
         return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
     }
     fresh(&state).await?;
-    let (items, revision) = state.engine.list(&ns, &params.prefix, limit);
+    if let Some(after) = &params.after {
+        convert::key(after, "after", limits)?;
+    }
+    let (items, more, revision) = state.engine.list(&ns, &params.prefix, params.after.as_deref(), limit);
     let items = items
         .into_iter()
         .map(|kv| api::KeyValue {
@@ -369,7 +378,7 @@ async fn list_kv(
             mod_revision: kv.record.mod_revision,
         })
         .collect();
-    Ok(Json(api::ListResponse { items, revision }))
+    Ok(Json(api::ListResponse { items, more, revision }))
 }
 
 #[utoipa::path(post, path = "/v1/ns/{ns}/check", request_body = api::CheckRequest, params(("ns" = String, Path)),
@@ -512,6 +521,7 @@ async fn txn(
 
 /// Query of the audit log.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
     /// Only events at or after this revision.
@@ -523,6 +533,7 @@ struct AuditParams {
     /// Only events that read or wrote this key.
     key: Option<String>,
     /// At most this many events (default 100, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<usize>,
     /// The newest matching events instead of the oldest (still oldest first).
     newest: Option<bool>,
@@ -611,6 +622,7 @@ async fn slo(State(state): State<AppState>) -> Json<api::SloResponse> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "gapguard", description = "The guard that closes the gap between time of check and time of use."),
+    modifiers(&Completion),
     paths(
         healthz,
         readyz,
