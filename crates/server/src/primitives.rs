@@ -90,7 +90,7 @@ fn lease_response(name: String, lease: &Lease, now_ms: u64, revision: u64) -> ap
 }
 
 /// An optional JSON body: empty means the default.
-fn optional_body<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn optional_body<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result<T, ApiError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         Ok(T::default())
     } else {

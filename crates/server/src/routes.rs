@@ -314,20 +314,24 @@ pub(crate) async fn get_kv(
     }
 }
 
-#[utoipa::path(delete, path = "/v1/ns/{ns}/kv/{key}",
+#[utoipa::path(delete, path = "/v1/ns/{ns}/kv/{key}", request_body = Option<api::EmptyRequest>,
     params(("ns" = String, Path), ("key" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     responses((status = 200, body = api::DeleteResponse), (status = 404, body = api::ErrorBody)))]
 async fn delete_kv(
     State(state): State<AppState>,
     ApiPath((ns, key)): ApiPath<(String, String)>,
     Extension(correlation): Extension<Correlation>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
+    let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
+    // No body, or `{}`, as a reservation's commit: anything else was ignored before, and the
+    // key deleted all the same.
+    let raw = crate::extract::read_body(req.into_body(), limits.max_body_bytes).await?;
+    let api::EmptyRequest {} = primitives::optional_body(&raw)?;
+    // Both mean the same request: the fingerprint is the empty body's either way.
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, b"", &state)?;
     otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Delete { ns, key: key.clone() };

@@ -281,6 +281,20 @@ async fn primitive_limits_and_bad_input() {
     }
     let (_, state) = g.json("GET", &format!("/v1/ns/n/reservations/{id}"), Value::Null).await;
     assert_eq!(state["state"], "held", "{state}");
+    // So does a key's delete; the key stays.
+    let (status, _) = g.json("PUT", "/v1/ns/n/kv/d", json!({"value": 1})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, err) = g.call("DELETE", "/v1/ns/n/kv/d", "garbage", &[]).await;
+    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("body")), "{err}");
+    g.assert_invalid("DELETE", "/v1/ns/n/kv/d", json!({"if_version": 1}), "if_version").await;
+    let (status, kept) = g.json("GET", "/v1/ns/n/kv/d", Value::Null).await;
+    assert_eq!((status, &kept["value"]), (StatusCode::OK, &json!(1)), "a refused delete deleted");
+    for body in ["{}", ""] {
+        let (status, _) = g.json("PUT", "/v1/ns/n/kv/d", json!({"value": 2})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, done) = g.call("DELETE", "/v1/ns/n/kv/d", body, &[]).await;
+        assert_eq!(status, StatusCode::OK, "delete with {body:?}: {done}");
+    }
     for (action, body) in [("commit", "{}"), ("release", "")] {
         let (_, held) = g.json("POST", "/v1/ns/n/pools/p/reserve", json!({"amount": 1, "ttl_ms": 60_000})).await;
         let uri = format!("/v1/ns/n/reservations/{}/{action}", held["reservation"].as_str().unwrap());
