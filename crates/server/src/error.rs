@@ -77,11 +77,3 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
         ApiError::invalid("path", rejection.body_text())
     }
 }
-
-impl From<axum::extract::rejection::QueryRejection> for ApiError {
-    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
-        let text = rejection.body_text();
-        let text = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text).to_owned();
-        ApiError::invalid("query", text)
-    }
-}

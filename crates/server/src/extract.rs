@@ -6,6 +6,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -23,11 +24,36 @@ use crate::strict::Strict;
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// A query extractor that answers `400 invalid_request` in JSON (unknown parameters too,
-/// where the target type denies them).
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+/// A query extractor that answers `400 invalid_request` in JSON naming the parameter (unknown
+/// parameters too, where the target type denies them).
 pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            ApiError::invalid(field_of(&path, &message, "query"), message)
+        })
+    }
+}
+
+/// The field an error of serde's is about: the path it stopped at, or, where it stopped at the
+/// top (`.`), the field a "missing field" or "unknown field" message names, else `whole`
+/// (`body`, `query`). A missing field is named below the path it is missing from.
+fn field_of(path: &str, message: &str, whole: &str) -> String {
+    let named = |prefix: &str| message.strip_prefix(prefix).and_then(|rest| rest.split('`').next());
+    match (path, named("missing field `")) {
+        (".", Some(missing)) => missing.to_owned(),
+        (path, Some(missing)) => format!("{path}.{missing}"),
+        (".", None) => named("unknown field `").unwrap_or(whole).to_owned(),
+        (path, None) => path.to_owned(),
+    }
+}
 
 /// A JSON body, decoded strictly, with its raw bytes (for idempotency fingerprints).
 pub struct JsonBody<T> {
@@ -65,6 +91,7 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
                 codes::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than the limit of {limit} bytes"),
             )
+            .with("field", "body")
             .with("limit_bytes", limit)
         } else {
             ApiError::invalid("body", format!("the request body could not be read: {e}"))
@@ -99,8 +126,8 @@ fn bad_field<T: DeserializeOwned>(raw: &[u8]) -> ApiError {
     match serde_path_to_error::deserialize::<_, T>(Strict(&mut de)) {
         Err(e) => {
             let path = e.path().to_string();
-            let field = if path == "." { "body".to_owned() } else { path };
-            ApiError::invalid(field, e.into_inner().to_string())
+            let message = e.into_inner().to_string();
+            ApiError::invalid(field_of(&path, &message, "body"), message)
         }
         // Decoding is deterministic: this is unreachable, but an answer beats a panic.
         Ok(_) => ApiError::invalid("body", "the body could not be decoded"),

@@ -105,7 +105,7 @@ async fn body_size_limit_answers_413() {
     let (status, err) = g.call("POST", "/v1/ns/n/act", body.clone(), &[]).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
     assert_eq!(err["error"], "payload_too_large");
-    assert_eq!(err["limit_bytes"], 1024 * 1024);
+    assert_eq!((&err["limit_bytes"], &err["field"]), (&json!(1024 * 1024), &json!("body")));
     body.pop();
     let (status, err) = g.call("POST", "/v1/ns/n/act", body, &[]).await;
     assert_eq!(status, StatusCode::OK, "a body of exactly 1 MiB is allowed: {err}");
@@ -177,11 +177,16 @@ async fn malformed_and_unknown_input_is_named() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{raw:?}: {err}");
         assert_eq!(err["error"], "invalid_request");
     }
+    // A query's bad or unknown parameter is named, as a body's field is.
     let (status, err) = g.call("GET", "/v1/ns/n/kv?limit=abc", "", &[]).await;
-    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("query")));
+    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")), "{err}");
     let (status, err) = g.call("GET", "/v1/ns/n/audit?colour=red", "", &[]).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("colour")), "{err}");
     assert!(err["message"].as_str().unwrap().contains("colour"), "{err}");
+    // A missing field is named where it is missing, at the top or below.
+    g.assert_invalid("PUT", "/v1/ns/n/kv/a", json!({}), "value").await;
+    g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"ttl_ms": 5}), "amount").await;
+    g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": [{"add": {"key": "a"}}]}), "ops[0].add.by").await;
     let (status, err) = g.call("GET", "/v1/nope", "", &[]).await;
     assert_eq!((status, err["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     let (status, err) = g.call("PATCH", "/v1/ns/n/kv/a", "", &[]).await;
