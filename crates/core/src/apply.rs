@@ -449,6 +449,7 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
             if branch.is_empty() {
                 // Nothing to write: like etcd, the revision does not move.
                 audit.outcome = "committed".into();
+                audit.detail = Some(UNCHANGED.into());
                 let outcome = Outcome::Txn { succeeded, revision: view.revision(), results: Vec::new() };
                 return Applied { outcome, changes: Vec::new(), committed: false, used_ticket: None, audit };
             }
@@ -462,6 +463,7 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
             // an absent key): like etcd, the revision does not move.
             audit.revision = view.revision();
             audit.outcome = "committed".into();
+            audit.detail = Some(UNCHANGED.into());
             let outcome = outcome.at_revision(view.revision());
             Applied { outcome, changes: Vec::new(), committed: false, used_ticket, audit }
         }
@@ -480,6 +482,11 @@ pub fn apply(view: &impl StateView, request: &WriteRequest, meta: &Meta) -> Appl
         }
     }
 }
+
+/// The audit detail of a committed request that changed nothing (a txn whose branch has no
+/// ops, a grant that existed, a delete op of an absent key): its event carries the revision it
+/// was evaluated at, which an earlier event carries too.
+pub const UNCHANGED: &str = "changed nothing: the revision did not move (as in etcd); this is the revision it saw";
 
 fn refused_with(audit: AuditEvent, outcome: Outcome) -> Applied {
     Applied { outcome, changes: Vec::new(), committed: false, used_ticket: None, audit }

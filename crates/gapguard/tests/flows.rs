@@ -3,7 +3,7 @@
 
 mod support;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use support::{Http, Server};
 
 #[tokio::test]
@@ -134,6 +134,20 @@ async fn txn_runs_its_else_branch_when_the_condition_fails() {
     let r = http.post("/v1/ns/t/txn", then).await;
     assert_eq!((r.body["succeeded"].as_bool(), r.body["revision"].as_u64()), (Some(true), Some(3)));
     assert_eq!(http.get("/v1/ns/t/kv/acct/7").await.status, 404);
+    // A branch with no ops changes nothing: the revision stays, as in etcd, and the audit
+    // event, committed at the revision the txn saw, says so rather than pass for the write
+    // that made it.
+    let idle = json!({"if": [{"exists": "acct/7"}], "then": [{"put": {"key": "x", "value": 1}}]});
+    let r = http.post("/v1/ns/t/txn", idle).await;
+    assert_eq!((r.body["succeeded"].as_bool(), r.body["revision"].as_u64()), (Some(false), Some(3)));
+    let events = http.get("/v1/ns/t/audit?newest=true&limit=2").await.body["events"].clone();
+    let (write, idle) = (&events[0], &events[1]);
+    assert_eq!(
+        (&write["revision"], &write["outcome"], &write["detail"]),
+        (&json!(3), &json!("committed"), &Value::Null)
+    );
+    assert_eq!((&idle["revision"], &idle["outcome"]), (&json!(3), &json!("committed")));
+    assert!(idle["detail"].as_str().unwrap().contains("changed nothing"), "{idle}");
 }
 
 #[tokio::test]
