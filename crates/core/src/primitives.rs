@@ -60,7 +60,8 @@ pub fn display_key(key: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The kind (`lease`, `pool`, `reservation`, `grant` or `orphan`) and the name of an internal
-/// key, as users see them (a grant's parts joined by `|`); `None` for a user key.
+/// key, as users see them (a grant's parts joined by `|`, a `|` or `\` within a part escaped
+/// by a `\`, so that two grants never show alike); `None` for a user key.
 pub fn describe_internal(key: &str) -> Option<(&'static str, String)> {
     let rest = key.strip_prefix(INTERNAL)?;
     let (kind, name) = rest.split_once('/')?;
@@ -72,7 +73,11 @@ pub fn describe_internal(key: &str) -> Option<(&'static str, String)> {
         "orphan" => "orphan",
         _ => return None,
     };
-    Some((kind, name.replace('\u{0}', "|")))
+    if kind != "grant" {
+        return Some((kind, name.to_owned()));
+    }
+    let parts: Vec<String> = name.split('\u{0}').map(|part| part.replace('\\', "\\\\").replace('|', "\\|")).collect();
+    Some((kind, parts.join("|")))
 }
 
 /// The id of the `idx`-th object a request creates at `revision`: unique, deterministic.
@@ -234,6 +239,13 @@ mod tests {
         assert_eq!(display_key(&lease_key("migrator")), "lease:migrator");
         assert_eq!(display_key(&reservation_key("rsv_a_0")), "reservation:rsv_a_0");
         assert_eq!(display_key(&grant_key("user:alice", "read", "doc:9")), "grant:user:alice|read|doc:9");
+        // Parts holding the separator (or the escape) still show apart.
+        let (one, other) = (grant_key("a|b", "export", "r"), grant_key("a", "b|export", "r"));
+        assert_eq!(
+            (display_key(&one).as_ref(), display_key(&other).as_ref()),
+            (r"grant:a\|b|export|r", r"grant:a|b\|export|r")
+        );
+        assert_eq!(display_key(&grant_key(r"a\", "x", "y")), r"grant:a\\|x|y");
         assert_eq!(display_key("orders/42"), "orders/42");
         assert_eq!(describe_internal(&pool_key("vms")), Some(("pool", "vms".to_owned())));
         assert_eq!(describe_internal("\u{1}unknown/x"), None);
