@@ -90,10 +90,11 @@ impl Feed {
         let _ = self.live.send(Arc::new(changes));
     }
 
-    /// Subscribes from `from_revision` (inclusive).
+    /// Subscribes from `from_revision` (inclusive; 0, before the first revision there is, is
+    /// the start of history, which is whole while the window starts at revision 1).
     pub fn subscribe(&self, from_revision: Revision) -> Result<Subscription, Compacted> {
         let window = self.window.lock().expect("feed lock");
-        if from_revision < window.first_revision {
+        if from_revision.max(1) < window.first_revision {
             return Err(Compacted { first_available: window.first_revision });
         }
         let start = window.changes.partition_point(|c| c.revision < from_revision);
@@ -151,6 +152,15 @@ mod tests {
     fn history_before_the_start_is_compacted() {
         let feed = Feed::new(10);
         assert_eq!(feed.subscribe(10).err(), Some(Compacted { first_available: 11 }));
+        assert_eq!(feed.subscribe(0).err(), Some(Compacted { first_available: 11 }));
         assert!(feed.subscribe(11).unwrap().backlog.is_empty());
+    }
+
+    #[test]
+    fn from_revision_zero_of_a_whole_history_is_its_start() {
+        let feed = Feed::new(0);
+        assert!(feed.subscribe(0).unwrap().backlog.is_empty(), "nothing was lost on a fresh store");
+        feed.publish(vec![change(1), change(2)]);
+        assert_eq!(feed.subscribe(0).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![1, 2]);
     }
 }
