@@ -200,6 +200,10 @@ async fn audit_finds_events_by_correlation_id_and_verifies() {
         .await;
     assert_eq!(check.header("traceparent"), Some(tp));
     assert_eq!(check.header("x-correlation-id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    // One that is not a traceparent is ignored: not echoed, not the correlation id.
+    let garbage = http.send("GET", "/v1/ns/au/kv/none", None, &[("traceparent", "garbage")]).await;
+    assert_eq!((garbage.status, garbage.header("traceparent")), (404, None));
+    assert_eq!(garbage.header("x-correlation-id").map(str::len), Some(32));
     let act = http
         .send(
             "POST",

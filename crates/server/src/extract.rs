@@ -195,7 +195,9 @@ where
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let traceparent = req.headers().get("traceparent").cloned();
+    // Echoed only when valid: one that is not is ignored (W3C Trace Context), not repeated.
+    let traceparent =
+        req.headers().get("traceparent").filter(|tp| tp.to_str().ok().and_then(trace_id).is_some()).cloned();
     // The server span of the request; check and act name their role on it (`toctou.*`).
     let span = tracing::info_span!(
         target: REQUEST_SPAN_TARGET,
