@@ -734,7 +734,8 @@ pub struct AuditEvent {
     pub flow: Option<String>,
     /// For an act with a ticket: the check.
     pub check: Option<AuditCheck>,
-    /// For a refusal or denial: what did not hold and which change broke it.
+    /// For a refusal or denial: what did not hold and which change broke it; for a committed
+    /// request that changed nothing, that it did not move the revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }

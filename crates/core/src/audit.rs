@@ -76,7 +76,8 @@ pub struct AuditEvent {
     /// For an act that presented a ticket: the check it came from.
     pub check: Option<CheckRef>,
     /// For a refusal or denial: what did not hold, and which revision (and correlation id)
-    /// changed it, for a person.
+    /// changed it, for a person; for a committed request that changed nothing,
+    /// the text of `apply::UNCHANGED`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }

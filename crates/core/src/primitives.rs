@@ -50,8 +50,8 @@ pub fn kind_prefix(kind: &str) -> String {
 }
 
 /// How a key is shown in audit events and the change feed: user keys as they are, internal
-/// keys as `lease:NAME`, `pool:NAME`, `reservation:ID`, `grant:SUBJECT|ACTION|RESOURCE` or
-/// `orphan:ID`.
+/// keys as `lease:NAME`, `pool:NAME`, `reservation:ID`, `grant:SUBJECT|ACTION|RESOURCE` (see
+/// [`describe_internal`] for the escaping) or `orphan:ID`.
 pub fn display_key(key: &str) -> std::borrow::Cow<'_, str> {
     match describe_internal(key) {
         Some((kind, name)) => format!("{kind}:{name}").into(),

@@ -166,6 +166,39 @@ async fn every_route_refuses_callers_without_the_right_key_and_changes_nothing()
     assert_eq!(call(&http, "GET", "/v1/audit/verify", None, Some(ADMIN)).await.body["ok"], true);
 }
 
+/// The OpenAPI document lists the refusals of authentication the server gives on each route.
+#[tokio::test]
+async fn the_openapi_document_lists_each_routes_refusals_of_authentication() {
+    let (server, _dir) = start();
+    let http = Http::new(&server);
+    let doc = call(&http, "GET", "/v1/openapi.json", None, Some(READER)).await.body;
+    let mut probed = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{ns}", "shop").replace("{key}", "k").replace("{pool}", "p").replace("{id}", "x");
+        let concrete = concrete.replace("{name}", "l");
+        for (method, op) in item.as_object().unwrap() {
+            let (verb, at) = (method.to_uppercase(), format!("{} {path}", method.to_uppercase()));
+            let documented = |status: u16| !op["responses"][status.to_string()].is_null();
+            let open = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            let anonymous = call(&http, &verb, &concrete, None, None).await.status;
+            assert_eq!(anonymous == 401, !open, "{at}: {anonymous} without a key");
+            assert!(documented(anonymous), "{at}: answers {anonymous} without a key");
+            // A watch that is let in streams on: only the refused ones are read.
+            let keys: &[&str] = if path.ends_with("/watch") { &[OTHER_NS] } else { &[OTHER_NS, READER, WRITER] };
+            for secret in keys {
+                let status = call(&http, &verb, &concrete, None, Some(secret)).await.status;
+                assert_ne!(status, 401, "{at} with a valid key");
+                assert!(status != 403 || documented(403), "{at}: answers 403, undocumented");
+                if path.contains("{ns}") && *secret == OTHER_NS {
+                    assert_eq!(status, 403, "{at}: another namespace's key");
+                }
+            }
+            probed += 1;
+        }
+    }
+    assert!(probed > 25, "{probed} operations");
+}
+
 #[tokio::test]
 async fn grant_and_revoke_ops_need_admin_and_the_refusal_names_the_op() {
     let (server, _dir) = start();

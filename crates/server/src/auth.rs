@@ -92,8 +92,11 @@ impl Keys {
     }
 }
 
+/// The routes that never need a key (`/metrics` neither, unless `metrics_require_key`).
+pub(crate) const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+
 /// The role a route needs.
-fn required_role(method: &Method, route: &str) -> Role {
+pub(crate) fn required_role(method: &Method, route: &str) -> Role {
     let admin =
         ["/v1/ns/{ns}/grants", "/v1/ns/{ns}/grants/revoke", "/v1/ns/{ns}/orphans/{id}/resolve", "/v1/audit/verify"];
     if (admin.contains(&route) && (method == Method::POST || route == "/v1/audit/verify"))
@@ -156,7 +159,7 @@ pub(crate) fn admit(
         return Ok(());
     }
     let Some(route) = route else { return Ok(()) };
-    if route == "/healthz" || route == "/readyz" || (route == "/metrics" && !keys.metrics_need_key) {
+    if OPEN_ROUTES.contains(&route) || (route == "/metrics" && !keys.metrics_need_key) {
         return Ok(());
     }
     let presented = req
@@ -199,10 +202,18 @@ pub(crate) fn admit(
 /// too, checked here once the body is read, before anything is applied. `lists` are the
 /// request's op lists with their field names (`ops`, `then`, `else`).
 pub(crate) fn admit_ops<'a>(
+    keys: &Keys,
     correlation: &Correlation,
     lists: impl IntoIterator<Item = (&'a str, &'a [gapguard_core::Op])>,
 ) -> Result<(), ApiError> {
-    let Some(role) = correlation.role.filter(|role| *role < Role::Admin) else { return Ok(()) };
+    if !keys.enabled() {
+        return Ok(());
+    }
+    // With keys, `admit` recorded the caller's role; none recorded is no right to grant.
+    let role = correlation.role.unwrap_or(Role::Read);
+    if role >= Role::Admin {
+        return Ok(());
+    }
     for (field, ops) in lists {
         for (idx, op) in ops.iter().enumerate() {
             let name = match op {

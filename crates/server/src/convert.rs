@@ -205,6 +205,16 @@ pub fn ops(
         .collect()
 }
 
+/// A listing's `limit` (`default` when not given): 1 to `max_list_limit` (the OpenAPI
+/// document's bound on the `limit` parameters, 10,000, is this one's default: keep them alike).
+pub fn list_limit(limit: Option<usize>, default: usize, limits: &Limits) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    match (1..=limits.max_list_limit).contains(&limit) {
+        true => Ok(limit),
+        false => Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit))),
+    }
+}
+
 /// A name of a pool, lease, reservation, orphan or holder: 1 to `max_name_bytes` bytes
 /// without control characters.
 pub fn name(name: &str, field: &str, limits: &Limits) -> Result<(), ApiError> {

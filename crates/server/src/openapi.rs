@@ -3,17 +3,18 @@
 //! handler (authentication, the in-flight bound, the deadline, the body limit, the idempotency
 //! claim), and `/metrics`, which is Prometheus text rather than JSON.
 
+use axum::http::Method;
 use gapguard_api::codes;
-use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, ParameterIn, PathItem};
+use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, PathItem};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::Modify;
 
+use crate::auth;
+use crate::config::Role;
+
 /// The security scheme's name in the document.
 const SCHEME: &str = "api_key";
-
-/// Routes that never need a key.
-const OPEN: [&str; 2] = ["/healthz", "/readyz"];
 
 /// Completes the generated document (see the module's documentation).
 pub struct Completion;
@@ -45,55 +46,64 @@ impl Modify for Completion {
         doc.paths.paths.insert("/metrics".into(), PathItem::new(HttpMethod::Get, metrics));
 
         for (path, item) in &mut doc.paths.paths {
-            if path == "/metrics" {
-                continue;
-            }
-            let open = OPEN.contains(&path.as_str());
-            for (method, op) in
-                [("get", &mut item.get), ("put", &mut item.put), ("post", &mut item.post), ("delete", &mut item.delete)]
-            {
+            for (method, op) in [
+                (Method::GET, &mut item.get),
+                (Method::PUT, &mut item.put),
+                (Method::POST, &mut item.post),
+                (Method::DELETE, &mut item.delete),
+            ] {
                 let Some(op) = op else { continue };
-                complete(op, method, open);
+                complete(op, path, &method);
             }
         }
     }
 }
 
-/// Adds to one operation the answers every such operation may give.
-fn complete(op: &mut Operation, method: &str, open: bool) {
+/// Adds to the operation `method` `path` the answers of the layers in front of its handler.
+fn complete(op: &mut Operation, path: &str, method: &Method) {
+    let open = auth::OPEN_ROUTES.contains(&path);
     if open {
         op.security = Some(vec![SecurityRequirement::default()]);
     } else {
+        // `/metrics` too, where `metrics_require_key` is set.
         add(op, "401", "unauthorized: API keys are configured and none, or an unknown one, was sent");
-        add(op, "403", "forbidden: the key's role or namespaces do not cover this request");
+        // Every key may read; a key is refused a namespace, or a route above its role.
+        if path.contains("{ns}") || auth::required_role(method, path) > Role::Read {
+            add(op, "403", "forbidden: the key's role or namespaces do not cover this request");
+        }
     }
-    add(op, "503", "unavailable: past `max_in_flight` (with `Retry-After`), or the store failed");
-    let params = op.parameters.as_deref().unwrap_or_default();
-    let in_path = |name: &str| params.iter().any(|p| p.name == name && p.parameter_in == ParameterIn::Path);
-    let idempotent = params.iter().any(|p| p.name.eq_ignore_ascii_case("Idempotency-Key"));
-    let has_query = params.iter().any(|p| p.parameter_in == ParameterIn::Query);
-    let reads_body = method != "get" || op.request_body.is_some();
-    if in_path("ns") || has_query || reads_body {
-        add(op, "400", &format!("{}: a malformed request, naming the `field`", codes::INVALID_REQUEST));
+    let reads_body = *method != Method::GET;
+    // Every route reads its correlation id first (see `extract::enveloped`).
+    add(
+        op,
+        "400",
+        &format!(
+            "{}: a malformed request (path, query, body or `X-Correlation-Id`), naming the `field`",
+            codes::INVALID_REQUEST
+        ),
+    );
+    if path != "/healthz" {
+        // `/healthz` alone is outside the in-flight bound (see `load::Slots::serve`).
+        add(
+            op,
+            "503",
+            "unavailable: past `max_in_flight` (with `Retry-After`); past the deadline once the body was \
+             read (the request may have taken effect: retry it with its `Idempotency-Key`); or the store failed",
+        );
     }
     if reads_body {
+        add(
+            op,
+            "408",
+            &format!("{}: the body was still arriving at the deadline; nothing was done", codes::REQUEST_TIMEOUT),
+        );
         add(op, "413", &format!("{}: a body over `max_body_bytes`", codes::PAYLOAD_TOO_LARGE));
     }
-    if !open && path_is_not_a_stream(op) {
-        add(op, "408", &format!("{}: not answered within `request_timeout_ms`", codes::REQUEST_TIMEOUT));
-    }
-    if idempotent {
+    let params = op.parameters.as_deref().unwrap_or_default();
+    if params.iter().any(|p| p.name.eq_ignore_ascii_case("Idempotency-Key")) {
         add(op, "409", &format!("{}: the same Idempotency-Key is in flight", codes::IDEMPOTENCY_IN_PROGRESS));
         add(op, "422", &format!("{}: the Idempotency-Key was used for another request", codes::IDEMPOTENCY_KEY_REUSED));
     }
-}
-
-/// A watch streams for as long as it is read: the deadline does not apply to it.
-fn path_is_not_a_stream(op: &Operation) -> bool {
-    !op.responses.responses.values().any(|r| match r {
-        RefOr::T(response) => response.content.contains_key("text/event-stream"),
-        RefOr::Ref(_) => false,
-    })
 }
 
 /// Documents `status` with `description` and the error body, or, where the route documents

@@ -90,12 +90,25 @@ fn lease_response(name: String, lease: &Lease, now_ms: u64, revision: u64) -> ap
 }
 
 /// An optional JSON body: empty means the default.
-pub(crate) fn optional_body<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result<T, ApiError> {
+fn optional_body<T: serde::de::DeserializeOwned + Default>(raw: &[u8]) -> Result<T, ApiError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         Ok(T::default())
     } else {
         decode(raw)
     }
+}
+
+/// The method, URI, headers (for the idempotency claim) and raw body of a write whose body is
+/// none or `{}` (a key's delete, a reservation's commit or release): anything else is refused
+/// as a mistake worth telling (such bodies were once ignored).
+pub(crate) async fn empty_body(
+    state: &AppState,
+    req: axum::extract::Request,
+) -> Result<(axum::http::Method, axum::http::Uri, axum::http::HeaderMap, Bytes), ApiError> {
+    let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
+    let raw = raw_body(state, req).await?;
+    let api::EmptyRequest {} = optional_body(&raw)?;
+    Ok((method, uri, headers, raw))
 }
 
 /// Reads the raw body of a route whose body is optional (or absent), within the limit.
@@ -224,10 +237,7 @@ async fn resolve_reservation(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::name(&id, "reservation", limits)?;
-    let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
-    let raw = raw_body(&state, req).await?;
-    // No body, or `{}`: anything else is a mistake worth telling (it was ignored before).
-    let api::EmptyRequest {} = optional_body(&raw)?;
+    let (method, uri, headers, raw) = empty_body(&state, req).await?;
     let op = if commit { Op::Commit { reservation: id } } else { Op::Release { reservation: id } };
     call!(state, ns, correlation, method, uri, headers, raw).run(op, AuditKind::Reservation, applied).await
 }

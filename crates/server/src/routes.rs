@@ -326,13 +326,8 @@ async fn delete_kv(
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
     convert::key(&key, "key", limits)?;
-    let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
-    // No body, or `{}`, as a reservation's commit: anything else was ignored before, and the
-    // key deleted all the same.
-    let raw = crate::extract::read_body(req.into_body(), limits.max_body_bytes).await?;
-    let api::EmptyRequest {} = primitives::optional_body(&raw)?;
-    // Both mean the same request: the fingerprint is the empty body's either way.
-    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, b"", &state)?;
+    let (method, uri, headers, raw) = primitives::empty_body(&state, req).await?;
+    let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &raw, &state)?;
     otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Delete { ns, key: key.clone() };
     write(&state, request, correlation, claim, &key).await
@@ -363,14 +358,8 @@ async fn list_kv(
 ) -> Result<Json<api::ListResponse>, ApiError> {
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
-    let limit = params.limit.unwrap_or(1000);
-    if limit == 0 || limit > limits.max_list_limit {
-        return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
-    }
+    let limit = convert::list_limit(params.limit, 1000, limits)?;
     fresh(&state).await?;
-    if let Some(after) = &params.after {
-        convert::key(after, "after", limits)?;
-    }
     let (items, more, revision) = state.engine.list(&ns, &params.prefix, params.after.as_deref(), limit);
     let items = items
         .into_iter()
@@ -451,7 +440,7 @@ pub(crate) async fn act(
     let request = body.value;
     let conditions = convert::conditions(request.conditions, "conditions", 0, raw_len, limits)?;
     let ops = convert::ops(request.ops, "ops", 1, raw_len, limits)?;
-    crate::auth::admit_ops(&correlation, [("ops", &ops[..])])?;
+    crate::auth::admit_ops(&state.keys, &correlation, [("ops", &ops[..])])?;
     convert::flow(&request.flow, limits)?;
     let ticket = match &request.ticket {
         Some(t) => Some(state.engine.verify_ticket(t).map_err(|e| {
@@ -514,7 +503,7 @@ async fn txn(
     let compare = convert::conditions(request.compare, "if", 0, raw_len, limits)?;
     let success = convert::ops(request.success, "then", 0, raw_len, limits)?;
     let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
-    crate::auth::admit_ops(&correlation, [("then", &success[..]), ("else", &failure[..])])?;
+    crate::auth::admit_ops(&state.keys, &correlation, [("then", &success[..]), ("else", &failure[..])])?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let span = tracing::Span::current();
     if !span.is_disabled() {
@@ -578,10 +567,7 @@ async fn audit(
 ) -> Result<Json<api::AuditResponse>, ApiError> {
     let limits = state.engine.limits();
     convert::namespace(&ns, limits)?;
-    let limit = params.limit.unwrap_or(100);
-    if limit == 0 || limit > limits.max_list_limit {
-        return Err(ApiError::invalid("limit", format!("must be 1 to {}", limits.max_list_limit)));
-    }
+    let limit = convert::list_limit(params.limit, 100, limits)?;
     let query = AuditQuery {
         ns: Some(ns),
         from_revision: params.from_revision.unwrap_or(0),
