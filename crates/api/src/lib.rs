@@ -505,8 +505,11 @@ pub struct LeaseResponse {
 /// Answer of a grant listing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GrantsResponse {
-    /// The grants, in key order.
+    /// The grants, in key order, at most `max_list_limit` (10,000).
     pub items: Vec<GrantTuple>,
+    /// Whether more grants match than are listed: narrow by `subject` or `resource`.
+    #[serde(default)]
+    pub more: bool,
     /// The revision read at.
     pub revision: u64,
 }
@@ -567,8 +570,11 @@ pub struct OrphanItem {
 /// Answer of an orphan listing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OrphansResponse {
-    /// The orphans, oldest first.
+    /// The orphans, oldest first, at most `max_list_limit` (10,000).
     pub items: Vec<OrphanItem>,
+    /// Whether more orphans match than are listed (the newest are left out): resolve some.
+    #[serde(default)]
+    pub more: bool,
     /// The revision read at.
     pub revision: u64,
 }

@@ -430,17 +430,19 @@ pub(crate) async fn list_grants(
     convert::namespace(&ns, limits)?;
     crate::routes::fresh(&state).await?;
     let revision = state.engine.snapshot().revision;
-    let items = state
+    let mut items: Vec<api::GrantTuple> = state
         .engine
         .primitives::<Grant>(&ns, "grant/", usize::MAX)
         .into_iter()
         .map(|(_, g)| g)
         .filter(|g| params.subject.as_ref().is_none_or(|s| *s == g.subject))
         .filter(|g| params.resource.as_ref().is_none_or(|r| *r == g.resource))
-        .take(limits.max_list_limit)
+        .take(limits.max_list_limit.saturating_add(1))
         .map(|g| api::GrantTuple { subject: g.subject, action: g.action, resource: g.resource })
         .collect();
-    Ok(Json(api::GrantsResponse { items, revision }))
+    let more = items.len() > limits.max_list_limit;
+    items.truncate(limits.max_list_limit);
+    Ok(Json(api::GrantsResponse { items, more, revision }))
 }
 
 /// Query of an orphan listing.
@@ -502,8 +504,9 @@ pub(crate) async fn list_orphans(
         .map(|(id, o)| orphan_item(id, o))
         .collect();
     items.sort_by_key(|o| o.expired_at_ms);
+    let more = items.len() > limits.max_list_limit;
     items.truncate(limits.max_list_limit);
-    Ok(Json(api::OrphansResponse { items, revision }))
+    Ok(Json(api::OrphansResponse { items, more, revision }))
 }
 
 #[utoipa::path(post, path = "/v1/ns/{ns}/orphans/{id}/resolve", request_body = Option<api::ResolveRequest>,
