@@ -250,6 +250,24 @@ impl Wal {
                         end_of_last = at as u64;
                     }
                     None if is_last => {
+                        // A torn append is the last write: nothing whole may follow it. A
+                        // whole record of this or a later LSN past it means a record that
+                        // was acknowledged is damaged, and records after it were too: refuse,
+                        // and leave the log as it is for the operator.
+                        if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
+                            return Err(StoreError::Corrupt {
+                                what: "wal",
+                                detail: format!(
+                                    "{}: the record at byte {at} (number {expected}) is damaged, yet record \
+                                     {later_lsn} follows whole at byte {later_at}: that is not a crash \
+                                     mid-append but corruption of acknowledged writes, and the log is left \
+                                     untouched. Restore the data directory from a backup; or, to give up \
+                                     every write from number {expected} on, truncate this file to {at} bytes \
+                                     and start again",
+                                    path.display()
+                                ),
+                            });
+                        }
                         // A torn append: it was never acknowledged. Cut it off for good (the
                         // space is preallocated again for the records that follow).
                         report_cut(path, at, bytes.len());
@@ -544,6 +562,32 @@ fn preallocate(file: &File, path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// The first whole record past `at` whose LSN is `lsn` or later, with its offset: evidence
+/// that the bad record at `at` was not the last write. (Past a torn append lie only the zeros
+/// of new space, or a recycled segment's old records, whose LSNs are below its first.) Read on
+/// the rare path of a bad record only: every offset is tried but those inside runs of zeros
+/// (a record's length is not zero).
+fn record_after(bytes: &[u8], at: usize, lsn: u64) -> Option<(usize, u64)> {
+    let mut offset = at + 1;
+    while offset + HEADER_BYTES <= bytes.len() {
+        if bytes[offset..offset + 4] == [0; 4] {
+            // A header whose length has the next non-zero byte starts at most 3 bytes before it.
+            let next = offset + bytes[offset..].iter().position(|&b| b != 0)?;
+            offset = next.saturating_sub(3).max(offset + 1);
+            continue;
+        }
+        if let Some((payload, _)) = read_record(&bytes[offset..]) {
+            if let Ok((found, _)) = codec::decode(payload) {
+                if found >= lsn {
+                    return Some((offset, found));
+                }
+            }
+        }
+        offset += 1;
+    }
+    None
+}
+
 fn report_cut(path: &Path, at: usize, len: usize) {
     // The store has no logger of its own; stderr reaches the operator's log.
     eprintln!("gapguard-store: cutting a torn record off {} at byte {at} of {len}", path.display());
@@ -630,6 +674,31 @@ mod tests {
         drop(wal);
         let (_, records) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!(records.iter().map(|(lsn, b)| (*lsn, b.revision)).collect::<Vec<_>>(), vec![(1, 1), (2, 2), (3, 3)]);
+    }
+
+    /// A damaged record with whole ones after it was acknowledged, and so were they: the log
+    /// refuses to open, says where and what to do, and is left as it was.
+    #[test]
+    fn a_damaged_record_before_whole_ones_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        wal.append(&batch(1)).unwrap();
+        let second = wal.segment_bytes;
+        for r in 2..=4 {
+            wal.append(&batch(r)).unwrap();
+        }
+        drop(wal);
+        let (_, path) = segments(dir.path()).unwrap().pop().unwrap();
+        // One byte of record 2's payload changed on disk.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[second as usize + HEADER_BYTES + 2] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let Err(StoreError::Corrupt { detail, .. }) = Wal::open(dir.path(), 0, true) else {
+            panic!("a damaged record before whole ones opened")
+        };
+        assert!(detail.contains(&format!("record at byte {second} (number 2) is damaged")), "{detail}");
+        assert!(detail.contains("record 3 follows whole"), "{detail}");
+        assert_eq!(fs::read(&path).unwrap(), bytes, "the log was changed");
     }
 
     #[test]
