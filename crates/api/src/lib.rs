@@ -901,9 +901,13 @@ pub mod codes {
     pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
     /// A request with this idempotency key is still being processed.
     pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
-    /// The server cannot take the request now: the store cannot accept writes, too many
-    /// requests are in flight, or the request ran out of time (answered with `Retry-After`).
+    /// The server cannot take the request now: the store cannot accept writes, or too many
+    /// requests are in flight (answered with `Retry-After`).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The request ran out of time after its body was read (503, with `Retry-After`): it may
+    /// or may not have taken effect. Retry it with the same `Idempotency-Key`: the retry
+    /// answers what the first did, or does it once.
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     /// The client did not send the whole request (its body) within the request timeout.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The method is not allowed on this route.

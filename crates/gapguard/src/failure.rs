@@ -13,10 +13,11 @@
 //! | 6 | the server is unavailable (503) |
 //! | 7 | `audit verify`: the audit chain does not verify |
 //! | 8 | `gameday`: a guarded run violated its invariant, or a naive run showed no violation |
+//! | 9 | the outcome is unknown (503 `outcome_unknown`: the server ran out of time after reading the write): rerun it with the `--idempotency-key` printed |
 
 use std::fmt::Write as _;
 
-use gapguard_api::ConditionFailure;
+use gapguard_api::{codes, ConditionFailure};
 use gapguard_client::ClientError;
 use serde_json::Value;
 
@@ -39,6 +40,8 @@ pub const UNAVAILABLE: u8 = 6;
 pub const CHAIN_BROKEN: u8 = 7;
 /// `gameday`: a guarded run violated its invariant, or a naive run proved nothing.
 pub const GAMEDAY_FAILED: u8 = 8;
+/// The write may or may not have taken effect (503 `outcome_unknown`).
+pub const OUTCOME_UNKNOWN: u8 = 9;
 
 /// The exit-code table of `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -54,6 +57,8 @@ Exit codes:
   6  server unavailable (503)
   7  audit verify: the audit chain does not verify
   8  gameday: a guarded run violated its invariant, or a naive run showed no violation
+  9  the write's outcome is unknown (503 outcome_unknown): rerun it with the --idempotency-key
+     printed, which answers what the first did or does it once
 
 Output is JSON on stdout (pretty, or one line with --compact; `watch` prints one line per change);
 errors go to stderr.";
@@ -103,6 +108,7 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         return USAGE;
     }
     match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { body, .. }) if body.error == codes::OUTCOME_UNKNOWN => OUTCOME_UNKNOWN,
         Some(ClientError::Api { status, .. }) => code_for_status(*status),
         Some(ClientError::InvalidArgument { .. }) => USAGE,
         _ => UNEXPECTED,
@@ -143,6 +149,11 @@ pub fn report(error: &anyhow::Error, base_url: &str) -> String {
             let mut out = format!("error: {}: {}", body.error, body.message);
             for (name, value) in &body.details {
                 render_detail(&mut out, name, value);
+            }
+            if body.error == codes::OUTCOME_UNKNOWN {
+                if let Some(key) = crate::kv::IDEMPOTENCY_KEY.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+                    let _ = write!(out, "; this write's key was {key}: rerun the command with --idempotency-key {key}");
+                }
             }
             out
         }
@@ -250,6 +261,23 @@ mod tests {
         assert_eq!(exit_code(&anyhow::anyhow!("something else")), UNEXPECTED);
         let config = gapguard_server::Config::parse("lissen = 1").unwrap_err();
         assert_eq!(exit_code(&config.into()), USAGE);
+    }
+
+    /// A 503 is "nothing was done, retry" (6) unless the server says the outcome is unknown
+    /// (9), when the report names the key the write carried to rerun it with.
+    #[test]
+    fn an_unknown_outcome_has_its_own_exit_code_and_names_the_key_to_rerun_with() {
+        let shed = api(503, json!({"error": "unavailable", "message": "too many requests"}));
+        assert_eq!(exit_code(&shed), UNAVAILABLE);
+        let unknown = api(503, json!({"error": "outcome_unknown", "message": "may or may not have taken effect"}));
+        assert_eq!(exit_code(&unknown), OUTCOME_UNKNOWN);
+        let args = crate::WriteArgs { idempotency_key: None, correlation_id: None };
+        let key = crate::kv::options(&args).idempotency_key.expect("every write carries a key");
+        assert!(key.starts_with("cli-") && key.len() == 36, "{key}");
+        let other = crate::kv::options(&args).idempotency_key.unwrap();
+        assert_ne!(key, other, "a new key for each write");
+        let line = report(&unknown, "http://h");
+        assert!(line.ends_with(&format!("rerun the command with --idempotency-key {other}")), "{line}");
     }
 
     #[test]

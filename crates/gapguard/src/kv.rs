@@ -32,10 +32,21 @@ pub async fn run(ctx: &Ctx, command: &KvCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The options of a writing request (the correlation id is already a default header).
+/// The options of a writing request (the correlation id is already a default header). Every
+/// write carries an `Idempotency-Key`, the one given or a new random one, so that a write whose
+/// outcome is unknown (`503 outcome_unknown`) can be rerun safely: the key is kept for
+/// [`crate::failure::report`] to print.
 pub fn options(request: &WriteArgs) -> RequestOptions {
-    RequestOptions { idempotency_key: request.idempotency_key.clone(), correlation_id: request.correlation_id.clone() }
+    let key = request.idempotency_key.clone().unwrap_or_else(|| {
+        let random: [u8; 16] = rand::random();
+        format!("cli-{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    });
+    *IDEMPOTENCY_KEY.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+    RequestOptions { idempotency_key: Some(key), correlation_id: request.correlation_id.clone() }
 }
+
+/// The `Idempotency-Key` of this command's write (a command makes one write; the last one).
+pub static IDEMPOTENCY_KEY: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// All of stdin, without the final newline a shell or `echo` adds.
 pub fn stdin() -> anyhow::Result<String> {

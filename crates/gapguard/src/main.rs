@@ -187,7 +187,8 @@ struct ReadArgs {
 /// Headers of a request that writes.
 #[derive(Debug, Args)]
 struct WriteArgs {
-    /// `Idempotency-Key`: a retry with the same key gets the first answer instead of a second effect.
+    /// `Idempotency-Key`: a retry with the same key gets the first answer instead of a second
+    /// effect [default: a new random one, printed when the outcome is unknown (exit 9)].
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
     /// `X-Correlation-Id` of the request (ties it to your logs; stored in the audit log).

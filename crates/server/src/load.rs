@@ -136,10 +136,14 @@ where
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        return ApiError::unavailable(format!(
-            "the request did not complete within {timeout_ms} ms; it may or may not have taken effect: \
-             retry it with the same Idempotency-Key"
-        ))
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::OUTCOME_UNKNOWN,
+            format!(
+                "the request did not complete within {timeout_ms} ms; it may or may not have taken effect: \
+                 retry it with the same Idempotency-Key"
+            ),
+        )
         .into_response();
     };
     close_if_unread(response, body_read.load(Ordering::Acquire))
@@ -345,6 +349,7 @@ mod tests {
         let response = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
         let (status, retry, body) = status_and_body(response).await;
         assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        assert_eq!(body["error"], codes::OUTCOME_UNKNOWN, "{body}");
         assert!(body["message"].as_str().unwrap().contains("Idempotency-Key"), "{body}");
 
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
