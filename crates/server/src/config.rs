@@ -163,6 +163,32 @@ pub struct FlowConfig {
     pub correctness_objective: Option<f64>,
 }
 
+/// The flows' objectives, as the server's SLO report and `gapguard rules` read them: names
+/// unique and not empty, `correctness_objective` strictly between 0 and 1, a latency
+/// objective of at least 1 ms.
+fn validate_flows(flows: &[FlowConfig]) -> Result<(), String> {
+    for (i, flow) in flows.iter().enumerate() {
+        let at = format!("flow {:?}", flow.name);
+        if flow.name.is_empty() {
+            return Err("flow: name must not be empty".into());
+        }
+        if flows[..i].iter().any(|f| f.name == flow.name) {
+            return Err(format!("{at} appears twice"));
+        }
+        if let Some(objective) = flow.correctness_objective {
+            if !(objective > 0.0 && objective < 1.0) {
+                return Err(format!(
+                    "{at}: correctness_objective = {objective} must be between 0 and 1, exclusive (0.9999 is 99.99 %)"
+                ));
+            }
+        }
+        if flow.check_to_use_p99_ms == Some(0) {
+            return Err(format!("{at}: check_to_use_p99_ms must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
 /// The config file as written (every field optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -312,6 +338,7 @@ impl Config {
         if l.max_body_bytes == 0 || l.max_key_bytes == 0 || l.max_conditions == 0 || l.max_ops == 0 {
             return Err(ConfigError::Invalid("limits: sizes and counts must be at least 1".into()));
         }
+        validate_flows(&file.flow).map_err(ConfigError::Invalid)?;
         config.flows = file.flow;
         config.metrics_namespaces = file.metrics_namespaces;
         for key in &file.api_key {
@@ -330,6 +357,16 @@ impl Config {
         ids.sort_unstable();
         if let Some(dup) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid(format!("api_key id {:?} appears twice", dup[0])));
+        }
+        // One secret, one key: else the secret would act as whichever key the lookup met first.
+        for (i, key) in file.api_key.iter().enumerate() {
+            let hash = key.secret_sha256.to_ascii_lowercase();
+            if let Some(other) = file.api_key[..i].iter().find(|k| k.secret_sha256.to_ascii_lowercase() == hash) {
+                return Err(ConfigError::Invalid(format!(
+                    "api_key {:?} has the same secret_sha256 as {:?}: give each key its own secret",
+                    key.id, other.id
+                )));
+            }
         }
         config.api_keys = file.api_key;
         config.metrics_require_key = file.metrics_require_key.unwrap_or(false);
@@ -417,6 +454,25 @@ mod tests {
             }
         }
         assert_eq!(blocks, 4, "the blocks of the three documents");
+    }
+
+    #[test]
+    fn flows_and_keys_that_could_not_mean_what_they_say_are_refused() {
+        let flow = |body: &str| Config::parse(&format!("[[flow]]\nname = \"c\"\n{body}")).err().map(|e| e.to_string());
+        assert_eq!(flow("correctness_objective = 0.999"), None);
+        for bad in ["correctness_objective = 1.5", "correctness_objective = 1.0", "correctness_objective = 0.0"] {
+            assert!(flow(bad).is_some_and(|e| e.contains("between 0 and 1")), "{bad}");
+        }
+        assert!(flow("check_to_use_p99_ms = 0").is_some_and(|e| e.contains("at least 1")));
+        let twice = Config::parse("[[flow]]\nname = \"c\"\n[[flow]]\nname = \"c\"\n").unwrap_err().to_string();
+        assert!(twice.contains("appears twice"), "{twice}");
+        let key = |id: &str, hash: &str| {
+            format!("[[api_key]]\nid = \"{id}\"\nsecret_sha256 = \"{hash}\"\nnamespaces = [\"a\"]\nrole = \"read\"\n")
+        };
+        let (one, other) = ("ab".repeat(32), "cd".repeat(32));
+        assert!(Config::parse(&(key("r", &one) + &key("boss", &other))).is_ok());
+        let shared = Config::parse(&(key("r", &one) + &key("boss", &one.to_uppercase()))).unwrap_err().to_string();
+        assert!(shared.contains("same secret_sha256"), "{shared}");
     }
 
     #[test]
