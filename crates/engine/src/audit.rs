@@ -63,10 +63,17 @@ pub struct AuditVerification {
     pub error: Option<gapguard_core::ChainError>,
 }
 
+/// Whether `e` is one `q` asks for. A correlation id finds a request's own events and the
+/// acts that presented a ticket of the check with that id (a passing check writes no event of
+/// its own: its act's event names it).
 fn matches(q: &AuditQuery, e: &AuditEvent) -> bool {
+    let by_correlation = |c: &String| {
+        e.correlation_id.as_ref() == Some(c)
+            || e.check.as_ref().is_some_and(|check| check.correlation_id.as_ref() == Some(c))
+    };
     q.ns.as_ref().is_none_or(|ns| *ns == e.ns)
         && e.revision >= q.from_revision
-        && q.correlation_id.as_ref().is_none_or(|c| e.correlation_id.as_ref() == Some(c))
+        && q.correlation_id.as_ref().is_none_or(by_correlation)
         && q.key.as_ref().is_none_or(|k| e.keys.iter().any(|ek| ek == k))
 }
 

@@ -328,7 +328,8 @@ struct TailArgs {
     /// Keep printing new events as they are written (polls every 500 ms) until Ctrl-C.
     #[arg(short = 'f', long)]
     follow: bool,
-    /// Only events of requests with this correlation id.
+    /// Only events of requests with this correlation id, and acts that used a ticket of the
+    /// check with it.
     #[arg(long, value_name = "ID")]
     correlation_id: Option<String>,
     /// Only events that read or wrote this key.

@@ -233,6 +233,9 @@ async fn audit_finds_events_by_correlation_id_and_verifies() {
     assert_eq!(events[0]["keys"], json!(["job/1"]));
     assert_eq!(events[0]["check"]["correlation_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(events[0]["check"]["revision"], 0);
+    // The check's own id finds the act that used its ticket (a passing check has no event).
+    let by_check = http.get("/v1/ns/au/audit?correlation_id=4bf92f3577b34da6a3ce929d0e0e4736").await;
+    assert_eq!(by_check.body["events"], r.body["events"], "{:?}", by_check.body);
     let by_key = http.get("/v1/ns/au/audit?key=unrelated").await;
     assert_eq!(by_key.body["events"].as_array().unwrap().len(), 1);
     let v = http.get("/v1/audit/verify").await;

@@ -521,7 +521,8 @@ struct AuditParams {
     from_revision: Option<u64>,
     /// Only events after this sequence number (paging cursor: `next_after_seq`).
     after_seq: Option<u64>,
-    /// Only events with this correlation id.
+    /// Only events with this correlation id, and acts that presented a ticket of the check
+    /// with it.
     correlation_id: Option<String>,
     /// Only events that read or wrote this key.
     key: Option<String>,
