@@ -883,8 +883,10 @@ pub mod codes {
     pub const INVALID_REQUEST: &str = "invalid_request";
     /// The body is larger than the configured limit.
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
-    /// No such key or route.
+    /// No such key (or pool, reservation, lease, orphan: their own codes say which).
     pub const NOT_FOUND: &str = "not_found";
+    /// No such route: the path is none of the API's (a wrong base URL, say).
+    pub const NO_ROUTE: &str = "no_route";
     /// A check's conditions do not hold.
     pub const CHECK_FAILED: &str = "check_failed";
     /// A ticket's condition no longer holds at use.

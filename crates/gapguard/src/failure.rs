@@ -109,6 +109,8 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Api { body, .. }) if body.error == codes::OUTCOME_UNKNOWN => OUTCOME_UNKNOWN,
+        // Not "the key is absent" (3): the request never reached a route.
+        Some(ClientError::Api { body, .. }) if body.error == codes::NO_ROUTE => UNEXPECTED,
         Some(ClientError::Api { status, .. }) => code_for_status(*status),
         Some(ClientError::InvalidArgument { .. }) => USAGE,
         _ => UNEXPECTED,
@@ -126,7 +128,10 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
 /// What to try when a connection fails, from the root cause's words (rustls names a
 /// certificate it cannot verify, and a non-TLS answer as an invalid content type).
 fn connect_hint(reason: &str) -> &'static str {
-    if reason.contains("certificate") {
+    if reason.contains("not valid for name") {
+        "the certificate is trusted but does not name the host in --url: use a name (or IP) it holds, \
+         as listed above, or give the server a certificate for this one"
+    } else if reason.contains("certificate") {
         "pass the CA that signed the server's certificate with --ca-file (env GAPGUARD_CA_FILE)"
     } else if reason.contains("InvalidContentType") {
         "the server does not speak TLS there: use an http:// URL"
@@ -149,6 +154,9 @@ pub fn report(error: &anyhow::Error, base_url: &str) -> String {
             let mut out = format!("error: {}: {}", body.error, body.message);
             for (name, value) in &body.details {
                 render_detail(&mut out, name, value);
+            }
+            if body.error == codes::NO_ROUTE {
+                let _ = write!(out, "; is {base_url} the server's base URL (scheme, host and port, no /v1)?");
             }
             if body.error == codes::OUTCOME_UNKNOWN {
                 if let Some(key) = crate::kv::IDEMPOTENCY_KEY.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
@@ -261,6 +269,22 @@ mod tests {
         assert_eq!(exit_code(&anyhow::anyhow!("something else")), UNEXPECTED);
         let config = gapguard_server::Config::parse("lissen = 1").unwrap_err();
         assert_eq!(exit_code(&config.into()), USAGE);
+    }
+
+    #[test]
+    fn a_certificate_for_another_name_is_not_blamed_on_the_ca() {
+        let wrong_name = "invalid peer certificate: certificate not valid for name \"localhost\"; certificate is only valid for DnsName(\"gapguard.internal\")";
+        assert!(connect_hint(wrong_name).contains("does not name the host"), "{}", connect_hint(wrong_name));
+        let unknown_ca = "invalid peer certificate: UnknownIssuer";
+        assert!(connect_hint(unknown_ca).contains("--ca-file"));
+    }
+
+    #[test]
+    fn a_path_with_no_route_is_not_an_absent_key() {
+        let wrong = api(404, json!({"error": "no_route", "message": "no route for /v1/v1/ns/a/kv/b"}));
+        assert_eq!(exit_code(&wrong), UNEXPECTED);
+        assert!(report(&wrong, "http://h/v1").contains("is http://h/v1 the server's base URL"));
+        assert_eq!(exit_code(&api(404, json!({"error": "not_found", "message": "no key"}))), NOT_FOUND);
     }
 
     /// A 503 is "nothing was done, retry" (6) unless the server says the outcome is unknown

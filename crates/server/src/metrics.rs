@@ -450,7 +450,11 @@ pub(crate) fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(crate::routes::healthz))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authorize))
         .fallback(|uri: axum::http::Uri| async move {
-            ApiError::not_found(format!("no route for {} on the metrics listener; see /metrics", uri.path()))
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                gapguard_api::codes::NO_ROUTE,
+                format!("no route for {} on the metrics listener; see /metrics", uri.path()),
+            )
         })
         .with_state(state)
 }

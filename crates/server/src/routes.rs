@@ -133,7 +133,11 @@ pub(crate) fn panicked() -> Response {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {}; see /v1/openapi.json", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        api::codes::NO_ROUTE,
+        format!("no route for {}; see /v1/openapi.json", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {

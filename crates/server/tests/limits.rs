@@ -188,7 +188,7 @@ async fn malformed_and_unknown_input_is_named() {
     g.assert_invalid("POST", "/v1/ns/n/pools/p/reserve", json!({"ttl_ms": 5}), "amount").await;
     g.assert_invalid("POST", "/v1/ns/n/act", json!({"ops": [{"add": {"key": "a"}}]}), "ops[0].add.by").await;
     let (status, err) = g.call("GET", "/v1/nope", "", &[]).await;
-    assert_eq!((status, err["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!((status, err["error"].as_str()), (StatusCode::NOT_FOUND, Some("no_route")));
     let (status, err) = g.call("PATCH", "/v1/ns/n/kv/a", "", &[]).await;
     assert_eq!((status, err["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
     let (status, err) =
