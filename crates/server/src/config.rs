@@ -352,6 +352,12 @@ impl Config {
             if key.id.is_empty() || key.namespaces.is_empty() {
                 return Err(ConfigError::Invalid("api_key: id and namespaces must not be empty".into()));
             }
+            // A namespace no request can name would grant nothing, silently.
+            for ns in key.namespaces.iter().filter(|ns| *ns != "*") {
+                if let Err(e) = crate::convert::namespace(ns, &config.limits) {
+                    return Err(ConfigError::Invalid(format!("api_key {:?}: {}", key.id, e.message)));
+                }
+            }
         }
         let mut ids: Vec<&str> = file.api_key.iter().map(|k| k.id.as_str()).collect();
         ids.sort_unstable();
@@ -382,7 +388,10 @@ impl Config {
             config.max_in_flight = n;
         }
         if let Some(ms) = file.header_read_timeout_ms {
-            config.header_read_timeout_ms = ms.max(1);
+            if ms == 0 {
+                return Err(ConfigError::Invalid("header_read_timeout_ms must be at least 1".into()));
+            }
+            config.header_read_timeout_ms = ms;
         }
         config.trace_file = file.trace_file;
         if let Some(endpoint) = file.otlp_endpoint {
@@ -405,7 +414,10 @@ impl Config {
         config.writer_linger_us = writer_us("writer_linger_us", file.writer_linger_us, config.writer_linger_us)?;
         config.answer_poll_us = writer_us("answer_poll_us", file.answer_poll_us, config.answer_poll_us)?;
         if let Some(ms) = file.request_timeout_ms {
-            config.request_timeout_ms = ms.max(1);
+            if ms == 0 {
+                return Err(ConfigError::Invalid("request_timeout_ms must be at least 1".into()));
+            }
+            config.request_timeout_ms = ms;
         }
         Ok(config)
     }
@@ -473,6 +485,14 @@ mod tests {
         assert!(Config::parse(&(key("r", &one) + &key("boss", &other))).is_ok());
         let shared = Config::parse(&(key("r", &one) + &key("boss", &one.to_uppercase()))).unwrap_err().to_string();
         assert!(shared.contains("same secret_sha256"), "{shared}");
+        let spaced = key("r", &one).replace("[\"a\"]", "[\"a b\"]");
+        let spaced = Config::parse(&spaced).unwrap_err().to_string();
+        assert!(spaced.contains("namespace: \"a b\" must be"), "{spaced}");
+        assert!(Config::parse(&key("r", &one).replace("[\"a\"]", "[\"*\"]")).is_ok());
+        for field in ["header_read_timeout_ms", "request_timeout_ms"] {
+            let zero = Config::parse(&format!("{field} = 0\n")).unwrap_err().to_string();
+            assert!(zero.contains("at least 1"), "{zero}");
+        }
     }
 
     #[test]
