@@ -5,6 +5,7 @@
 //! is compacted: a watcher asking for it is told so and resumes from a fresh read.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gapguard_core::{Entry, NsKey, Revision};
@@ -38,6 +39,9 @@ pub struct Feed {
     /// Most changes kept ([`FEED_WINDOW_CHANGES`] in production).
     window_changes_max: usize,
     live: broadcast::Sender<Arc<Vec<Arc<Change>>>>,
+    /// The first revision after the last [`Feed::reset`] (0: never reset), shared with every
+    /// subscription.
+    reset_to: Arc<AtomicU64>,
 }
 
 /// The history asked for is gone.
@@ -52,8 +56,12 @@ pub struct Compacted {
 pub struct Subscription {
     /// Changes from the requested revision up to now.
     pub backlog: Vec<Arc<Change>>,
-    /// Every later batch, as it becomes durable.
+    /// Every later batch, as it becomes durable. An empty batch means the feed was reset
+    /// ([`Feed::reset`]): changes may be missing from here on, and `reset_to` says from which
+    /// revision history is whole again.
     pub live: broadcast::Receiver<Arc<Vec<Arc<Change>>>>,
+    /// See `live`.
+    pub reset_to: Arc<AtomicU64>,
 }
 
 impl Feed {
@@ -66,7 +74,19 @@ impl Feed {
     fn with_window(revision: Revision, window_changes_max: usize) -> Self {
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
         let window = Mutex::new(Window { changes: VecDeque::new(), first_revision: revision + 1 });
-        Self { window, window_changes_max, live }
+        Self { window, window_changes_max, live, reset_to: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Forgets the history: the node's state was reloaded whole at `revision` (it fell behind a
+    /// shared change log), so the changes between what watchers saw and `revision` are not in
+    /// the feed. A watch from before `revision + 1` is answered `compacted`, and every live
+    /// watcher is sent an empty batch, which tells it the same.
+    pub(crate) fn reset(&self, revision: Revision) {
+        let mut window = self.window.lock().expect("feed lock");
+        window.changes.clear();
+        window.first_revision = revision + 1;
+        self.reset_to.store(revision + 1, Ordering::Release);
+        let _ = self.live.send(Arc::new(Vec::new()));
     }
 
     /// Appends a durable batch's changes (in revision order) and wakes the watchers.
@@ -99,7 +119,7 @@ impl Feed {
         }
         let start = window.changes.partition_point(|c| c.revision < from_revision);
         let backlog = window.changes.range(start..).cloned().collect();
-        Ok(Subscription { backlog, live: self.live.subscribe() })
+        Ok(Subscription { backlog, live: self.live.subscribe(), reset_to: self.reset_to.clone() })
     }
 }
 
@@ -154,6 +174,21 @@ mod tests {
         assert_eq!(feed.subscribe(10).err(), Some(Compacted { first_available: 11 }));
         assert_eq!(feed.subscribe(0).err(), Some(Compacted { first_available: 11 }));
         assert!(feed.subscribe(11).unwrap().backlog.is_empty());
+    }
+
+    #[test]
+    fn a_reset_tells_live_watchers_and_compacts_the_history_before_it() {
+        let feed = Feed::new(0);
+        feed.publish(vec![change(1), change(2)]);
+        let mut sub = feed.subscribe(1).unwrap();
+        feed.reset(40);
+        let told = sub.live.try_recv().unwrap();
+        assert!(told.is_empty(), "live watchers get the empty batch of a reset");
+        assert_eq!(sub.reset_to.load(Ordering::Acquire), 41);
+        assert_eq!(feed.subscribe(2).err(), Some(Compacted { first_available: 41 }));
+        assert!(feed.subscribe(41).unwrap().backlog.is_empty());
+        feed.publish(vec![change(41)]);
+        assert_eq!(sub.live.try_recv().unwrap()[0].revision, 41);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{sse_events, Http, Server};
+use support::{sse_events, sse_events_with, Http, Server};
 
 #[tokio::test]
 async fn leases_are_exclusive_and_tokens_grow_across_expiry_and_kill_9() {
@@ -173,6 +173,11 @@ async fn watch_sees_later_puts_and_resumes_without_gaps_or_duplicates() {
     let resumed = resumed.await.unwrap();
     let seen: Vec<u64> = resumed.iter().map(|(id, _)| id.unwrap()).collect();
     assert_eq!(seen, [2, 3, 4, 5, 6, 7], "every revision after 1, once, in order: backlog, then live");
+    // An EventSource reconnects to the same URL with the last id it saw: that id wins over
+    // the URL's `from_revision`, so the stream resumes instead of replaying.
+    let again = format!("{}/v1/ns/w/watch?prefix=cfg/&from_revision=1", server.url);
+    let after_5 = sse_events_with(&again, &[("last-event-id", "5")], 1).await;
+    assert_eq!((after_5[0].0, &after_5[0].1["data"]["key"]), (Some(7), &json!("cfg/4")));
     // Before the server's start, history is compacted.
     let server = server.crash_and_restart();
     let old = format!("{}/v1/ns/w/watch?from_revision=1", server.url);

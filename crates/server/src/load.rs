@@ -104,6 +104,7 @@ where
     if is_watch {
         return serve(request).await;
     }
+    let read_only = is_read_only(&request);
     let body_read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
     let clock = request.extensions().get::<Arc<ConnectionClock>>().cloned();
     let request = request.map(|inner| Body::new(TrackedBody { inner, read: Arc::clone(&body_read) }));
@@ -136,6 +137,14 @@ where
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
+        if read_only {
+            // A read or a check changes nothing: there is no outcome to be unsure of.
+            return ApiError::unavailable(format!(
+                "the request did not complete within {timeout_ms} ms (the store is slow to answer); \
+                 it changed nothing: retry it"
+            ))
+            .into_response();
+        }
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             codes::OUTCOME_UNKNOWN,
@@ -147,6 +156,20 @@ where
         .into_response();
     };
     close_if_unread(response, body_read.load(Ordering::Acquire))
+}
+
+/// Whether the request only reads: a `GET` (or `HEAD`), or a check (`POST /v1/ns/{ns}/check`).
+fn is_read_only(request: &Request) -> bool {
+    let method = request.method();
+    if method == Method::GET || method == Method::HEAD {
+        return true;
+    }
+    let mut segments = request.uri().path().trim_start_matches('/').split('/');
+    method == Method::POST
+        && matches!(
+            (segments.next(), segments.next(), segments.next(), segments.next(), segments.next()),
+            (Some("v1"), Some("ns"), Some(_), Some("check"), None)
+        )
 }
 
 /// The largest body a shed request has read (and dropped) so that its connection stays open.
@@ -232,10 +255,27 @@ mod tests {
         };
         let routes = Router::new()
             .route("/healthz", get(|| async { "ok" }))
-            .route("/slow", get(slow.clone()))
+            .route("/slow", get(slow.clone()).post(slow.clone()))
             .route(WATCH_ROUTE, get(slow))
             .route("/echo", post(|body: Bytes| async move { body }));
         layer(routes, Slots::new(limits))
+    }
+
+    #[test]
+    fn reads_and_checks_are_read_only_and_nothing_else_is() {
+        let cases = [
+            (Method::GET, "/v1/ns/shop/kv/a", true),
+            (Method::POST, "/v1/ns/shop/check", true),
+            (Method::POST, "/v1/ns/shop/act", false),
+            (Method::POST, "/v1/ns/shop/check/more", false),
+            (Method::POST, "/v1/ns/shop/kv/check", false),
+            (Method::PUT, "/v1/ns/shop/kv/check", false),
+            (Method::DELETE, "/v1/ns/shop/kv/a", false),
+        ];
+        for (method, path, read_only) in cases {
+            let request = Request::builder().method(method.clone()).uri(path).body(Body::empty()).unwrap();
+            assert_eq!(is_read_only(&request), read_only, "{method} {path}");
+        }
     }
 
     async fn status_and_body(response: Response) -> (StatusCode, Option<&'static str>, serde_json::Value) {
@@ -349,6 +389,11 @@ mod tests {
         let response = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
         let (status, retry, body) = status_and_body(response).await;
         assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        // A read changed nothing: plainly unavailable; a write may have taken effect.
+        assert_eq!(body["error"], codes::UNAVAILABLE, "{body}");
+        let response = app.clone().oneshot(Request::post("/slow").body(Body::empty()).unwrap()).await.unwrap();
+        let (status, _, body) = status_and_body(response).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"], codes::OUTCOME_UNKNOWN, "{body}");
         assert!(body["message"].as_str().unwrap().contains("Idempotency-Key"), "{body}");
 

@@ -609,23 +609,18 @@ pub(crate) async fn watch(
         ),
     };
     crate::routes::fresh(&state).await?;
+    // `Last-Event-ID` wins: an `EventSource` reconnects to the same URL (its `from_revision`
+    // included) with the last id it saw, and must resume there, not replay.
     let from =
-        params.from_revision.or(last_event_id.map(|id| id + 1)).unwrap_or_else(|| state.engine.snapshot().revision + 1);
+        last_event_id.map(|id| id + 1).or(params.from_revision).unwrap_or_else(|| state.engine.snapshot().revision + 1);
     let (prefix, filter_ns) = (params.prefix, ns);
     let filter = move |c: &Change| watch_event(c, &filter_ns, &prefix, &types);
     let events: std::pin::Pin<Box<dyn Stream<Item = Event> + Send>> = match state.engine.watch(from) {
-        Err(compacted) => {
-            let data = serde_json::json!({
-                "error": "compacted",
-                "message": format!("history before revision {} is gone; read the current state and watch from its revision", compacted.first_available),
-                "first_available_revision": compacted.first_available,
-            });
-            Box::pin(stream::once(async move { sse_json("compacted", &data) }))
-        }
+        Err(compacted) => Box::pin(stream::once(async move { compacted_event(compacted.first_available) })),
         Ok(sub) => {
             let backlog: VecDeque<Arc<Change>> = sub.backlog.into_iter().collect();
             let last = from.saturating_sub(1);
-            Box::pin(live_events(backlog, sub.live, last, filter))
+            Box::pin(live_events(backlog, sub.live, sub.reset_to, last, filter))
         }
     };
     let mut shutdown = state.shutdown.clone();
@@ -639,21 +634,37 @@ pub(crate) async fn watch(
     Ok(Sse::new(events.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// The `compacted` event: history before `first_available` is gone (or, on a live stream, no
+/// longer whole). The way back is a fresh read, then a watch from just after its revision.
+fn compacted_event(first_available: u64) -> Event {
+    let data = serde_json::json!({
+        "error": "compacted",
+        "message": format!(
+            "history before revision {first_available} is gone; read the current state, then watch from \
+             the revision that read answered plus 1"
+        ),
+        "first_available_revision": first_available,
+    });
+    sse_json("compacted", &data)
+}
+
 /// The backlog, then each live batch; a watcher that falls too far behind is told where to
 /// resume and the stream ends.
 fn live_events(
     backlog: VecDeque<Arc<Change>>,
     live: Live,
+    reset_to: Arc<std::sync::atomic::AtomicU64>,
     last_revision: u64,
     filter: impl Fn(&Change) -> Option<api::WatchEvent> + Send + 'static,
 ) -> impl Stream<Item = Event> + Send {
     struct St<F> {
         pending: VecDeque<Arc<Change>>,
         live: Option<Live>,
+        reset_to: Arc<std::sync::atomic::AtomicU64>,
         last_revision: u64,
         filter: F,
     }
-    let st = St { pending: backlog, live: Some(live), last_revision, filter };
+    let st = St { pending: backlog, live: Some(live), reset_to, last_revision, filter };
     stream::unfold(st, |mut st| async move {
         loop {
             while let Some(change) = st.pending.pop_front() {
@@ -676,6 +687,12 @@ fn live_events(
             }
             let live = st.live.as_mut()?;
             match live.recv().await {
+                Ok(batch) if batch.is_empty() => {
+                    // The feed was reset: changes after `last_revision` may be missing.
+                    st.live = None;
+                    let first = st.reset_to.load(std::sync::atomic::Ordering::Acquire);
+                    return Some((compacted_event(first), st));
+                }
                 Ok(batch) => st.pending.extend(batch.iter().cloned()),
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     st.live = None;
@@ -690,4 +707,26 @@ fn live_events(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A feed reset (a node that reloaded its state) ends a live watch with `compacted`, from
+    /// the revision history is whole again: the watcher must not miss changes silently.
+    #[tokio::test]
+    async fn a_reset_feed_ends_a_live_watch_with_compacted() {
+        let (tx, rx) = broadcast::channel(4);
+        let reset_to = Arc::new(AtomicU64::new(0));
+        let events = live_events(VecDeque::new(), rx, reset_to.clone(), 5, |_: &Change| None);
+        reset_to.store(41, Ordering::Release);
+        tx.send(Arc::new(Vec::new())).unwrap();
+        let body = Sse::new(events.map(Ok::<_, Infallible>)).into_response().into_body();
+        let read = tokio::time::timeout(Duration::from_secs(5), axum::body::to_bytes(body, 1 << 20)).await;
+        let text = String::from_utf8(read.expect("the stream ends").unwrap().to_vec()).unwrap();
+        assert!(text.contains("event: compacted"), "{text}");
+        assert!(text.contains("\"first_available_revision\":41"), "{text}");
+    }
 }

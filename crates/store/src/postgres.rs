@@ -197,6 +197,28 @@ const CHANGES: &str = concat!(
      FROM gg_meta m LEFT JOIN gg_changes c ON c.seq > $1 WHERE m.id = 1 ORDER BY c.seq"
 );
 
+/// How long a session of a node may sit in an open transaction doing nothing before the
+/// database ends it (`idle_in_transaction_session_timeout`): a batch's transaction is busy for
+/// milliseconds, and a node frozen inside one would stall every node's writes and reads.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
+/// The `options` of every connection: those the URL gave, the idle-in-transaction timeout,
+/// and the schema's `search_path`.
+fn session_options(given: Option<&str>, schema: Option<&str>) -> Result<String, StoreError> {
+    let mut session = format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}");
+    if let Some(given) = given.filter(|g| !g.trim().is_empty()) {
+        session = format!("{given} {session}");
+    }
+    if let Some(schema) = schema {
+        let valid = !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(StoreError::Schema(format!("invalid schema name {schema:?}: use letters, digits and _")));
+        }
+        session = format!("{session} -c search_path={schema}");
+    }
+    Ok(session)
+}
+
 /// A connection with its prepared statements: each statement is parsed once per connection,
 /// then only bound and executed (a query by text would cost a parse round trip every time).
 struct Db {
@@ -391,13 +413,11 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        if let Some(schema) = &options.schema {
-            let valid = !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                return Err(StoreError::Schema(format!("invalid schema name {schema:?}: use letters, digits and _")));
-            }
-            config.options(format!("-c search_path={schema}"));
-        }
+        // A node that stops mid-transaction (frozen, paused, cut off) holds the global write
+        // lock, and every node's writes and fresh reads wait behind it: the database ends such
+        // a session after this long, and the node reconnects when it wakes.
+        let session = session_options(config.get_options(), options.schema.as_deref())?;
+        config.options(session);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("gapguard-pg")
@@ -1075,5 +1095,21 @@ impl SharedStorage for PgStore {
 
     fn ping(&self) -> Result<(), StoreError> {
         self.read(|client| Box::pin(async move { client.execute("SELECT 1", &[]).await.map(|_| ()).map_err(db_error) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_ends_idle_transactions_and_keeps_the_urls_options_and_the_schema() {
+        let timeout = "-c idle_in_transaction_session_timeout=10s";
+        assert_eq!(session_options(None, None).unwrap(), timeout);
+        assert_eq!(
+            session_options(Some("-c work_mem=8MB"), Some("tenant_1")).unwrap(),
+            format!("-c work_mem=8MB {timeout} -c search_path=tenant_1")
+        );
+        assert!(session_options(None, Some("a;drop")).is_err());
     }
 }

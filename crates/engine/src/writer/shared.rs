@@ -276,6 +276,8 @@ impl Writer {
                 self.cursor = recovered.cursor;
                 self.state = state;
                 published.store(Arc::new(self.state.clone()));
+                // The changes skipped are not in the feed: its watchers must know.
+                self.feed.reset(self.state.revision);
                 return Ok(());
             }
             Err(e) => return Err(e),

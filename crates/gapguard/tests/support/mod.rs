@@ -275,7 +275,16 @@ impl Http {
 
 /// Reads SSE `change` events until `n` arrived (or the deadline passes).
 pub async fn sse_events(url: &str, n: usize) -> Vec<(Option<u64>, Value)> {
-    let mut response = reqwest::get(url).await.unwrap();
+    sse_events_with(url, &[], n).await
+}
+
+/// [`sse_events`], the request sent with `headers`.
+pub async fn sse_events_with(url: &str, headers: &[(&str, &str)], n: usize) -> Vec<(Option<u64>, Value)> {
+    let mut request = reqwest::Client::new().get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
     let (mut buf, mut events) = (String::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(10);
