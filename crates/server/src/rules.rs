@@ -641,8 +641,9 @@ fn oncall(flows: &[FlowConfig]) -> Value {
         8,
         "Orphans",
         "short",
-        "Reservations and leases that expired unfinished and await the user's cleanup (`gapguard orphans list NS`).",
-        &[("sum by (kind) (gapguard_orphans)", "{{kind}}")],
+        "Reservations and leases that expired unfinished and await the user's cleanup (`gapguard orphans list NS`). \
+         Every node over one PostgreSQL counts the same orphans: the panel takes the max, not the sum.",
+        &[("max by (kind) (gapguard_orphans)", "{{kind}}")],
     );
     p.graph(
         8,
