@@ -219,6 +219,10 @@ fn session_options(given: Option<&str>, schema: Option<&str>) -> Result<String, 
     Ok(session)
 }
 
+/// Retries, a second apart, of an idempotency claim's release that failed: about as long as a
+/// claim lives, after which it has expired by itself anyway.
+const CLAIM_RELEASE_RETRIES: usize = 30;
+
 /// A connection with its prepared statements: each statement is parsed once per connection,
 /// then only bound and executed (a query by text would cost a parse round trip every time).
 struct Db {
@@ -1037,8 +1041,8 @@ impl SharedStorage for PgStore {
         })
     }
 
-    fn release_claim(&self, key: &IdempotencyKey) {
-        let key = key.clone();
+    fn release_claim(&self, claimed: &IdempotencyKey) {
+        let key = claimed.clone();
         let result = self.read(move |client| {
             Box::pin(async move {
                 client
@@ -1051,7 +1055,27 @@ impl SharedStorage for PgStore {
             })
         });
         if let Err(e) = result {
-            tracing::warn!(error = %e, "could not release an idempotency claim; it expires by itself");
+            // The database is away (the request failed for that very reason, most likely):
+            // retry in the background, so that a retry of the request is not told "in
+            // progress" for the rest of the claim's life once the database is back.
+            tracing::warn!(error = %e, "could not release an idempotency claim; retrying until it expires by itself");
+            let (config, key) = (self.shared.config.clone(), claimed.clone());
+            self.handle.spawn(async move {
+                for _ in 0..CLAIM_RELEASE_RETRIES {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Ok(client) = connect(&config).await else { continue };
+                    let deleted = client
+                        .execute(
+                            "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope = $2 AND key = $3",
+                            &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes()],
+                        )
+                        .await;
+                    if deleted.is_ok() {
+                        tracing::info!("released an idempotency claim once the database answered again");
+                        return;
+                    }
+                }
+            });
         }
     }
 

@@ -134,3 +134,25 @@ fn an_unreachable_database_is_unavailable_not_a_panic() {
         .expect("nothing listens there");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
+
+/// A claim whose release failed while the database was away is released once it is back,
+/// not left to lapse: a retry of the request is not told "in progress" for the claim's life.
+#[test]
+fn a_claim_whose_release_failed_in_an_outage_is_released_once_the_database_is_back() {
+    let mut pg = Postgres::start();
+    let url = pg.url("postgres");
+    let (a, b) = (open(&url, "released_late"), open(&url, "released_late"));
+    let key = gapguard_store::IdempotencyKey { ns: "ns".into(), scope: String::new(), key: "outage".into() };
+    assert!(a.claim_idempotency(&key, 60_000).expect("claim"));
+    pg.stop();
+    a.release_claim(&key);
+    pg.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(true) = b.claim_idempotency(&key, 60_000) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the claim was not released within 20 s of the restart");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
