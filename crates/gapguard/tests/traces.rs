@@ -61,7 +61,6 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     let act = json!({"ticket": ticket, "ops": [{"put": {"key": "order/1", "value": true}}]});
     let r = http.post("/v1/ns/shop/act", act).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-
     // Spans are batched: SIGTERM must flush them.
     assert!(server.terminate_within(Duration::from_secs(10)).success());
     let text = std::fs::read_to_string(&trace_file).expect("the trace file exists");
@@ -103,6 +102,30 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     };
     assert_eq!(version(check), Some(json!("1")), "the check saw the stock as put once");
     assert_eq!(version(act), Some(json!("1")), "so did the act, which did not change it");
+}
+
+/// An act that writes its checked key twice (version 1 -> 3) saw version 1, which the state
+/// after it cannot tell: its span leaves the version out rather than report 2, a write between
+/// check and use that never happened.
+#[tokio::test]
+async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace_file = dir.path().join("traces.jsonl");
+    let server = Server::start_with(&dir.path().join("data"), &["--trace-file", trace_file.to_str().unwrap()]);
+    let http = Http::new(&server);
+    assert_eq!(http.put("/v1/ns/shop/kv/z", json!({"value": 1})).await.status, 200);
+    let r = http.post("/v1/ns/shop/check", json!({"conditions": [{"exists": "z"}]})).await;
+    let ops = json!([{"put": {"key": "z", "value": 5}}, {"add": {"key": "z", "by": 1}}]);
+    assert_eq!(http.post("/v1/ns/shop/act", json!({"ticket": r.body["ticket"], "ops": ops})).await.status, 200);
+    assert!(server.terminate_within(Duration::from_secs(10)).success());
+    let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
+    let has_version = |span: &Value| {
+        span["attributes"].as_array().is_some_and(|a| a.iter().any(|kv| kv["key"] == "toctou.resource.version"))
+    };
+    assert!(has_version(with_role(&spans, "check")), "the check's version is known");
+    let act = with_role(&spans, "use");
+    assert_eq!(attr(&act["attributes"], "toctou.resource.key"), Some("z"));
+    assert!(!has_version(act), "written twice by the act: {act}");
 }
 
 #[tokio::test]

@@ -171,13 +171,15 @@ pub fn act_decision(ticket: &[Condition], own: &[Condition], outcome: &Outcome) 
 /// The version of each resource as of revision `at` (0: absent), read from `snapshot`, a
 /// state at or after `at`: known when the key has not changed since `at`, or, for a key that
 /// the committed write at `written_at` changed, derived from what that write did (a put on a
-/// live key bumps its version by one; a key it created was absent).
+/// live key bumps its version by one; a key it created was absent), unless that write changed
+/// it more than once (`rewritten`: see [`rewritten`]).
 pub fn versions_seen(
     snapshot: &Snapshot,
     ns: &str,
     resources: &[ResourceKey],
     at: Revision,
     written_at: Option<Revision>,
+    rewritten: &std::collections::BTreeSet<String>,
 ) -> Vec<Option<u64>> {
     resources
         .iter()
@@ -189,12 +191,21 @@ pub fn versions_seen(
                 return Some(entry.record.as_ref().map_or(0, |r| r.version));
             }
             match (&entry.record, written_at) {
+                // Written twice or more by the request (a put then an add, a delete then a
+                // put): what it was before cannot be read back from what it is after.
+                (_, Some(w)) if entry.changed_at == w && rewritten.contains(resource.key.as_str()) => None,
                 (Some(r), Some(w)) if entry.changed_at == w && r.create_revision == w => Some(0),
                 (Some(r), Some(w)) if entry.changed_at == w => Some(r.version - 1),
                 _ => None,
             }
         })
         .collect()
+}
+
+/// The keys that more than one of `ops` writes.
+pub fn rewritten(ops: &[gapguard_core::Op]) -> std::collections::BTreeSet<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    ops.iter().map(|op| op.key().into_owned()).filter(|key| !seen.insert(key.clone())).collect()
 }
 
 /// Why spans cannot be exported where the config says.

@@ -410,7 +410,14 @@ pub(crate) async fn check(
         otel::set_authz(&span, otel::check_decision(&conditions, failed), otel::permitted_subject(&conditions));
         if let Ok(issued) = &checked {
             // The versions the check saw: those of the state at its revision.
-            let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, issued.revision, None);
+            let seen = otel::versions_seen(
+                &state.engine.snapshot(),
+                &ns,
+                &resources,
+                issued.revision,
+                None,
+                &Default::default(),
+            );
             otel::set_versions(&span, &seen);
         }
     }
@@ -465,12 +472,13 @@ pub(crate) async fn act(
         }
         let ticket_conditions = claims.map(|c| c.conditions.clone()).unwrap_or_default();
         // Where the act is evaluated, the state is at least this new.
-        (resources, ticket_conditions, conditions.clone(), state.engine.snapshot().revision)
+        let before = state.engine.snapshot().revision;
+        (resources, ticket_conditions, conditions.clone(), before, otel::rewritten(&ops))
     });
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Act(Act { ns: ns.clone(), ticket, conditions, ops, flow: request.flow });
     write_with(&state, request, correlation, claim, |outcome| {
-        if let Some((resources, ticket_conditions, own, before)) = traced {
+        if let Some((resources, ticket_conditions, own, before, rewritten)) = traced {
             let decision = otel::act_decision(&ticket_conditions, &own, &outcome);
             otel::set_authz(&span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
             let written_at = match &outcome {
@@ -480,7 +488,8 @@ pub(crate) async fn act(
             // A committed act saw the state just before its own revision; a refused one, some
             // state from `before` on.
             let at = written_at.map_or(before, |w| w - 1);
-            otel::set_versions(&span, &otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at));
+            let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at, &rewritten);
+            otel::set_versions(&span, &seen);
         }
         convert::outcome(outcome, &ns, "")
     })
