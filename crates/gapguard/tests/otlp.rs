@@ -194,6 +194,10 @@ async fn request_spans_reach_an_otlp_receiver_with_links_parents_and_toctou_attr
     let put = named(spans, "PUT /v1/ns/{ns}/kv/{*key}");
     assert_eq!(string_attr(&put[0].attributes, "toctou.role"), Some("mutate"));
     assert_eq!(string_attr(&put[0].attributes, "toctou.resource.key"), Some("stock"));
+    // A grant is a mutation of the grant, as every primitive's write is of its resource.
+    let grant = named(spans, "POST /v1/ns/{ns}/grants");
+    assert_eq!(string_attr(&grant[0].attributes, "toctou.role"), Some("mutate"));
+    assert_eq!(string_attr(&grant[0].attributes, "toctou.resource.key"), Some("grant:user:alice|buy|sku-1"));
 }
 
 /// Runs `gapguard serve` with `args`, expecting it to refuse to start: its exit code and stderr.

@@ -117,6 +117,9 @@ async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
     let r = http.post("/v1/ns/shop/check", json!({"conditions": [{"exists": "z"}]})).await;
     let ops = json!([{"put": {"key": "z", "value": 5}}, {"add": {"key": "z", "by": 1}}]);
     assert_eq!(http.post("/v1/ns/shop/act", json!({"ticket": r.body["ticket"], "ops": ops})).await.status, 200);
+    // A txn mutates what it writes, not what its `if` reads.
+    let txn = json!({"if": [{"exists": "z"}], "then": [{"put": {"key": "y", "value": 1}}]});
+    assert_eq!(http.post("/v1/ns/shop/txn", txn).await.status, 200);
     assert!(server.terminate_within(Duration::from_secs(10)).success());
     let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
     let has_version = |span: &Value| {
@@ -126,6 +129,9 @@ async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
     let act = with_role(&spans, "use");
     assert_eq!(attr(&act["attributes"], "toctou.resource.key"), Some("z"));
     assert!(!has_version(act), "written twice by the act: {act}");
+    let txn = spans.iter().find(|s| s["name"] == "POST /v1/ns/{ns}/txn").expect("the txn span");
+    assert_eq!(attr(&txn["attributes"], "toctou.role"), Some("mutate"));
+    assert_eq!(attr(&txn["attributes"], "toctou.resource.key"), Some("y"));
 }
 
 #[tokio::test]

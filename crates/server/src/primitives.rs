@@ -47,6 +47,13 @@ impl Call<'_> {
     ) -> Result<Response, ApiError> {
         let claim =
             idempotency(&self.correlation, &self.headers, &self.ns, &self.method, &self.uri, &self.raw, self.state)?;
+        // Every primitive's write is a mutation of its resource (a revocation: `revoke`), which
+        // a trace reader looks for inside a check-to-use window.
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            let role = if matches!(op, Op::Revoke { .. }) { "revoke" } else { "mutate" };
+            crate::otel::set_toctou(&span, role, &crate::otel::resource_keys([], [&op]), None);
+        }
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
         write_with(self.state, request, self.correlation, claim, |outcome| match outcome {
@@ -370,13 +377,6 @@ async fn grant_op(call: Call<'_>, g: api::GrantTuple, revoke: bool) -> Result<Re
     convert::grant(&g, "body", limits)?;
     let api::GrantTuple { subject, action, resource } = g;
     let op = if revoke { Op::Revoke { subject, action, resource } } else { Op::Grant { subject, action, resource } };
-    if revoke {
-        // What `gapguard analyze` looks for inside check-to-use windows.
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            crate::otel::set_toctou(&span, "revoke", &crate::otel::resource_keys([], [&op]), None);
-        }
-    }
     call.run(op, AuditKind::Grant, applied).await
 }
 

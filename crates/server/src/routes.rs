@@ -520,7 +520,8 @@ async fn txn(
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let span = tracing::Span::current();
     if !span.is_disabled() {
-        otel::set_toctou(&span, "mutate", &otel::resource_keys(&compare, success.iter().chain(&failure)), None);
+        // A mutation of what it may write (either branch), not of what its `if` reads.
+        otel::set_toctou(&span, "mutate", &otel::resource_keys([], success.iter().chain(&failure)), None);
     }
     write(&state, WriteRequest::Txn(Txn { ns, compare, success, failure }), correlation, claim, "").await
 }
