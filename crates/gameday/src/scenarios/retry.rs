@@ -107,6 +107,11 @@ async fn attempt(env: &Env, op: &mut OpRecord, client: &str, request: &Request, 
     let mut opts = env.opts(&op.correlation_id);
     let result = match (env.mode, request) {
         (Mode::Naive, Request::Deposit { amount }) => {
+            // The naive deposit's check is its read of the balance, its use the put of the sum:
+            // the gap runs from the one to the other (both stamped before the read, it was 0).
+            if op.kind != "retry" {
+                op.check_at_ms = Some(env.now_ms());
+            }
             let balance = match env.client.get(&env.ns, &balance_key(client)).await {
                 Ok(record) => int(&record.value),
                 Err(e) if e.code() == Some("not_found") => 0,
@@ -115,6 +120,7 @@ async fn attempt(env: &Env, op: &mut OpRecord, client: &str, request: &Request, 
                     return;
                 }
             };
+            op.use_at_ms = Some(env.now_ms());
             op.written = json!({ "deposit": amount, "balance": balance + amount });
             env.client
                 .put(&env.ns, &balance_key(client), &json!(balance + amount), &opts)
