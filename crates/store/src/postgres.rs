@@ -219,6 +219,13 @@ fn session_options(given: Option<&str>, schema: Option<&str>) -> Result<String, 
     Ok(session)
 }
 
+/// Deletes this node's claim of a key: the row only while it is still the claim this node
+/// took (its `until_ms`), so a late release never frees another node's claim taken since.
+const RELEASE_CLAIM: &str = "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope = $2 AND key = $3 AND until_ms = $4";
+
+/// Open claims a node remembers before it forgets those long lapsed.
+const CLAIMS_KEPT_MAX: usize = 4096;
+
 /// Retries, a second apart, of an idempotency claim's release that failed: about as long as a
 /// claim lives, after which it has expired by itself anyway.
 const CLAIM_RELEASE_RETRIES: usize = 30;
@@ -302,6 +309,10 @@ struct Shared {
     reader: tokio::sync::Mutex<Option<Db>>,
     /// The change-log `seq` range of the last successful commit (see `last_changes`).
     last_changes: Mutex<Option<(u64, u64)>>,
+    /// This node's idempotency claims still open, with their `until_ms`: a claim released
+    /// late (after an outage) is deleted only if it is still this one, never another node's
+    /// claim of the same key taken since it lapsed.
+    claims: Mutex<HashMap<IdempotencyKey, i64>>,
 }
 
 /// A [`Storage`] (and [`SharedStorage`]) over PostgreSQL.
@@ -436,6 +447,7 @@ impl PgStore {
             writer: tokio::sync::Mutex::new(None),
             reader: tokio::sync::Mutex::new(None),
             last_changes: Mutex::new(None),
+            claims: Mutex::new(HashMap::new()),
         });
         let store = Self { shared, runtime: Mutex::new(Some(runtime)), handle };
         let shared = store.shared.clone();
@@ -906,6 +918,12 @@ impl Storage for PgStore {
             let conn = guard.as_mut().expect("connected");
             let result = write_batch(conn, &batch, &shared.limits, shared.changes_kept).await;
             *shared.last_changes.lock().expect("last changes") = result.as_ref().ok().copied().flatten();
+            if result.is_ok() && !batch.release_claims.is_empty() {
+                let mut claims = shared.claims.lock().expect("claims");
+                for key in &batch.release_claims {
+                    claims.remove(key);
+                }
+            }
             let result = result.map(|_| ());
             if result.is_err() {
                 conn.txn = None;
@@ -1024,32 +1042,42 @@ impl SharedStorage for PgStore {
     }
 
     fn claim_idempotency(&self, key: &IdempotencyKey, ttl_ms: u64) -> Result<bool, StoreError> {
-        let key = key.clone();
-        self.read(move |client| {
+        let claimed = key.clone();
+        let until: Option<i64> = self.read(move |client| {
             Box::pin(async move {
                 let sql = format!(
                     "INSERT INTO gg_idem_claims (ns, scope, key, until_ms) VALUES ($1, $2, $3, {NOW_MS} + $4) \
                      ON CONFLICT (ns, scope, key) DO UPDATE SET until_ms = excluded.until_ms \
-                     WHERE gg_idem_claims.until_ms <= {NOW_MS} RETURNING 1"
+                     WHERE gg_idem_claims.until_ms <= {NOW_MS} RETURNING until_ms"
                 );
+                let key = &claimed;
                 let rows = client
                     .query(&sql, &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &i64_of(ttl_ms)])
                     .await
                     .map_err(db_error)?;
-                Ok(!rows.is_empty())
+                Ok(rows.first().map(|row| row.get(0)))
             })
-        })
+        })?;
+        if let Some(until) = until {
+            let mut claims = self.shared.claims.lock().expect("claims");
+            if claims.len() >= CLAIMS_KEPT_MAX {
+                // Claims this node never heard the end of (none in a sound run): those long
+                // lapsed (`until_ms` is the database's clock, as this claim's) are forgotten.
+                claims.retain(|_, kept| *kept > until - 2 * i64_of(ttl_ms));
+            }
+            claims.insert(key.clone(), until);
+        }
+        Ok(until.is_some())
     }
 
     fn release_claim(&self, claimed: &IdempotencyKey) {
+        // Unknown (not claimed by this node since it started): nothing of ours to release.
+        let Some(until) = self.shared.claims.lock().expect("claims").remove(claimed) else { return };
         let key = claimed.clone();
         let result = self.read(move |client| {
             Box::pin(async move {
                 client
-                    .execute(
-                        "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope = $2 AND key = $3",
-                        &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes()],
-                    )
+                    .execute(RELEASE_CLAIM, &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &until])
                     .await
                     .map_err(db_error)
             })
@@ -1064,12 +1092,9 @@ impl SharedStorage for PgStore {
                 for _ in 0..CLAIM_RELEASE_RETRIES {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let Ok(client) = connect(&config).await else { continue };
-                    let deleted = client
-                        .execute(
-                            "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope = $2 AND key = $3",
-                            &[&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes()],
-                        )
-                        .await;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                        [&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &until];
+                    let deleted = client.execute(RELEASE_CLAIM, &params).await;
                     if deleted.is_ok() {
                         tracing::info!("released an idempotency claim once the database answered again");
                         return;

@@ -84,6 +84,9 @@ fn postgres_backend_passes_the_conformance_suite_and_shares_state() {
     assert!(!b.claim_idempotency(&orphaned, 400).expect("claim"), "still held within its TTL");
     std::thread::sleep(std::time::Duration::from_millis(600));
     assert!(b.claim_idempotency(&orphaned, 400).expect("claim"), "free once its TTL passed");
+    // The first node releasing its lapsed claim late must not free the second's claim.
+    a.release_claim(&orphaned);
+    assert!(!a.claim_idempotency(&orphaned, 400).expect("claim"), "b's claim was released by a");
 }
 
 #[test]
