@@ -903,8 +903,10 @@ pub mod codes {
     pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
     /// A request with this idempotency key is still being processed.
     pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
-    /// The server cannot take the request now: the store cannot accept writes, or too many
-    /// requests are in flight (answered with `Retry-After`).
+    /// The server cannot take the request now (answered with `Retry-After`): too many requests
+    /// are in flight (nothing was done), a read or check ran out of time (nothing changed), or
+    /// the store failed (a write's commit may or may not be durable: retry it with the same
+    /// `Idempotency-Key`).
     pub const UNAVAILABLE: &str = "unavailable";
     /// The request ran out of time after its body was read (503, with `Retry-After`): it may
     /// or may not have taken effect. Retry it with the same `Idempotency-Key`: the retry

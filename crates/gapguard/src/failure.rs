@@ -10,7 +10,7 @@
 //! | 3 | not found (404): a key, pool, reservation or orphan (`not_found`, `*_not_found`) |
 //! | 4 | refused (409, 410, 412): a condition failed, the check is stale, the ticket is used or expired; a lease is held by another or lost (`lease_held`, `lease_lost`); a pool has too little (`insufficient`, `capacity_too_low`); a reservation expired, was released or committed (`reservation_*`); an orphan is already resolved; `watch`: the history asked for is compacted |
 //! | 5 | unauthorized or forbidden (401, 403) |
-//! | 6 | the server is unavailable (503) |
+//! | 6 | the server is unavailable (503): a write prints the `--idempotency-key` to rerun it with |
 //! | 7 | `audit verify`: the audit chain does not verify |
 //! | 8 | `gameday`: a guarded run violated its invariant, or a naive run showed no violation |
 //! | 9 | the outcome is unknown (503 `outcome_unknown`: the server ran out of time after reading the write): rerun it with the `--idempotency-key` printed |
@@ -54,7 +54,7 @@ Exit codes:
      lease held or lost, pool insufficient or capacity too low, reservation expired, released or
      committed, orphan already resolved; watch: history compacted
   5  unauthorized or forbidden (401, 403)
-  6  server unavailable (503)
+  6  server unavailable (503): a write prints the --idempotency-key to rerun it with
   7  audit verify: the audit chain does not verify
   8  gameday: a guarded run violated its invariant, or a naive run showed no violation
   9  the write's outcome is unknown (503 outcome_unknown): rerun it with the --idempotency-key
@@ -158,7 +158,9 @@ pub fn report(error: &anyhow::Error, base_url: &str) -> String {
             if body.error == codes::NO_ROUTE {
                 let _ = write!(out, "; is {base_url} the server's base URL (scheme, host and port, no /v1)?");
             }
-            if body.error == codes::OUTCOME_UNKNOWN {
+            // A write refused as unavailable may still have been applied when the store failed
+            // mid-commit: either way, the same key makes the rerun safe.
+            if body.error == codes::OUTCOME_UNKNOWN || body.error == codes::UNAVAILABLE {
                 if let Some(key) = crate::kv::IDEMPOTENCY_KEY.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
                     let _ = write!(out, "; this write's key was {key}: rerun the command with --idempotency-key {key}");
                 }

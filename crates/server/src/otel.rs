@@ -193,7 +193,14 @@ pub fn versions_seen(
             match (&entry.record, written_at) {
                 // Written twice or more by the request (a put then an add, a delete then a
                 // put): what it was before cannot be read back from what it is after.
-                (_, Some(w)) if entry.changed_at == w && rewritten.contains(resource.key.as_str()) => None,
+                (_, Some(w))
+                    if entry.changed_at == w
+                        && rewritten.iter().any(|r| {
+                            *r == resource.key || (r.ends_with('/') && resource.key.starts_with(r.as_str()))
+                        }) =>
+                {
+                    None
+                }
                 (Some(r), Some(w)) if entry.changed_at == w && r.create_revision == w => Some(0),
                 (Some(r), Some(w)) if entry.changed_at == w => Some(r.version - 1),
                 _ => None,
@@ -202,10 +209,19 @@ pub fn versions_seen(
         .collect()
 }
 
-/// The keys that more than one of `ops` writes.
+/// The keys that more than one of `ops` writes. A reservation's commit or release writes its
+/// pool too, which its op does not name: with two or more ops on reservations or pools, every
+/// pool counts as rewritten (the set holds the pools' key prefix, which ends in `/`).
 pub fn rewritten(ops: &[gapguard_core::Op]) -> std::collections::BTreeSet<String> {
+    use gapguard_core::Op;
     let mut seen = std::collections::BTreeSet::new();
-    ops.iter().map(|op| op.key().into_owned()).filter(|key| !seen.insert(key.clone())).collect()
+    let mut twice: std::collections::BTreeSet<String> =
+        ops.iter().map(|op| op.key().into_owned()).filter(|key| !seen.insert(key.clone())).collect();
+    let on_pools = ops.iter().filter(|op| matches!(op, Op::Reserve { .. } | Op::Commit { .. } | Op::Release { .. }));
+    if on_pools.count() >= 2 {
+        twice.insert(gapguard_core::primitives::kind_prefix("pool/"));
+    }
+    twice
 }
 
 /// Why spans cannot be exported where the config says.
@@ -434,4 +450,21 @@ pub fn resource_keys<'a>(
         ops.into_iter().for_each(|o| push(&mut resources, o.key()));
     }
     resources
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gapguard_core::Op;
+
+    #[test]
+    fn keys_written_twice_and_pools_under_two_reservation_ops_count_as_rewritten() {
+        let put = |key: &str| Op::Put { key: key.into(), value: serde_json::json!(1) };
+        let commit = |id: &str| Op::Commit { reservation: id.into() };
+        assert!(rewritten(&[put("a"), put("b")]).is_empty());
+        assert_eq!(rewritten(&[put("a"), put("b"), put("a")]).into_iter().collect::<Vec<_>>(), ["a"]);
+        let pools = rewritten(&[commit("r1"), commit("r2")]);
+        assert!(pools.contains(&gapguard_core::primitives::kind_prefix("pool/")), "{pools:?}");
+        assert!(rewritten(&[commit("r1"), put("a")]).is_empty());
+    }
 }

@@ -204,19 +204,26 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
 /// The `options` of every connection: those the URL gave, the idle-in-transaction timeout,
 /// and the schema's `search_path`.
-fn session_options(given: Option<&str>, schema: Option<&str>) -> Result<String, StoreError> {
-    let mut session = format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}");
+/// The `options` of the writer's connection (`writer`: the idle-in-transaction timeout first,
+/// so that an `options` in the URL may set it otherwise) and of the others: the URL's, and the
+/// schema's `search_path`. `None`: nothing to send (a pooler that refuses the startup
+/// parameter still takes the readers).
+fn session_options(given: Option<&str>, schema: Option<&str>, writer: bool) -> Result<Option<String>, StoreError> {
+    let mut parts = Vec::new();
+    if writer {
+        parts.push(format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"));
+    }
     if let Some(given) = given.filter(|g| !g.trim().is_empty()) {
-        session = format!("{given} {session}");
+        parts.push(given.to_owned());
     }
     if let Some(schema) = schema {
         let valid = !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(StoreError::Schema(format!("invalid schema name {schema:?}: use letters, digits and _")));
         }
-        session = format!("{session} -c search_path={schema}");
+        parts.push(format!("-c search_path={schema}"));
     }
-    Ok(session)
+    Ok((!parts.is_empty()).then(|| parts.join(" ")))
 }
 
 /// Deletes this node's claim of a key: the row only while it is still the claim this node
@@ -226,9 +233,38 @@ const RELEASE_CLAIM: &str = "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope 
 /// Open claims a node remembers before it forgets those long lapsed.
 const CLAIMS_KEPT_MAX: usize = 4096;
 
-/// Retries, a second apart, of an idempotency claim's release that failed: about as long as a
-/// claim lives, after which it has expired by itself anyway.
-const CLAIM_RELEASE_RETRIES: usize = 30;
+/// How long a failed release of an idempotency claim is retried: about as long as a claim
+/// lives, after which it has expired by itself anyway.
+const CLAIM_RELEASE_FOR: Duration = Duration::from_secs(30);
+
+/// Retries the failed releases a second apart, on one connection at a time (an outage with
+/// many keyed writes in flight must not become a storm of connections when the database comes
+/// back), until each is done or given up; then the task ends.
+async fn retry_releases(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = std::time::Instant::now();
+        let pending: Vec<_> = {
+            let mut releases = shared.releases.lock().expect("releases");
+            releases.pending.retain(|(_, _, give_up)| *give_up > now);
+            if releases.pending.is_empty() {
+                releases.running = false;
+                return;
+            }
+            releases.pending.clone()
+        };
+        let Ok(client) = connect(&shared.config).await else { continue };
+        for (key, until, _) in pending {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &until];
+            if client.execute(RELEASE_CLAIM, &params).await.is_err() {
+                break;
+            }
+            tracing::info!("released an idempotency claim once the database answered again");
+            shared.releases.lock().expect("releases").pending.retain(|(k, u, _)| !(k == &key && *u == until));
+        }
+    }
+}
 
 /// A connection with its prepared statements: each statement is parsed once per connection,
 /// then only bound and executed (a query by text would cost a parse round trip every time).
@@ -303,6 +339,8 @@ impl WriterConn {
 
 struct Shared {
     config: tokio_postgres::Config,
+    /// `config` with the writer's session settings (see [`session_options`]).
+    writer_config: tokio_postgres::Config,
     limits: Limits,
     changes_kept: i64,
     writer: tokio::sync::Mutex<Option<WriterConn>>,
@@ -313,6 +351,16 @@ struct Shared {
     /// late (after an outage) is deleted only if it is still this one, never another node's
     /// claim of the same key taken since it lapsed.
     claims: Mutex<HashMap<IdempotencyKey, i64>>,
+    /// Releases that failed, retried by one background task (see [`PgStore::release_claim`]).
+    releases: Mutex<Releases>,
+}
+
+/// Claims whose release failed (key, `until_ms`, when to give up), and whether the task that
+/// retries them is running.
+#[derive(Default)]
+struct Releases {
+    pending: Vec<(IdempotencyKey, i64, std::time::Instant)>,
+    running: bool,
 }
 
 /// A [`Storage`] (and [`SharedStorage`]) over PostgreSQL.
@@ -431,8 +479,14 @@ impl PgStore {
         // A node that stops mid-transaction (frozen, paused, cut off) holds the global write
         // lock, and every node's writes and fresh reads wait behind it: the database ends such
         // a session after this long, and the node reconnects when it wakes.
-        let session = session_options(config.get_options(), options.schema.as_deref())?;
-        config.options(session);
+        let given = config.get_options().map(str::to_owned);
+        let mut writer_config = config.clone();
+        if let Some(session) = session_options(given.as_deref(), options.schema.as_deref(), false)? {
+            config.options(session);
+        }
+        if let Some(session) = session_options(given.as_deref(), options.schema.as_deref(), true)? {
+            writer_config.options(session);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("gapguard-pg")
@@ -442,12 +496,14 @@ impl PgStore {
         let handle = runtime.handle().clone();
         let shared = Arc::new(Shared {
             config,
+            writer_config,
             limits: options.limits,
             changes_kept: options.changes_kept,
             writer: tokio::sync::Mutex::new(None),
             reader: tokio::sync::Mutex::new(None),
             last_changes: Mutex::new(None),
             claims: Mutex::new(HashMap::new()),
+            releases: Mutex::new(Releases::default()),
         });
         let store = Self { shared, runtime: Mutex::new(Some(runtime)), handle };
         let shared = store.shared.clone();
@@ -913,7 +969,7 @@ impl Storage for PgStore {
         self.block(async move {
             let mut guard = shared.writer.lock().await;
             if guard.as_ref().is_none_or(|c| c.db.is_closed()) {
-                *guard = Some(WriterConn::connect(&shared.config).await?);
+                *guard = Some(WriterConn::connect(&shared.writer_config).await?);
             }
             let conn = guard.as_mut().expect("connected");
             let result = write_batch(conn, &batch, &shared.limits, shared.changes_kept).await;
@@ -972,7 +1028,7 @@ impl SharedStorage for PgStore {
         self.block(async move {
             let mut guard = shared.writer.lock().await;
             if guard.as_ref().is_none_or(|c| c.db.is_closed()) {
-                *guard = Some(WriterConn::connect(&shared.config).await?);
+                *guard = Some(WriterConn::connect(&shared.writer_config).await?);
             }
             let conn = guard.as_mut().expect("connected");
             let result = begin(conn, &lock).await;
@@ -1087,20 +1143,13 @@ impl SharedStorage for PgStore {
             // retry in the background, so that a retry of the request is not told "in
             // progress" for the rest of the claim's life once the database is back.
             tracing::warn!(error = %e, "could not release an idempotency claim; retrying until it expires by itself");
-            let (config, key) = (self.shared.config.clone(), claimed.clone());
-            self.handle.spawn(async move {
-                for _ in 0..CLAIM_RELEASE_RETRIES {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let Ok(client) = connect(&config).await else { continue };
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                        [&key.ns.as_bytes(), &key.scope.as_bytes(), &key.key.as_bytes(), &until];
-                    let deleted = client.execute(RELEASE_CLAIM, &params).await;
-                    if deleted.is_ok() {
-                        tracing::info!("released an idempotency claim once the database answered again");
-                        return;
-                    }
-                }
-            });
+            let give_up = std::time::Instant::now() + CLAIM_RELEASE_FOR;
+            let mut releases = self.shared.releases.lock().expect("releases");
+            releases.pending.push((claimed.clone(), until, give_up));
+            if !releases.running {
+                releases.running = true;
+                self.handle.spawn(retry_releases(self.shared.clone()));
+            }
         }
     }
 
@@ -1152,13 +1201,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_connection_ends_idle_transactions_and_keeps_the_urls_options_and_the_schema() {
+    fn the_writer_ends_idle_transactions_and_the_urls_options_and_the_schema_come_after() {
         let timeout = "-c idle_in_transaction_session_timeout=10s";
-        assert_eq!(session_options(None, None).unwrap(), timeout);
+        assert_eq!(session_options(None, None, true).unwrap().as_deref(), Some(timeout));
+        assert_eq!(session_options(None, None, false).unwrap(), None, "readers send nothing of their own");
         assert_eq!(
-            session_options(Some("-c work_mem=8MB"), Some("tenant_1")).unwrap(),
-            format!("-c work_mem=8MB {timeout} -c search_path=tenant_1")
+            session_options(Some("-c work_mem=8MB"), Some("tenant_1"), true).unwrap(),
+            Some(format!("{timeout} -c work_mem=8MB -c search_path=tenant_1"))
         );
-        assert!(session_options(None, Some("a;drop")).is_err());
+        assert_eq!(
+            session_options(Some("-c work_mem=8MB"), Some("tenant_1"), false).unwrap().as_deref(),
+            Some("-c work_mem=8MB -c search_path=tenant_1")
+        );
+        assert!(session_options(None, Some("a;drop"), false).is_err());
     }
 }

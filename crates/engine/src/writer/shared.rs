@@ -275,9 +275,11 @@ impl Writer {
                 state.entries = recovered.entries.into_iter().map(|(k, e)| (Arc::new(k), Arc::new(e))).collect();
                 self.cursor = recovered.cursor;
                 self.state = state;
-                published.store(Arc::new(self.state.clone()));
-                // The changes skipped are not in the feed: its watchers must know.
+                // The changes skipped are not in the feed: its watchers must know. Reset before
+                // the state is published, so that a watch from the new state's revision is
+                // never told `compacted`.
                 self.feed.reset(self.state.revision);
+                published.store(Arc::new(self.state.clone()));
                 return Ok(());
             }
             Err(e) => return Err(e),

@@ -31,6 +31,15 @@ fn put_count(out: &mut Vec<u8>, n: usize) {
 }
 
 /// Appends the encoding of `batch` (with its log sequence number) to `out`.
+/// The LSN an encoded record's payload starts with, if it starts as this format's do: a cheap
+/// test before a checksum, for the log's scan past a bad record.
+pub(crate) fn peek_lsn(payload: &[u8]) -> Option<u64> {
+    match payload.split_first()? {
+        (&VERSION, rest) => Some(u64::from_le_bytes(rest.get(..8)?.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 pub(crate) fn encode(lsn: u64, batch: &Batch, out: &mut Vec<u8>) {
     out.push(VERSION);
     put_u64(out, lsn);

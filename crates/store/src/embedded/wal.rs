@@ -217,7 +217,13 @@ impl Wal {
             while at < bytes.len() {
                 match read_record(&bytes[at..]) {
                     None if is_last && is_end_mark(&bytes[at..]) => {
-                        // The end mark after the last record (or the zeros of new space).
+                        // The end mark after the last record (or the zeros of new space), unless
+                        // a whole record of a later number lies past it: a header zeroed on disk.
+                        if fsync {
+                            if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
+                                return Err(damaged(path, at, expected, later_at, later_lsn));
+                            }
+                        }
                         end_of_last = at as u64;
                         break;
                     }
@@ -254,19 +260,12 @@ impl Wal {
                         // whole record of this or a later LSN past it means a record that
                         // was acknowledged is damaged, and records after it were too: refuse,
                         // and leave the log as it is for the operator.
-                        if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
-                            return Err(StoreError::Corrupt {
-                                what: "wal",
-                                detail: format!(
-                                    "{}: the record at byte {at} (number {expected}) is damaged, yet record \
-                                     {later_lsn} follows whole at byte {later_at}: that is not a crash \
-                                     mid-append but corruption of acknowledged writes, and the log is left \
-                                     untouched. Restore the data directory from a backup; or, to give up \
-                                     every write from number {expected} on, truncate this file to {at} bytes \
-                                     and start again",
-                                    path.display()
-                                ),
-                            });
+                        // (Without fsync a crash may keep a later write and lose an earlier one:
+                        // the cut is what `fsync = false` accepts.)
+                        if fsync {
+                            if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
+                                return Err(damaged(path, at, expected, later_at, later_lsn));
+                            }
                         }
                         // A torn append: it was never acknowledged. Cut it off for good (the
                         // space is preallocated again for the records that follow).
@@ -562,6 +561,20 @@ fn preallocate(file: &File, path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// The error of a bad record at `at` (number `expected`) with a whole later one past it.
+fn damaged(path: &Path, at: usize, expected: u64, later_at: usize, later_lsn: u64) -> StoreError {
+    StoreError::Corrupt {
+        what: "wal",
+        detail: format!(
+            "{}: the record at byte {at} (number {expected}) is damaged, yet record {later_lsn} follows \
+             whole at byte {later_at}: that is not a crash mid-append but corruption of acknowledged \
+             writes, and the log is left untouched. Restore the data directory from a backup; or, to \
+             give up every write from number {expected} on, truncate this file to {at} bytes and start again",
+            path.display()
+        ),
+    }
+}
+
 /// The first whole record past `at` whose LSN is `lsn` or later, with its offset: evidence
 /// that the bad record at `at` was not the last write. (Past a torn append lie only the zeros
 /// of new space, or a recycled segment's old records, whose LSNs are below its first.) Read on
@@ -576,9 +589,15 @@ fn record_after(bytes: &[u8], at: usize, lsn: u64) -> Option<(usize, u64)> {
             offset = next.saturating_sub(3).max(offset + 1);
             continue;
         }
-        if let Some((payload, _)) = read_record(&bytes[offset..]) {
-            if let Ok((found, _)) = codec::decode(payload) {
-                if found >= lsn {
+        // Cheap tests first, so that the checksum runs only where a record of a plausible
+        // number starts: the format's version byte, then an LSN from `lsn` to a bound no log
+        // reaches within one segment.
+        let payload = &bytes[offset + HEADER_BYTES..];
+        let plausible =
+            codec::peek_lsn(payload).is_some_and(|found| (lsn..lsn.saturating_add(1 << 24)).contains(&found));
+        if plausible {
+            if let Some((payload, _)) = read_record(&bytes[offset..]) {
+                if let Ok((found, _)) = codec::decode(payload) {
                     return Some((offset, found));
                 }
             }
@@ -699,6 +718,34 @@ mod tests {
         assert!(detail.contains(&format!("record at byte {second} (number 2) is damaged")), "{detail}");
         assert!(detail.contains("record 3 follows whole"), "{detail}");
         assert_eq!(fs::read(&path).unwrap(), bytes, "the log was changed");
+    }
+
+    /// A record's header zeroed on disk reads as the log's end mark: the whole records past it
+    /// show it is not. Without fsync, where a crash may keep a later write and lose an earlier
+    /// one, the damaged record is cut as a torn append instead.
+    #[test]
+    fn a_zeroed_header_before_whole_records_is_corruption_unless_fsync_is_off() {
+        for fsync in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut wal, _) = Wal::open(dir.path(), 0, fsync).unwrap();
+            wal.append(&batch(1)).unwrap();
+            let second = wal.segment_bytes as usize;
+            for r in 2..=4 {
+                wal.append(&batch(r)).unwrap();
+            }
+            drop(wal);
+            let (_, path) = segments(dir.path()).unwrap().pop().unwrap();
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[second..second + HEADER_BYTES].fill(0);
+            fs::write(&path, &bytes).unwrap();
+            match Wal::open(dir.path(), 0, fsync) {
+                Err(StoreError::Corrupt { detail, .. }) if fsync => {
+                    assert!(detail.contains("record 3 follows"), "{detail}")
+                }
+                Ok((_, records)) if !fsync => assert_eq!(records.len(), 1, "cut after record 1"),
+                other => panic!("fsync {fsync}: {:?}", other.map(|(_, r)| r.len())),
+            }
+        }
     }
 
     #[test]
