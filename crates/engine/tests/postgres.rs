@@ -227,6 +227,8 @@ async fn a_node_further_behind_than_the_kept_change_log_reloads_the_whole_state(
     let store = PgStore::connect(&url, options).expect("connect");
     let writer = Engine::open(Arc::new(store), Arc::new(SystemClock::default()), config).expect("open");
     let put = |key: String, v: i64| WriteRequest::Put { ns: "ns".into(), key, value: json!(v) };
+    // A watch open on the node that falls behind, from its start.
+    let mut watch = behind.watch(1).expect("a watch from the start");
     for i in 0..20 {
         writer.write(put(format!("k{i}"), i), RequestContext::default(), None).await.expect("write");
     }
@@ -234,6 +236,12 @@ async fn a_node_further_behind_than_the_kept_change_log_reloads_the_whole_state(
     tokio::time::sleep(Duration::from_millis(400)).await;
     behind.fresh().await.expect("a node past the log's start reloads instead of failing");
     assert_eq!(behind.snapshot().revision, 20);
+    // The changes it skipped are in no feed: its watch is told (an empty batch: the reset),
+    // and a watch from before the reload is compacted.
+    let told = tokio::time::timeout(Duration::from_secs(5), watch.live.recv()).await.expect("in time").expect("open");
+    assert!(told.is_empty(), "the first thing the watch hears is the reset, not a batch past a gap: {told:?}");
+    assert_eq!(watch.reset_to.load(std::sync::atomic::Ordering::Acquire), 21);
+    assert_eq!(behind.watch(2).err().map(|c| c.first_available), Some(21));
     for i in 0..20 {
         assert_eq!(behind.get("ns", &format!("k{i}")).0.map(|r| r.value), Some(json!(i)), "k{i}");
     }
