@@ -563,9 +563,10 @@ fn executive(flows: &[FlowConfig]) -> Value {
     );
     p.graph(
         12,
-        "Error budget remaining, 3 days",
+        "Budget headroom at the 3-day burn rate (1 − burn rate)",
         "percentunit",
-        "1 − burn rate over 3 days: below 0, the flow spends its budget faster than the objective allows.",
+        "Not the budget left: 1 − the burn rate over 3 days. 100 %: nothing spent; 0: spending exactly as fast \
+         as the objective allows; below 0: faster, and the budget runs out before its window ends.",
         &[
             (&format!("1 - {}{f}", recorded("correctness", "burn_rate", "3d")), "{{flow}} correctness"),
             (&format!("1 - {}{f}", recorded("latency", "burn_rate", "3d")), "{{flow}} latency"),
