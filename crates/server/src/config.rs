@@ -163,32 +163,6 @@ pub struct FlowConfig {
     pub correctness_objective: Option<f64>,
 }
 
-/// The flows' objectives, as the server's SLO report and `gapguard rules` read them: names
-/// unique and not empty, `correctness_objective` strictly between 0 and 1, a latency
-/// objective of at least 1 ms.
-fn validate_flows(flows: &[FlowConfig]) -> Result<(), String> {
-    for (i, flow) in flows.iter().enumerate() {
-        let at = format!("flow {:?}", flow.name);
-        if flow.name.is_empty() {
-            return Err("flow: name must not be empty".into());
-        }
-        if flows[..i].iter().any(|f| f.name == flow.name) {
-            return Err(format!("{at} appears twice"));
-        }
-        if let Some(objective) = flow.correctness_objective {
-            if !(objective > 0.0 && objective < 1.0) {
-                return Err(format!(
-                    "{at}: correctness_objective = {objective} must be between 0 and 1, exclusive (0.9999 is 99.99 %)"
-                ));
-            }
-        }
-        if flow.check_to_use_p99_ms == Some(0) {
-            return Err(format!("{at}: check_to_use_p99_ms must be at least 1"));
-        }
-    }
-    Ok(())
-}
-
 /// The config file as written (every field optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -338,7 +312,7 @@ impl Config {
         if l.max_body_bytes == 0 || l.max_key_bytes == 0 || l.max_conditions == 0 || l.max_ops == 0 {
             return Err(ConfigError::Invalid("limits: sizes and counts must be at least 1".into()));
         }
-        validate_flows(&file.flow).map_err(ConfigError::Invalid)?;
+        crate::rules::validate_flows(&file.flow).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.flows = file.flow;
         config.metrics_namespaces = file.metrics_namespaces;
         for key in &file.api_key {

@@ -96,7 +96,7 @@ pub enum RulesError {
         message: String,
     },
     /// Two `[[flow]]` entries with one name (their rules would record the same series).
-    #[error("flow {0:?} is configured twice")]
+    #[error("flow {0:?} appears twice")]
     DuplicateFlow(String),
 }
 
@@ -190,22 +190,38 @@ pub(crate) fn alert_name(sli: Sli, page: bool) -> String {
     format!("GapguardFlow{}BurnRate{}", sli.title(), if page { "Page" } else { "Ticket" })
 }
 
-/// The rule groups of `gapguard-rules.yml`.
-pub fn rule_groups(flows: &[FlowConfig], options: &Options) -> Result<Vec<RuleGroup>, RulesError> {
+/// The flows' objectives as the rules, the server's SLO report and the config read them: names
+/// not empty and unique, `correctness_objective` strictly between 0 and 1, a latency objective
+/// of at least 1 ms.
+pub fn validate_flows(flows: &[FlowConfig]) -> Result<(), RulesError> {
     let mut seen = BTreeSet::new();
-    let mut groups = Vec::new();
     for flow in flows {
+        let invalid = |message: &str| RulesError::Objective { flow: flow.name.clone(), message: message.into() };
+        if flow.name.is_empty() {
+            return Err(invalid("name must not be empty"));
+        }
         if !seen.insert(flow.name.as_str()) {
             return Err(RulesError::DuplicateFlow(flow.name.clone()));
         }
-        let invalid = |message: String| RulesError::Objective { flow: flow.name.clone(), message };
+        if let Some(objective) = flow.correctness_objective.filter(|o| !(*o > 0.0 && *o < 1.0)) {
+            return Err(invalid(&format!(
+                "correctness_objective = {objective} must be between 0 and 1, exclusive (0.9999 is 99.99 %)"
+            )));
+        }
+        if flow.check_to_use_p99_ms == Some(0) {
+            return Err(invalid("check_to_use_p99_ms must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+/// The rule groups of `gapguard-rules.yml`.
+pub fn rule_groups(flows: &[FlowConfig], options: &Options) -> Result<Vec<RuleGroup>, RulesError> {
+    validate_flows(flows)?;
+    let mut groups = Vec::new();
+    for flow in flows {
         let mut rules = Vec::new();
         if let Some(objective) = flow.correctness_objective {
-            if !(objective > 0.0 && objective < 1.0) {
-                return Err(invalid(format!(
-                    "correctness_objective = {objective} must be between 0 and 1, exclusive (0.9999 is 99.99 %)"
-                )));
-            }
             let selector = |result: &str| format!("{ACTS_TOTAL}{{flow={},result{result}}}", promql_str(&flow.name));
             let error_ratio = |w: &str| {
                 // `or 0 * total`: a counter is exported from its first increment, so a flow that
@@ -217,9 +233,6 @@ pub fn rule_groups(flows: &[FlowConfig], options: &Options) -> Result<Vec<RuleGr
             rules.extend(sli_rules(flow, Sli::Correctness, objective, error_ratio, options));
         }
         if let Some(ms) = flow.check_to_use_p99_ms {
-            if ms == 0 {
-                return Err(invalid("check_to_use_p99_ms must be at least 1".into()));
-            }
             let seconds = ms_to_seconds(ms);
             let name = promql_str(&flow.name);
             let error_ratio = |w: &str| {
