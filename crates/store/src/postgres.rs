@@ -202,8 +202,6 @@ const CHANGES: &str = concat!(
 /// milliseconds, and a node frozen inside one would stall every node's writes and reads.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
-/// The `options` of every connection: those the URL gave, the idle-in-transaction timeout,
-/// and the schema's `search_path`.
 /// The `options` of the writer's connection (`writer`: the idle-in-transaction timeout first,
 /// so that an `options` in the URL may set it otherwise) and of the others: the URL's, and the
 /// schema's `search_path`. `None`: nothing to send (a pooler that refuses the startup

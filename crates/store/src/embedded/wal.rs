@@ -219,11 +219,7 @@ impl Wal {
                     None if is_last && is_end_mark(&bytes[at..]) => {
                         // The end mark after the last record (or the zeros of new space), unless
                         // a whole record of a later number lies past it: a header zeroed on disk.
-                        if fsync {
-                            if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
-                                return Err(damaged(path, at, expected, later_at, later_lsn));
-                            }
-                        }
+                        nothing_after(&bytes, at, expected, fsync, path)?;
                         end_of_last = at as u64;
                         break;
                     }
@@ -256,17 +252,8 @@ impl Wal {
                         end_of_last = at as u64;
                     }
                     None if is_last => {
-                        // A torn append is the last write: nothing whole may follow it. A
-                        // whole record of this or a later LSN past it means a record that
-                        // was acknowledged is damaged, and records after it were too: refuse,
-                        // and leave the log as it is for the operator.
-                        // (Without fsync a crash may keep a later write and lose an earlier one:
-                        // the cut is what `fsync = false` accepts.)
-                        if fsync {
-                            if let Some((later_at, later_lsn)) = record_after(&bytes, at, expected) {
-                                return Err(damaged(path, at, expected, later_at, later_lsn));
-                            }
-                        }
+                        // A torn append is the last write: nothing whole may follow it.
+                        nothing_after(&bytes, at, expected, fsync, path)?;
                         // A torn append: it was never acknowledged. Cut it off for good (the
                         // space is preallocated again for the records that follow).
                         report_cut(path, at, bytes.len());
@@ -561,9 +548,16 @@ fn preallocate(file: &File, path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The error of a bad record at `at` (number `expected`) with a whole later one past it.
-fn damaged(path: &Path, at: usize, expected: u64, later_at: usize, later_lsn: u64) -> StoreError {
-    StoreError::Corrupt {
+/// Where the last segment's records end (`at`: a bad record, or an end mark, where record
+/// `expected` was due), that nothing whole of that number or later lies past it. If something
+/// does, a record that was acknowledged is damaged, and so were those after it: the log is
+/// refused and left as it is for the operator. Without fsync a crash may keep a later write and
+/// lose an earlier one, so the end stands (that is what `fsync = false` accepts).
+fn nothing_after(bytes: &[u8], at: usize, expected: u64, fsync: bool, path: &Path) -> Result<(), StoreError> {
+    let Some((later_at, later_lsn)) = fsync.then(|| record_after(bytes, at, expected)).flatten() else {
+        return Ok(());
+    };
+    Err(StoreError::Corrupt {
         what: "wal",
         detail: format!(
             "{}: the record at byte {at} (number {expected}) is damaged, yet record {later_lsn} follows \
@@ -572,14 +566,14 @@ fn damaged(path: &Path, at: usize, expected: u64, later_at: usize, later_lsn: u6
              give up every write from number {expected} on, truncate this file to {at} bytes and start again",
             path.display()
         ),
-    }
+    })
 }
 
-/// The first whole record past `at` whose LSN is `lsn` or later, with its offset: evidence
-/// that the bad record at `at` was not the last write. (Past a torn append lie only the zeros
-/// of new space, or a recycled segment's old records, whose LSNs are below its first.) Read on
-/// the rare path of a bad record only: every offset is tried but those inside runs of zeros
-/// (a record's length is not zero).
+/// The first whole record past `at` whose LSN is from `lsn` to `lsn + 2^24`, with its
+/// offset: evidence that the record at `at` was not the last write. (Past a torn append or the
+/// end mark lie only the zeros of new space, or a recycled segment's old records, whose LSNs
+/// are below its first.) Run at every start, over the rest of the last segment: runs of zeros
+/// are skipped, and the checksum runs only where a header's format byte and LSN fit.
 fn record_after(bytes: &[u8], at: usize, lsn: u64) -> Option<(usize, u64)> {
     let mut offset = at + 1;
     while offset + HEADER_BYTES <= bytes.len() {
@@ -718,6 +712,28 @@ mod tests {
         assert!(detail.contains(&format!("record at byte {second} (number 2) is damaged")), "{detail}");
         assert!(detail.contains("record 3 follows whole"), "{detail}");
         assert_eq!(fs::read(&path).unwrap(), bytes, "the log was changed");
+    }
+
+    /// The scan past a bad record finds whole records numbered from the one due up to 2^24 past
+    /// it, and none outside: at each bound and one past it.
+    #[test]
+    fn the_scan_past_a_bad_record_takes_numbers_within_its_bounds_only() {
+        let record = |lsn: u64| {
+            let mut payload = Vec::new();
+            codec::encode(lsn, &batch(1), &mut payload);
+            let mut bytes = vec![0xa5; 16];
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            bytes.extend_from_slice(&[0; 16]);
+            bytes
+        };
+        let due = 1_000;
+        let found = |lsn| record_after(&record(lsn), 0, due).map(|(at, n)| (at, n));
+        assert_eq!(found(due), Some((16, due)));
+        assert_eq!(found(due - 1), None, "an older record is a recycled segment's");
+        assert_eq!(found(due + (1 << 24) - 1), Some((16, due + (1 << 24) - 1)));
+        assert_eq!(found(due + (1 << 24)), None, "past the bound: not taken for a record");
     }
 
     /// A record's header zeroed on disk reads as the log's end mark: the whole records past it
