@@ -729,7 +729,7 @@ mod tests {
             bytes
         };
         let due = 1_000;
-        let found = |lsn| record_after(&record(lsn), 0, due).map(|(at, n)| (at, n));
+        let found = |lsn| record_after(&record(lsn), 0, due);
         assert_eq!(found(due), Some((16, due)));
         assert_eq!(found(due - 1), None, "an older record is a recycled segment's");
         assert_eq!(found(due + (1 << 24) - 1), Some((16, due + (1 << 24) - 1)));
