@@ -450,6 +450,7 @@ mod tests {
             assert!(flow(bad).is_some_and(|e| e.contains("between 0 and 1")), "{bad}");
         }
         assert!(flow("check_to_use_p99_ms = 0").is_some_and(|e| e.contains("at least 1")));
+        assert_eq!(flow("check_to_use_p99_ms = 1"), None, "1 ms, the least, is taken");
         let twice = Config::parse("[[flow]]\nname = \"c\"\n[[flow]]\nname = \"c\"\n").unwrap_err().to_string();
         assert!(twice.contains("appears twice"), "{twice}");
         let key = |id: &str, hash: &str| {
@@ -466,6 +467,7 @@ mod tests {
         for field in ["header_read_timeout_ms", "request_timeout_ms"] {
             let zero = Config::parse(&format!("{field} = 0\n")).unwrap_err().to_string();
             assert!(zero.contains("at least 1"), "{zero}");
+            assert!(Config::parse(&format!("{field} = 1\n")).is_ok(), "{field} = 1, the least, is taken");
         }
     }
 
