@@ -94,6 +94,10 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     let put = spans.iter().find(|s| s["name"] == "PUT /v1/ns/{ns}/kv/{*key}").expect("the put span");
     assert_eq!(attr(&put["attributes"], "toctou.role"), Some("mutate"));
     assert_eq!(attr(&put["attributes"], "toctou.resource.key"), Some("stock"));
+    let status = put["attributes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|kv| kv["key"] == "http.response.status_code").map(|kv| kv["value"].clone()));
+    assert_eq!(status, Some(json!({"intValue": "200"})), "the status, an integer as the conventions say");
     // The version each span saw: an integer attribute (OTLP/JSON: a decimal string).
     let version = |span: &Value| {
         span["attributes"].as_array().and_then(|a| {

@@ -221,7 +221,9 @@ where
     if let Some((started, method)) = tracked {
         state.metrics.track(route, &method, started, response.status());
     }
-    span.record("http.response.status_code", response.status().as_u16());
+    // An `i64`: tracing-opentelemetry has no `u64` recorder and would write a `u16` as a
+    // string, where the semantic conventions want an integer.
+    span.record("http.response.status_code", i64::from(response.status().as_u16()));
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(CORRELATION_HEADER, value);
