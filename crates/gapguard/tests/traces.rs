@@ -150,3 +150,53 @@ async fn the_trace_file_can_come_from_the_config_file() {
     let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
     assert!(spans.iter().any(|s| s["name"] == "GET /healthz"), "{spans:#?}");
 }
+
+/// An idempotent replay applies nothing: its span is no use of a check and no mutation inside
+/// anyone's window, so it carries `gapguard.idempotent_replay` and no `toctou.*` attributes;
+/// the first request's span keeps its role.
+#[tokio::test]
+async fn an_idempotent_replay_is_neither_a_use_nor_a_mutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace_file = dir.path().join("traces.jsonl");
+    let server = Server::start_with(&dir.path().join("data"), &["--trace-file", trace_file.to_str().unwrap()]);
+    let http = Http::new(&server);
+    let put = json!({"value": 3});
+    for _ in 0..2 {
+        let r = http.send("PUT", "/v1/ns/shop/kv/stock", Some(&put), &[("idempotency-key", "put-1")]).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let check = http.post("/v1/ns/shop/check", json!({"conditions": [{"exists": "stock"}]})).await;
+    let act = json!({"ticket": check.body["ticket"], "ops": [{"add": {"key": "stock", "by": -1}}]});
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let r = http.send("POST", "/v1/ns/shop/act", Some(&act), &[("idempotency-key", "act-1")]).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        replayed.push(r.header("idempotent-replayed").is_some());
+    }
+    assert_eq!(replayed, [false, true]);
+    assert!(server.terminate_within(Duration::from_secs(10)).success());
+    let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
+    let is_replay = |span: &Value| {
+        span["attributes"].as_array().is_some_and(|a| {
+            a.iter().any(|kv| kv["key"] == "gapguard.idempotent_replay" && kv["value"]["boolValue"] == true)
+        })
+    };
+    for name in ["PUT /v1/ns/{ns}/kv/{*key}", "POST /v1/ns/{ns}/act"] {
+        let of_route: Vec<&Value> = spans.iter().filter(|s| s["name"] == name).collect();
+        assert_eq!(of_route.len(), 2, "{name}: {of_route:#?}");
+        let (replays, firsts): (Vec<&Value>, Vec<&Value>) = of_route.into_iter().partition(|s| is_replay(s));
+        assert_eq!((replays.len(), firsts.len()), (1, 1), "{name}: one first request, one replay");
+        assert!(attr(&firsts[0]["attributes"], "toctou.role").is_some(), "{name}: the first has its role");
+        let toctou = replays[0]["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|kv| kv["key"].as_str().is_some_and(|k| k.starts_with("toctou.")));
+        assert_eq!(toctou.count(), 0, "{name}: the replay has no toctou attributes: {:#}", replays[0]);
+        assert!(
+            replays[0].get("links").is_none_or(|l| l.as_array().is_some_and(Vec::is_empty)),
+            "no link to the check"
+        );
+    }
+    assert_eq!(with_role(&spans, "use")["name"], "POST /v1/ns/{ns}/act", "one use, the first act");
+}

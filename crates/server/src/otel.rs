@@ -102,6 +102,20 @@ pub fn set_toctou(span: &tracing::Span, role: &'static str, resources: &[Resourc
     }
 }
 
+/// The attribute that marks the span of an idempotent replay, which applied nothing and so
+/// carries no `toctou.*` attributes (see `routes::write_with`).
+pub const REPLAY_ATTRIBUTE: &str = "gapguard.idempotent_replay";
+
+/// Marks `span` as an idempotent replay's ([`REPLAY_ATTRIBUTE`]).
+pub fn mark_replay(span: &tracing::Span) {
+    span.set_attribute(REPLAY_ATTRIBUTE, true);
+}
+
+/// Sets `toctou.role = mutate` and the resources on the current span.
+pub fn set_mutate(resources: &[ResourceKey]) {
+    set_toctou(&tracing::Span::current(), "mutate", resources, None);
+}
+
 /// Sets `toctou.resource.version`, the version each resource had when the request was
 /// evaluated (0: absent): an integer for one resource, an array of integers in the order of
 /// `toctou.resource.key` for several. Left out when a version is not known exactly (the key

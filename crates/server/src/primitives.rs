@@ -49,14 +49,12 @@ impl Call<'_> {
             idempotency(&self.correlation, &self.headers, &self.ns, &self.method, &self.uri, &self.raw, self.state)?;
         // Every primitive's write is a mutation of its resource (a revocation: `revoke`), which
         // a trace reader looks for inside a check-to-use window.
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            let role = if matches!(op, Op::Revoke { .. }) { "revoke" } else { "mutate" };
-            crate::otel::set_toctou(&span, role, &crate::otel::resource_keys([], [&op]), None);
-        }
+        let role = if matches!(op, Op::Revoke { .. }) { "revoke" } else { "mutate" };
+        let resources = crate::otel::resource_keys([], [&op]);
+        let trace = |_: &Outcome| crate::otel::set_toctou(&tracing::Span::current(), role, &resources, None);
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
-        write_with(self.state, request, self.correlation, claim, |outcome| match outcome {
+        write_with(self.state, request, self.correlation, claim, trace, |outcome| match outcome {
             // One op: its position means nothing to the caller.
             Outcome::Refused(gapguard_core::Refusal::OpFailed { error, .. }) => {
                 convert::op_error(error).into_response()

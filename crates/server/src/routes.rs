@@ -223,21 +223,36 @@ async fn write(
     correlation: Correlation,
     claim: Option<IdempotencyClaim>,
     subject: &str,
+    trace: impl FnOnce(&gapguard_core::Outcome),
 ) -> Result<Response, ApiError> {
     let ns = request.ns().to_owned();
-    write_with(state, request, correlation, claim, |outcome| convert::outcome(outcome, &ns, subject)).await
+    write_with(state, request, correlation, claim, trace, |outcome| convert::outcome(outcome, &ns, subject)).await
 }
 
 /// Runs a write through the engine and renders its outcome with `render` (a pure function of
 /// the outcome, so that an idempotent replay answers exactly what the first request got).
+///
+/// `trace` sets the request span's `toctou.*` attributes from the outcome; it runs only when
+/// the write was applied now. An idempotent replay applied nothing, so its span is no check's
+/// use and no mutation inside anyone's window: it gets `gapguard.idempotent_replay = true` and
+/// no `toctou.*` attributes.
 pub(crate) async fn write_with(
     state: &AppState,
     request: WriteRequest,
     correlation: Correlation,
     claim: Option<IdempotencyClaim>,
+    trace: impl FnOnce(&gapguard_core::Outcome),
     render: impl FnOnce(gapguard_core::Outcome) -> Response,
 ) -> Result<Response, ApiError> {
     let result = state.engine.write(request, context(correlation), claim).await.map_err(engine_error)?;
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        if result.replayed {
+            otel::mark_replay(&span);
+        } else {
+            trace(&result.outcome);
+        }
+    }
     let mut response = render(result.outcome);
     if result.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -291,9 +306,8 @@ pub(crate) async fn put_kv(
     convert::key(&key, "key", limits)?;
     convert::value(&body.value.value, "value", body.raw.len(), limits)?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
-    otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Put { ns, key: key.clone(), value: body.value.value };
-    write(&state, request, correlation, claim, &key).await
+    write(&state, request, correlation, claim, &key, |_| otel::set_mutate(&[otel::ResourceKey::user(&key)])).await
 }
 
 #[utoipa::path(get, path = "/v1/ns/{ns}/kv/{key}", params(("ns" = String, Path), ("key" = String, Path)),
@@ -332,9 +346,8 @@ async fn delete_kv(
     convert::key(&key, "key", limits)?;
     let (method, uri, headers, raw) = primitives::empty_body(&state, req).await?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &raw, &state)?;
-    otel::set_toctou(&tracing::Span::current(), "mutate", &[otel::ResourceKey::user(&key)], None);
     let request = WriteRequest::Delete { ns, key: key.clone() };
-    write(&state, request, correlation, claim, &key).await
+    write(&state, request, correlation, claim, &key, |_| otel::set_mutate(&[otel::ResourceKey::user(&key)])).await
 }
 
 /// Query of a prefix listing.
@@ -464,36 +477,40 @@ pub(crate) async fn act(
     let claims = ticket.as_ref().map(|t| t.claims());
     let traced = (!span.is_disabled()).then(|| {
         let checked = claims.into_iter().flat_map(|c| &c.conditions);
-        let flow = request.flow.as_deref().or(claims.and_then(|c| c.flow.as_deref()));
+        let flow = request.flow.as_deref().or(claims.and_then(|c| c.flow.as_deref())).map(str::to_owned);
         let resources = otel::resource_keys(checked.chain(&conditions), &ops);
-        otel::set_toctou(&span, "use", &resources, flow);
-        if let Some(TicketClaims { trace_id: Some(trace_id), span_id: Some(span_id), .. }) = claims {
-            otel::link_to_check(&span, trace_id, span_id);
-        }
+        let link = match claims {
+            Some(TicketClaims { trace_id: Some(trace_id), span_id: Some(span_id), .. }) => {
+                Some((trace_id.clone(), span_id.clone()))
+            }
+            _ => None,
+        };
         let ticket_conditions = claims.map(|c| c.conditions.clone()).unwrap_or_default();
         // Where the act is evaluated, the state is at least this new.
         let before = state.engine.snapshot().revision;
-        (resources, ticket_conditions, conditions.clone(), before, otel::rewritten(&ops))
+        (resources, flow, link, ticket_conditions, conditions.clone(), before, otel::rewritten(&ops))
     });
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Act(Act { ns: ns.clone(), ticket, conditions, ops, flow: request.flow });
-    write_with(&state, request, correlation, claim, |outcome| {
-        if let Some((resources, ticket_conditions, own, before, rewritten)) = traced {
-            let decision = otel::act_decision(&ticket_conditions, &own, &outcome);
-            otel::set_authz(&span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
-            let written_at = match &outcome {
-                gapguard_core::Outcome::Acted { revision, .. } => Some(*revision),
-                _ => None,
-            };
-            // A committed act saw the state just before its own revision; a refused one, some
-            // state from `before` on.
-            let at = written_at.map_or(before, |w| w - 1);
-            let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at, &rewritten);
-            otel::set_versions(&span, &seen);
+    let trace = |outcome: &gapguard_core::Outcome| {
+        let Some((resources, flow, link, ticket_conditions, own, before, rewritten)) = traced else { return };
+        otel::set_toctou(&span, "use", &resources, flow.as_deref());
+        if let Some((trace_id, span_id)) = link {
+            otel::link_to_check(&span, &trace_id, &span_id);
         }
-        convert::outcome(outcome, &ns, "")
-    })
-    .await
+        let decision = otel::act_decision(&ticket_conditions, &own, outcome);
+        otel::set_authz(&span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
+        let written_at = match outcome {
+            gapguard_core::Outcome::Acted { revision, .. } => Some(*revision),
+            _ => None,
+        };
+        // A committed act saw the state just before its own revision; a refused one, some
+        // state from `before` on.
+        let at = written_at.map_or(before, |w| w - 1);
+        let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at, &rewritten);
+        otel::set_versions(&span, &seen);
+    };
+    write_with(&state, request, correlation, claim, trace, |outcome| convert::outcome(outcome, &ns, "")).await
 }
 
 #[utoipa::path(post, path = "/v1/ns/{ns}/txn", request_body = api::TxnRequest,
@@ -518,12 +535,10 @@ async fn txn(
     let failure = convert::ops(request.failure, "else", 0, raw_len, limits)?;
     crate::auth::admit_ops(&state.keys, &correlation, [("then", &success[..]), ("else", &failure[..])])?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        // A mutation of what it may write (either branch), not of what its `if` reads.
-        otel::set_toctou(&span, "mutate", &otel::resource_keys([], success.iter().chain(&failure)), None);
-    }
-    write(&state, WriteRequest::Txn(Txn { ns, compare, success, failure }), correlation, claim, "").await
+    // A mutation of what it may write (either branch), not of what its `if` reads.
+    let written = otel::resource_keys([], success.iter().chain(&failure));
+    let request = WriteRequest::Txn(Txn { ns, compare, success, failure });
+    write(&state, request, correlation, claim, "", |_| otel::set_mutate(&written)).await
 }
 
 /// Query of the audit log.
