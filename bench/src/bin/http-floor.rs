@@ -17,6 +17,13 @@
 //!
 //! The `gapguard` rows are then this floor: what any server on this stack spends per request
 //! before it does any work, on the same machine and load generator as the peers.
+//!
+//! Started under a name ending in `-raw` (`ln -s http-floor target/release/http-floor-raw`),
+//! it serves without hyper: a task per connection parses each request head with `httparse`,
+//! reads the body by its `Content-Length` and writes a prepared answer with one `write`, the
+//! least any HTTP/1.1 server on Tokio can do. A chunked body or an `Expect` header closes the
+//! connection: it serves the bench's load generator and little more.
+//! The two floors, side by side, tell what hyper costs of the exchange.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +39,8 @@ use hyper::{Request, Response, StatusCode};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A correlation id of the length gapguard's answers carry.
-const CORRELATION_ID: HeaderValue = HeaderValue::from_static("00000000000000000000000000000000");
+const RAW_CORRELATION_ID: &str = "00000000000000000000000000000000";
+const CORRELATION_ID: HeaderValue = HeaderValue::from_static(RAW_CORRELATION_ID);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,11 +52,16 @@ async fn main() -> anyhow::Result<()> {
         args.iter().position(|a| a == "--listen").and_then(|i| args.get(i + 1)).map_or("127.0.0.1:0", String::as_str);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
+    let raw = std::env::args().next().is_some_and(|name| name.ends_with("-raw"));
     let revision = Arc::new(AtomicU64::new(0));
     loop {
         let (tcp, _) = listener.accept().await.context("accepting")?;
         let _ = tcp.set_nodelay(true);
         let revision = revision.clone();
+        if raw {
+            tokio::spawn(raw_connection(tcp, revision));
+            continue;
+        }
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| answer(request, revision.clone()));
             let io = hyper_util::rt::TokioIo::new(tcp);
@@ -85,4 +98,69 @@ fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert("x-correlation-id", CORRELATION_ID);
     response
+}
+
+/// Serves one connection without hyper (see the module's doc): requests strictly one after
+/// another, each answered as [`answer`] does. Returns when the peer closes or sends anything
+/// it does not serve.
+async fn raw_connection(mut tcp: tokio::net::TcpStream, revision: Arc<AtomicU64>) {
+    use std::io::Write as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut inbuf = bytes::BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(256);
+    loop {
+        // The head, then the body by its length.
+        let (head_len, body_len, is_get) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&inbuf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let unserved = ["transfer-encoding", "expect"];
+                    if request.headers.iter().any(|h| unserved.iter().any(|u| h.name.eq_ignore_ascii_case(u))) {
+                        return;
+                    }
+                    let length = request.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length"));
+                    let body_len = match length.map(|h| std::str::from_utf8(h.value).ok().and_then(|v| v.parse().ok()))
+                    {
+                        None => 0,
+                        Some(Some(n)) => n,
+                        Some(None) => return,
+                    };
+                    break (head_len, body_len, request.method == Some("GET"));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(_) => return,
+            }
+            if matches!(tcp.read_buf(&mut inbuf).await, Ok(0) | Err(_)) {
+                return;
+            }
+        };
+        while inbuf.len() < head_len + body_len {
+            if matches!(tcp.read_buf(&mut inbuf).await, Ok(0) | Err(_)) {
+                return;
+            }
+        }
+        let request = inbuf.split_to(head_len + body_len);
+        let body = &request[head_len..];
+        let (status, text) = if is_get {
+            ("200 OK", String::from("{}"))
+        } else if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(body).is_err() {
+            ("400 Bad Request", String::from("{}"))
+        } else {
+            let revision = revision.fetch_add(1, Ordering::Relaxed) + 1;
+            ("200 OK", format!(r#"{{"revision":{revision},"version":1}}"#))
+        };
+        out.clear();
+        // The headers of hyper's answer: hyper adds `date` (formatted once a second).
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-correlation-id: {RAW_CORRELATION_ID}\r\n\
+             content-length: {}\r\ndate: Fri, 27 Nov 2026 00:00:00 GMT\r\n\r\n{text}",
+            text.len()
+        );
+        if tcp.write_all(&out).await.is_err() {
+            return;
+        }
+    }
 }
