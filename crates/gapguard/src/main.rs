@@ -372,6 +372,7 @@ impl Ctx {
 async fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    refuse_client_flags(&cli, &matches).unwrap_or_else(|e| e.exit());
     // `gameday` plays against --url only when one was given; otherwise it starts its own server.
     let url_given = matches!(matches.value_source("url"), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
     match run(&cli, url_given).await {
@@ -382,6 +383,34 @@ async fn main() -> ExitCode {
             ExitCode::from(failure::exit_code(&e))
         }
     }
+}
+
+/// Refuses the client flags on the command line of a command that talks to no server
+/// (`serve`, `keys`, `rules`), where they would be ignored: `gapguard serve --api-key K` does
+/// not give the server a key. Set in the environment (`GAPGUARD_API_KEY`…) they are left
+/// alone, as a shell's settings.
+fn refuse_client_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+    let local = match &cli.command {
+        Command::Serve(_) => "serve",
+        Command::Keys(_) => "keys",
+        Command::Rules(_) => "rules",
+        _ => return Ok(()),
+    };
+    for (id, flag) in [("url", "--url"), ("api_key", "--api-key"), ("ca_file", "--ca-file")] {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            let mut message =
+                format!("{flag} is an option of the client commands; `gapguard {local}` talks to no server");
+            if local == "serve" {
+                message.push_str(match flag {
+                    "--api-key" => ": the server's API keys are [[api_key]] entries of its --config file",
+                    "--ca-file" => ": the server's certificate is [tls] in its --config file",
+                    _ => ": the address it listens on is --listen",
+                });
+            }
+            return Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message));
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: &Cli, url_given: bool) -> anyhow::Result<()> {
@@ -445,6 +474,23 @@ mod tests {
         let Command::Serve(args) = parse(&["serve"]).unwrap().command else { panic!("not serve") };
         assert!(args.data.is_none() && args.listen.is_none() && args.config.is_none());
         assert_eq!(parse(&["serve", "--listen", "nowhere"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn the_client_flags_are_refused_on_the_command_line_of_a_local_command() {
+        let check = |args: &[&str]| {
+            let matches =
+                Cli::command().try_get_matches_from(std::iter::once("gapguard").chain(args.iter().copied()))?;
+            refuse_client_flags(&Cli::from_arg_matches(&matches)?, &matches)
+        };
+        let refused = check(&["serve", "--api-key", "k"]).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::ArgumentConflict);
+        assert!(refused.to_string().contains("[[api_key]]"), "{refused}");
+        assert_eq!(check(&["--url", "http://h:1", "serve"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
+        assert!(check(&["rules", "--config", "g.toml", "--ca-file", "ca.pem"]).is_err());
+        // Where they belong, and a local command without them, are fine.
+        check(&["--api-key", "k", "kv", "get", "ns", "a"]).unwrap();
+        check(&["serve", "--listen", "127.0.0.1:0", "--compact"]).unwrap();
     }
 
     #[test]
