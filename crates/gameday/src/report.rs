@@ -264,7 +264,10 @@ impl Report {
                     let restarts: Vec<String> = run
                         .restarts
                         .iter()
-                        .map(|r| format!("pid {:?} -> {:?} in {:.0} ms", r.killed_pid, r.started_pid, r.restart_ms))
+                        .map(|r| {
+                            let pid = |p: Option<u32>| p.map_or_else(|| "?".to_owned(), |p| p.to_string());
+                            format!("pid {} -> {} in {:.0} ms", pid(r.killed_pid), pid(r.started_pid), r.restart_ms)
+                        })
                         .collect();
                     let _ = writeln!(out, "  {} {}: kill -9: {}", scenario.scenario, run.mode, restarts.join(", "));
                 }

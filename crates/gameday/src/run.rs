@@ -123,6 +123,15 @@ async fn stage(config: &Config) -> Result<Stage, GamedayError> {
     };
     let client = build(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)))?;
     let watch_client = build(None)?;
+    if let Target::Url { url, .. } = &config.target {
+        // Before any scenario: a server that cannot be reached is said so at once, not after
+        // the first scenario's setup has run out of retries.
+        client.health().await.map_err(|e| GamedayError::Client {
+            scenario: "gameday".into(),
+            what: format!("reaching {url} (GET /healthz)"),
+            source: Box::new(e),
+        })?;
+    }
     Ok(Stage { server, proxy, client, watch_client })
 }
 

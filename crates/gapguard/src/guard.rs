@@ -1,6 +1,7 @@
 //! `gapguard check`, `act` and `txn`: the guarded writes.
 
 use gapguard_api::{ActRequest, CheckRequest, TxnRequest};
+use gapguard_client::RequestOptions;
 
 use crate::failure::Failure;
 use crate::kv::{options, stdin};
@@ -10,8 +11,8 @@ use crate::{ActArgs, CheckArgs, Ctx, TxnArgs};
 /// Runs a check and prints the ticket response (or just the ticket with `--ticket-only`).
 pub async fn check(ctx: &Ctx, args: &CheckArgs) -> anyhow::Result<()> {
     let request = CheckRequest { conditions: args.conditions.clone(), ttl_ms: args.ttl_ms, flow: args.flow.clone() };
-    let response = ctx.client.check(&args.ns, &request, &options(&args.request)).await?;
-    note_replay(response.replayed);
+    // The correlation id is the client's (`Ctx::new`); nothing else to send.
+    let response = ctx.client.check(&args.ns, &request, &RequestOptions::default()).await?;
     if args.ticket_only {
         return ctx.out.line(&response.value.ticket);
     }

@@ -154,8 +154,8 @@ struct ServeArgs {
     /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:7700, or the config's `listen`].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TOML config file (flags override its `data`, `listen`, `trace_file`, `otlp_endpoint` and
-    /// `metrics_listen`).
+    /// TOML config file (flags override its `data` or `backend`, `listen`, `trace_file`,
+    /// `otlp_endpoint` and `metrics_listen`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Append finished spans to this file as OTLP JSON Lines [default: the config's `trace_file`].
@@ -266,8 +266,9 @@ struct CheckArgs {
     /// Print only the ticket, as plain text (for `T=$(gapguard check … --ticket-only)`).
     #[arg(long)]
     ticket_only: bool,
+    /// A check writes nothing: it takes no `--idempotency-key` (a retry gets a new ticket).
     #[command(flatten)]
-    request: WriteArgs,
+    request: ReadArgs,
 }
 
 /// `gapguard act`.
@@ -597,6 +598,9 @@ mod tests {
         assert!(err.to_string().contains("unknown variant `exits`"), "{err}");
         assert_eq!(err.exit_code(), 2);
         assert_eq!(parse(&["check", "shop"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+        // A check writes nothing: an idempotency key would promise what it cannot keep.
+        let keyed = parse(&["check", "shop", "--if", r#"{"exists": "k"}"#, "--idempotency-key", "x"]);
+        assert_eq!(keyed.unwrap_err().kind(), ErrorKind::UnknownArgument);
     }
 
     #[test]

@@ -132,6 +132,9 @@ fn the_crash_fault_kills_and_restarts_the_server_and_guarded_invariants_hold_acr
                 let killed = restart["killed_pid"].as_u64().expect("a killed pid");
                 let started = restart["started_pid"].as_u64().expect("a started pid");
                 assert_ne!(killed, started);
+                // The printed report names the same restart, for a person.
+                let line = format!("pid {killed} -> {started} in ");
+                assert!(String::from_utf8_lossy(&output.stdout).contains(&line), "no {line:?} in the text report");
                 pids.extend([killed, started]);
                 // SIGKILL: the process is gone (and reaped), not merely disconnected.
                 assert!(!std::path::Path::new(&format!("/proc/{killed}")).exists(), "pid {killed} still exists");
@@ -173,6 +176,22 @@ fn a_running_server_can_be_played_against_with_url() {
     let (output, report) = gameday(&["--url", &server.url, "--scenario", "lease,cache", "--quick", "--actors", "4"]);
     assert_proved_and_table_matches(&output, &report, &["lease", "cache"]);
     assert_eq!(report["target"], server.url.as_str());
+}
+
+#[test]
+fn an_unreachable_url_fails_at_once_saying_so() {
+    // Nothing listens on the discard port: the connection is refused at once.
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["gameday", "--url", "http://127.0.0.1:9", "--quick"])
+        .env_remove("GAPGUARD_URL")
+        .output()
+        .expect("run gapguard gameday");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reaching http://127.0.0.1:9"), "{stderr}");
+    // Before any scenario's setup and its retries (which took 30 s).
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
 }
 
 #[test]

@@ -277,6 +277,14 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::Invalid(format!("listen = {listen:?} is not ADDR:PORT ({e})")))?;
         }
+        if file.data.is_some() && file.backend.is_some() {
+            // One would be ignored, silently: say which store the file means.
+            return Err(ConfigError::Invalid(
+                "data and backend exclude each other: data is the embedded store's directory, backend a \
+                 PostgreSQL URL to serve over instead; keep one"
+                    .into(),
+            ));
+        }
         if let Some(data) = file.data {
             config.data = data;
         }
@@ -475,6 +483,8 @@ mod tests {
     fn a_backend_url_is_read_from_the_file() {
         let config = Config::parse("backend = \"postgres://gg@db:5432/gapguard\"\n").unwrap();
         assert_eq!(config.backend.as_deref(), Some("postgres://gg@db:5432/gapguard"));
+        let both = Config::parse("data = \"./d\"\nbackend = \"postgres://gg@db:5432/gapguard\"\n").unwrap_err();
+        assert!(both.to_string().contains("data and backend exclude each other"), "{both}");
     }
 
     #[test]
