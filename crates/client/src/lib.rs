@@ -426,6 +426,14 @@ impl Client {
         Ok(decode(&url, response).await?.value)
     }
 
+    /// `GET /readyz`: whether the server can serve now (over PostgreSQL: whether the database
+    /// answers). Not ready is an error: `503 unavailable`, saying why.
+    pub async fn ready(&self) -> Result<HealthResponse, ClientError> {
+        let url = self.url("/readyz");
+        let response = self.http.get(&url).send().await.map_err(|e| ClientError::transport(&url, e))?;
+        Ok(decode(&url, response).await?.value)
+    }
+
     /// `PUT /v1/ns/{ns}/kv/{key}`: sets a key unconditionally.
     pub async fn put(
         &self,

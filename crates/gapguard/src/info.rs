@@ -27,7 +27,11 @@ pub fn client(cli: &Cli, correlation_id: Option<&str>) -> anyhow::Result<Client>
 }
 
 /// Prints the server's health; a failing store exits 6.
-pub async fn health(ctx: &Ctx) -> anyhow::Result<()> {
+pub async fn health(ctx: &Ctx, ready: bool) -> anyhow::Result<()> {
+    if ready {
+        // Not ready is a 503, an error exiting 6 with the server's reason.
+        return ctx.out.json(&ctx.client.ready().await?);
+    }
     let health = ctx.client.health().await?;
     ctx.out.json(&health)?;
     if health.status != "ok" {

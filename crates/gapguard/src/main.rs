@@ -127,8 +127,9 @@ enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Ask the server whether it is healthy (exit 6 when its store is failing).
-    Health(ReadArgs),
+    /// Ask the server whether it is healthy (exit 6 when its store is failing), or with
+    /// `--ready` whether it can serve now (exit 6 when not, e.g. its database is away).
+    Health(HealthArgs),
     /// Print the server's OpenAPI document.
     Openapi(ReadArgs),
     /// Make API keys for the server's config file.
@@ -182,6 +183,18 @@ struct ReadArgs {
     /// `X-Correlation-Id` of the request (ties it to your logs; stored in the audit log).
     #[arg(long, value_name = "ID")]
     correlation_id: Option<String>,
+}
+
+/// `gapguard health`.
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// Ask `/readyz` instead of `/healthz`: whether the node can serve requests now. Over
+    /// PostgreSQL, `/healthz` stays ok through a database outage (the process is sound and
+    /// recovers by itself); `/readyz` answers 503 until the database is back.
+    #[arg(long)]
+    ready: bool,
+    #[command(flatten)]
+    request: ReadArgs,
 }
 
 /// Headers of a request that writes.
@@ -438,7 +451,9 @@ async fn run(cli: &Cli, url_given: bool) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Verify(args)) => {
             audit::verify(&Ctx::new(cli, args.correlation_id.as_deref())?).await
         }
-        Command::Health(args) => info::health(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
+        Command::Health(args) => {
+            info::health(&Ctx::new(cli, args.request.correlation_id.as_deref())?, args.ready).await
+        }
         Command::Openapi(args) => info::openapi(&Ctx::new(cli, args.correlation_id.as_deref())?).await,
         Command::Keys(KeysCommand::New(args)) => keys::new(args),
         Command::Rules(args) => rules::run(args),

@@ -289,6 +289,14 @@ async fn health_and_openapi_are_served() {
             let verb = method.to_uppercase();
             let bad_id = http.send(&verb, &concrete, None, &[("x-correlation-id", "has space")]).await;
             assert!(documented(bad_id.status), "{at}: answers {} to a bad X-Correlation-Id", bad_id.status);
+            // The header it refused, and the trace context it also reads, the document declares.
+            assert_eq!(bad_id.status, 400, "{at}");
+            for header in ["X-Correlation-Id", "traceparent"] {
+                assert!(
+                    params.iter().any(|p| p["name"] == header && p["in"] == "header"),
+                    "{at}: `{header}` undeclared"
+                );
+            }
             if method != "get" && path != "/metrics" {
                 let huge = Value::String("x".repeat(1024 * 1024));
                 let too_big = http.send(&verb, &concrete, Some(&huge), &[]).await;

@@ -258,6 +258,19 @@ async fn postgres_down_under_load_means_503_then_the_nodes_recover_without_a_res
     let ready = https[0].get("/readyz").await;
     assert_eq!(ready.status, 503, "{:?}", ready.body);
     assert!(ready.body["message"].as_str().unwrap().contains("database"), "{:?}", ready.body);
+    // The CLI tells the two apart: `health` ok (exit 0), `health --ready` not (exit 6).
+    let health = |extra: &'static [&'static str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gapguard"))
+            .args(["--url", nodes[0].url.as_str(), "health"])
+            .args(extra)
+            .output()
+            .expect("run gapguard health");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(health(&[]).0, Some(0));
+    let (code, stderr) = health(&["--ready"]);
+    assert_eq!(code, Some(6), "{stderr}");
+    assert!(stderr.contains("not ready") && stderr.contains("database"), "{stderr}");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     pg.restart();
@@ -266,6 +279,7 @@ async fn postgres_down_under_load_means_503_then_the_nodes_recover_without_a_res
         assert!(Instant::now() < deadline, "the nodes did not recover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(health(&["--ready"]).0, Some(0), "ready again");
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut acked, mut refused) = (Vec::new(), 0);

@@ -5,9 +5,10 @@
 
 use axum::http::Method;
 use gapguard_api::codes;
-use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, PathItem};
+use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Required, Response, ResponseBuilder};
 use utoipa::Modify;
 
 use crate::auth;
@@ -100,11 +101,43 @@ fn complete(op: &mut Operation, path: &str, method: &Method) {
         );
         add(op, "413", &format!("{}: a body over `max_body_bytes`", codes::PAYLOAD_TOO_LARGE));
     }
+    // Every route reads these two (see `extract::enveloped`) and echoes them on the answer.
+    header(
+        op,
+        "X-Correlation-Id",
+        "Ties the request to your logs: echoed on the answer and stored in the audit events it \
+         writes; visible ASCII, at most `max_correlation_id_bytes`. Without it, a valid \
+         `traceparent`'s trace id is used, else the server makes one up.",
+    );
+    header(
+        op,
+        "traceparent",
+        "W3C trace context: the request's span becomes its child, and it is echoed on the \
+         answer. An invalid one is ignored.",
+    );
     let params = op.parameters.as_deref().unwrap_or_default();
     if params.iter().any(|p| p.name.eq_ignore_ascii_case("Idempotency-Key")) {
         add(op, "409", &format!("{}: the same Idempotency-Key is in flight", codes::IDEMPOTENCY_IN_PROGRESS));
         add(op, "422", &format!("{}: the Idempotency-Key was used for another request", codes::IDEMPOTENCY_KEY_REUSED));
     }
+}
+
+/// Declares the optional string header `name`, unless the route declares it already.
+fn header(op: &mut Operation, name: &str, description: &str) {
+    let params = op.parameters.get_or_insert_with(Vec::new);
+    if params.iter().any(|p| p.name.eq_ignore_ascii_case(name)) {
+        return;
+    }
+    let string = ObjectBuilder::new().schema_type(Type::String).build();
+    params.push(
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(description))
+            .schema(Some(string))
+            .build(),
+    );
 }
 
 /// Documents `status` with `description` and the error body, or, where the route documents

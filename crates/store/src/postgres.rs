@@ -555,6 +555,9 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, StoreError> 
 
 async fn migrate(shared: &Shared, schema: Option<&str>) -> Result<(), StoreError> {
     let mut client = connect(&shared.config).await?;
+    // `IF NOT EXISTS` of what exists is a NOTICE, logged by tokio-postgres at every start of
+    // every node after the first: not news. This connection only migrates.
+    client.batch_execute("SET client_min_messages = warning").await.map_err(db_error)?;
     if let Some(schema) = schema {
         client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(db_error)?;
     }
