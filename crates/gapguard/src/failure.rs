@@ -6,7 +6,7 @@
 //! |---|---|
 //! | 0 | ok |
 //! | 1 | cannot reach the server, or an unexpected error |
-//! | 2 | usage error, or the server refused the request as invalid (400, 413, 422) |
+//! | 2 | usage error, or the server refused the request as invalid (400, 413, 422); `serve`: a configuration it refuses (the config file, TLS files it cannot use, no API keys off loopback) |
 //! | 3 | not found (404): a key, pool, reservation or orphan (`not_found`, `*_not_found`) |
 //! | 4 | refused (409, 410, 412): a condition failed, the check is stale, the ticket is used or expired; a lease is held by another or lost (`lease_held`, `lease_lost`); a pool has too little (`insufficient`, `capacity_too_low`); a reservation expired, was released or committed (`reservation_*`); an orphan is already resolved; `watch`: the history asked for is compacted |
 //! | 5 | unauthorized or forbidden (401, 403) |
@@ -48,7 +48,8 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  ok
   1  cannot reach the server, or an unexpected error
-  2  usage error, or the server refused the request as invalid (400, 413, 422)
+  2  usage error, or the server refused the request as invalid (400, 413, 422); serve: a
+     configuration it refuses (config file, TLS files, no API keys off loopback)
   3  not found (404): key, pool, reservation or orphan
   4  refused (409, 410, 412): condition failed, stale check, ticket used or expired, check failed,
      lease held or lost, pool insufficient or capacity too low, reservation expired, released or
@@ -105,6 +106,13 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         return failure.code;
     }
     if error.downcast_ref::<gapguard_server::ConfigError>().is_some() {
+        return USAGE;
+    }
+    // `serve` refusing its configuration: TLS files it cannot use, or no keys off loopback.
+    if matches!(
+        error.downcast_ref::<gapguard_server::ServeError>(),
+        Some(gapguard_server::ServeError::Tls(_) | gapguard_server::ServeError::Insecure(_))
+    ) {
         return USAGE;
     }
     match error.downcast_ref::<ClientError>() {

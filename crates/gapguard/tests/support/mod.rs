@@ -92,13 +92,22 @@ impl Server {
     /// stderr once it exited non-zero (panics if it starts serving or takes over 30 s).
     pub fn refused_start(data: &Path, config_toml: &str) -> String {
         let config = write_config(config_toml);
-        Self::refused_start_with(&[OsStr::new("--data"), data.as_os_str(), OsStr::new("--config"), config.as_os_str()])
+        let args = [OsStr::new("--data"), data.as_os_str(), OsStr::new("--config"), config.as_os_str()];
+        let (code, stderr) = Self::refused_start_with_code(&args);
+        // A configuration refused is a usage error, whatever part of it.
+        assert_eq!(code, Some(2), "{stderr}");
+        stderr
     }
 
     /// Runs `gapguard serve --listen 127.0.0.1:0 ARGS…`, expecting it to refuse to start:
     /// returns its stderr once it exited non-zero (panics if it starts serving or takes over
     /// 30 s).
     pub fn refused_start_with(args: &[&OsStr]) -> String {
+        Self::refused_start_with_code(args).1
+    }
+
+    /// [`Server::refused_start_with`], with the exit code.
+    pub fn refused_start_with_code(args: &[&OsStr]) -> (Option<i32>, String) {
         let child = Command::new(env!("CARGO_BIN_EXE_gapguard"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
@@ -121,7 +130,7 @@ impl Server {
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(!output.status.success(), "gapguard serve started: stdout {stdout:?}");
         assert!(!stdout.contains("listening on"), "gapguard serve listened: {stdout:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
     /// SIGKILL: no shutdown path runs.
