@@ -274,12 +274,20 @@ pub struct CheckResponse {
     pub expires_at_ms: u64,
 }
 
+/// An optional field that may be left out but not given as `null` (with `#[serde(default)]`).
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
 /// Body of `POST /v1/ns/{ns}/act`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActRequest {
-    /// The ticket of an earlier check; its conditions are re-evaluated now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The ticket of an earlier check; its conditions are re-evaluated now. Absent for an act
+    /// on its own conditions only; `null` is refused, not taken for absent: a caller whose
+    /// ticket variable came out empty must not lose its guard silently.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
+    #[schema(nullable = false)]
     pub ticket: Option<String>,
     /// Conditions of the act itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

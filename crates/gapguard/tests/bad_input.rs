@@ -109,8 +109,11 @@ struct Route {
     /// A valid body; `None`: the route takes no body (any body sent is ignored or refused).
     base: Option<fn(&Ctx) -> Value>,
     needs: Needs,
-    /// JSON pointers of fields that may be absent (or null).
+    /// JSON pointers of fields that may be absent (or null, unless in `not_null`).
     optional: &'static [&'static str],
+    /// Optional fields that may be absent but not `null` (an act's `ticket`: a null taken for
+    /// absent would drop the act's guard silently).
+    not_null: &'static [&'static str],
     /// JSON pointers under which any JSON is valid (within the value limit).
     any: &'static [&'static str],
     /// JSON pointers whose value must be an object, with any JSON inside (`context`).
@@ -139,6 +142,7 @@ fn routes(seed: &Seeded) -> Vec<Route> {
         base: Some(base),
         needs,
         optional: &[],
+        not_null: &[],
         any: &[],
         object: &[],
         long_ok: &[],
@@ -196,6 +200,7 @@ fn routes(seed: &Seeded) -> Vec<Route> {
         },
         Route {
             optional: &["/ticket", "/flow"],
+            not_null: &["/ticket"],
             ..simple(
                 "act (ticket)",
                 "POST",
@@ -585,7 +590,9 @@ fn render(route: &Route, ctx: &Ctx, m: &Mutation) -> (Vec<u8>, Expect, String) {
         Mutation::Replace(i, w) if !all.is_empty() => {
             let p = &all[i.index(all.len())];
             let orig = base.pointer(p).expect("a pointer of the base");
-            let refused = if route.free(p) || (w.is_null() && optional(p)) {
+            let refused = if w.is_null() && route.not_null.contains(&p.as_str()) {
+                true
+            } else if route.free(p) || (w.is_null() && optional(p)) {
                 false
             } else if route.object.contains(&p.as_str()) {
                 !w.is_object()

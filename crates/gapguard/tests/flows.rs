@@ -91,6 +91,15 @@ async fn expired_tampered_and_foreign_tickets_are_refused() {
     assert_eq!(http.get("/v1/ns/b/kv/x").await.status, 404);
     // The genuine ticket still works in its own namespace.
     assert_eq!(http.post("/v1/ns/a/act", json!({"ticket": ticket, "ops": ops})).await.status, 200);
+
+    // A null ticket is not "no ticket": an act with nothing to hold would have applied its ops
+    // unguarded (stock 0 taken to -1).
+    assert_eq!(http.put("/v1/ns/a/kv/stock", json!({"value": 0})).await.status, 200);
+    let null = json!({"ticket": null, "ops": [{"add": {"key": "stock", "by": -1}}]});
+    let refused = http.post("/v1/ns/a/act", null).await;
+    assert_eq!((refused.status, refused.body["error"].as_str()), (400, Some("invalid_request")), "{:?}", refused.body);
+    assert_eq!(refused.body["field"], "ticket", "{:?}", refused.body);
+    assert_eq!(http.get("/v1/ns/a/kv/stock").await.body["value"], 0, "nothing applied");
 }
 
 #[tokio::test]
