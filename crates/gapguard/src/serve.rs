@@ -39,6 +39,11 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let provider =
         gapguard_server::otel::tracer_provider(config.trace_file.as_deref(), config.otlp_traces_url.as_deref())?;
     init_tracing(provider.as_ref());
+    // Connections are bounded by the open-file limit (less what the store keeps): the soft
+    // limit's usual 1,024 would be a needlessly low bound.
+    if let Some(limit) = gapguard_server::raise_open_file_limit() {
+        tracing::debug!(open_file_limit = limit, "open-file limit");
+    }
     let served = gapguard_server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
         // A closed stdout must not stop the server; the address is in the log too.

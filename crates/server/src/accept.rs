@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -48,6 +48,122 @@ const PLAIN_HTTP_ANSWER: &str = concat!(
     "\n",
 );
 
+/// The answer to a connection past `max_connections` on a plain-HTTP port, written as it is
+/// accepted (before any request is read), and the connection closed.
+const OVER_CAPACITY_ANSWER: &str = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\n",
+    "content-type: application/json\r\n",
+    "retry-after: 1\r\n",
+    "connection: close\r\n",
+    "content-length: 99\r\n",
+    "\r\n",
+    r#"{"error":"unavailable","message":"too many connections open (max_connections): retry in a moment"}"#,
+    "\n",
+);
+
+/// File descriptors kept out of the connections' reach: the store's files, its checkpoints
+/// and spares, the database and span exporter's connections, the log. Without them, a flood
+/// of connections made the store fail to open its next log segment, and writes stopped until
+/// a restart (found by the robustness audit).
+pub(crate) const RESERVED_FDS: u64 = 128;
+
+/// The connections open across the server's listeners (API and metrics), and their bound.
+pub(crate) struct ConnectionBudget {
+    open: AtomicUsize,
+    max: usize,
+    /// When a refusal was last logged: at most one line every 10 s.
+    logged: Mutex<Option<Instant>>,
+}
+
+/// A connection's place in the budget, given back when the connection ends.
+struct Place(Arc<ConnectionBudget>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionBudget {
+    /// A budget of `max` connections (at least 1).
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { open: AtomicUsize::new(0), max: max.max(1), logged: Mutex::new(None) })
+    }
+
+    /// The bound.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Place> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Place(Arc::clone(self)))
+    }
+
+    /// Refuses `tcp`: a `503` on a plain-HTTP port (a TLS port cannot say anything before
+    /// its handshake), then closes it.
+    fn refuse(&self, tcp: TcpStream, tls: bool) {
+        if !tls {
+            // Not waited for: a client that does not read gets the close alone.
+            let _ = tcp.try_write(OVER_CAPACITY_ANSWER.as_bytes());
+        }
+        drop(tcp);
+        let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            *logged = Some(Instant::now());
+            tracing::warn!(
+                max_connections = self.max,
+                "connections at max_connections: refusing new ones (503) until some close"
+            );
+        }
+    }
+}
+
+/// The open-file limit of the process (`RLIMIT_NOFILE`, soft), if it can be read.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `getrlimit` writes the limit into the struct it is given, nothing else.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    (read && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// Raises the soft open-file limit to the hard one (as Go's runtime and most servers do: the
+/// soft default of 1,024 is a leftover of `select`), and returns the soft limit now in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: as in `open_file_limit`; `setrlimit` reads the struct it is given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                tracing::debug!("could not raise the open-file limit to {}", limit.rlim_max);
+            }
+        }
+    }
+    open_file_limit()
+}
+
+/// `max_connections`: the configured bound, or the open-file limit less [`RESERVED_FDS`];
+/// never more than that (a configured bound above it is lowered, with a warning).
+pub(crate) fn max_connections(configured: Option<usize>, open_files: Option<u64>) -> usize {
+    let allowed = open_files.map(|n| usize::try_from(n.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX).max(1));
+    match (configured, allowed) {
+        (Some(n), Some(allowed)) if n > allowed => {
+            tracing::warn!(
+                "max_connections = {n} is more than the open-file limit allows ({allowed}, after {RESERVED_FDS} \
+                 kept for the store); using {allowed}: raise the limit (ulimit -n, LimitNOFILE=) to allow more"
+            );
+            allowed
+        }
+        (Some(n), _) => n,
+        (None, Some(allowed)) => allowed,
+        (None, None) => 10_000,
+    }
+}
+
 /// How connections are served.
 pub(crate) struct ConnectionConfig {
     /// TLS, when configured.
@@ -57,6 +173,8 @@ pub(crate) struct ConnectionConfig {
     pub header_read_timeout: Duration,
     /// How long a request may take, enforced by `load::layer` with the connection's clock.
     pub request_timeout: Duration,
+    /// The bound on open connections, shared by every listener.
+    pub budget: Arc<ConnectionBudget>,
 }
 
 /// Serves `router` on `listener` (and `hot`, the routes it serves without the router, when
@@ -87,8 +205,13 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(place) = config.budget.take() else {
+            config.budget.refuse(tcp, config.tls.is_some());
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
+            _place: place,
             router: router.clone(),
             hot: hot.clone(),
             http: http.clone(),
@@ -121,6 +244,8 @@ async fn accept_failed(e: std::io::Error) {
 
 /// One accepted connection.
 struct Connection {
+    /// Held as long as the connection is open.
+    _place: Place,
     router: Router,
     hot: Option<Arc<Hot>>,
     http: http1::Builder,
@@ -455,5 +580,23 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())), "{head:?} vs {} bytes", body.len());
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["error"], gapguard_api::codes::INVALID_REQUEST);
+    }
+
+    #[test]
+    fn max_connections_stays_below_the_open_file_limit() {
+        assert_eq!(max_connections(None, Some(1024)), 1024 - RESERVED_FDS as usize);
+        assert_eq!(max_connections(Some(100), Some(1024)), 100, "a lower bound is kept");
+        assert_eq!(max_connections(Some(5000), Some(1024)), 896, "a higher one is lowered");
+        assert_eq!(max_connections(None, Some(100)), 1, "at least one");
+        assert_eq!(max_connections(Some(7), None), 7);
+    }
+
+    /// The fixed answer's `content-length` is its body's (a wrong one would hang or cut clients).
+    #[test]
+    fn the_over_capacity_answer_is_well_formed() {
+        let (head, body) = OVER_CAPACITY_ANSWER.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head:?} vs {} bytes", body.len());
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], gapguard_api::codes::UNAVAILABLE);
     }
 }

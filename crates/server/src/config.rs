@@ -40,6 +40,10 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Most requests served at once; past it, `503` with `Retry-After`.
     pub max_in_flight: usize,
+    /// Most connections open at once, across the API and metrics listeners; past it a new
+    /// connection is answered `503` and closed. Default (`None`): the open-file limit less
+    /// what the store keeps for itself, which a configured value cannot exceed either.
+    pub max_connections: Option<usize>,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout_ms: u64,
     /// How long a request may take as a whole, body included (watch streams excepted).
@@ -138,6 +142,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             max_in_flight: 1024,
+            max_connections: None,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             trace_file: None,
@@ -183,6 +188,7 @@ struct File {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     max_in_flight: Option<usize>,
+    max_connections: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     trace_file: Option<PathBuf>,
@@ -369,6 +375,12 @@ impl Config {
             }
             config.max_in_flight = n;
         }
+        if let Some(n) = file.max_connections {
+            if n == 0 {
+                return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+            }
+            config.max_connections = Some(n);
+        }
         if let Some(ms) = file.header_read_timeout_ms {
             if ms == 0 {
                 return Err(ConfigError::Invalid("header_read_timeout_ms must be at least 1".into()));
@@ -477,6 +489,9 @@ mod tests {
             assert!(zero.contains("at least 1"), "{zero}");
             assert!(Config::parse(&format!("{field} = 1\n")).is_ok(), "{field} = 1, the least, is taken");
         }
+        assert!(Config::parse("max_connections = 0\n").unwrap_err().to_string().contains("at least 1"));
+        assert_eq!(Config::parse("max_connections = 1\n").unwrap().max_connections, Some(1));
+        assert_eq!(Config::parse("").unwrap().max_connections, None, "by default, from the open-file limit");
     }
 
     #[test]

@@ -252,6 +252,7 @@ mod tests {
             tls: None,
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            budget: accept::ConnectionBudget::new(16),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async move {

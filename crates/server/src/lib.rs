@@ -3,6 +3,7 @@
 //! (`accept`), TLS (`tls`) and the limits under load (`load`).
 
 mod accept;
+pub use accept::raise_open_file_limit;
 mod auth;
 pub mod config;
 mod convert;
@@ -176,15 +177,23 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let slots = load::Slots::new(load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout });
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let budget =
+        accept::ConnectionBudget::new(accept::max_connections(config.max_connections, accept::open_file_limit()));
+    tracing::info!(max_connections = budget.max(), max_in_flight = config.max_in_flight, "serving");
     let metrics_server = metrics_listener.map(|listener| {
-        let connections = accept::ConnectionConfig { tls: tls.clone(), header_read_timeout, request_timeout };
+        let connections = accept::ConnectionConfig {
+            tls: tls.clone(),
+            header_read_timeout,
+            request_timeout,
+            budget: Arc::clone(&budget),
+        };
         let mut stopped = stopped.clone();
         let stop = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         tokio::spawn(accept::serve(listener, metrics::router(state.clone()), None, connections, stop))
     });
-    let connections = accept::ConnectionConfig { tls, header_read_timeout, request_timeout };
+    let connections = accept::ConnectionConfig { tls, header_read_timeout, request_timeout, budget };
     let router = load::layer(routes::router(state.clone()), Arc::clone(&slots));
     let hot = hot::Hot::new(state, slots);
     let served = accept::serve(listener, router, Some(hot), connections, signal).await;

@@ -1,0 +1,125 @@
+//! Connections are bounded: past `max_connections` a new connection is answered `503` and
+//! closed while those open carry on; by default the bound sits below the open-file limit, so
+//! that a flood of idle connections cannot take the store's file descriptors (it used to stop
+//! every write until a restart).
+
+mod support;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::Server;
+
+/// One request on `stream` (keep-alive); the status and the body.
+fn exchange(stream: &mut TcpStream, method: &str, path: &str, body: &str) -> (u16, String) {
+    let request = format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header");
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.trim().split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().expect("a length");
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Everything the server sends on a fresh connection before closing it (or within 5 s).
+fn greeting(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn past_max_connections_a_new_connection_gets_503_and_those_open_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_config(&dir.path().join("data"), "max_connections = 4\n");
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut open: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).expect("connect")).collect();
+    // Each is accepted (and counted) once it has served a request.
+    for (i, stream) in open.iter_mut().enumerate() {
+        assert_eq!(exchange(stream, "PUT", &format!("/v1/ns/c/kv/k{i}"), r#"{"value":1}"#).0, 200);
+    }
+    let refused = greeting(&addr);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused:?}");
+    assert!(refused.contains("retry-after: 1") && refused.contains("max_connections"), "{refused:?}");
+    // Those open are served as before.
+    assert_eq!(exchange(&mut open[0], "GET", "/v1/ns/c/kv/k0", "").0, 200);
+    // One closes: a new connection takes its place.
+    drop(open.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fresh = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(exchange(&mut fresh, "PUT", "/v1/ns/c/kv/fresh", r#"{"value":1}"#).0, 200);
+}
+
+/// Kills the server however the test ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_flood_of_idle_connections_at_the_open_file_limit_stops_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    // A hard limit of 256 open files (the server raises its soft limit to the hard one).
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=256:256")
+        .arg(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run prlimit (util-linux) with gapguard serve");
+    let stdout = child.stdout.take().unwrap();
+    let _server = Killed(child);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("first line");
+    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
+
+    // A client that was there before the flood keeps writing through it.
+    let mut writer = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(exchange(&mut writer, "PUT", "/v1/ns/f/kv/w", r#"{"value":0}"#).0, 200);
+    let flood: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(&addr).ok()).collect();
+    assert!(flood.len() > 300, "the flood connected {} times", flood.len());
+    for i in 1..=20 {
+        let (status, body) = exchange(&mut writer, "PUT", "/v1/ns/f/kv/w", &format!(r#"{{"value":{i}}}"#));
+        assert_eq!(status, 200, "put {i} during the flood: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past the bound, the flood was answered and closed rather than left holding descriptors.
+    let refused = greeting(&addr);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused:?}");
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Checkpoints ran through it all: the store is sound, writes and fresh connections too.
+    let mut fresh = TcpStream::connect(&addr).expect("connect");
+    let (status, body) = exchange(&mut fresh, "GET", "/healthz", "");
+    assert_eq!((status, body.contains("\"ok\"")), (200, true), "{body}");
+    assert_eq!(exchange(&mut fresh, "PUT", "/v1/ns/f/kv/after", r#"{"value":1}"#).0, 200);
+    let (status, body) = exchange(&mut fresh, "GET", "/v1/ns/f/kv/w", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"value\":20"), "{body}");
+}
