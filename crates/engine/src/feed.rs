@@ -13,6 +13,9 @@ use tokio::sync::broadcast;
 
 /// Changes kept for watchers that resume from an earlier revision.
 pub const FEED_WINDOW_CHANGES: usize = 100_000;
+/// Bytes of changes (keys and values, as JSON) kept for them by default: the bound that bites
+/// when values are large (100,000 values of 256 KiB would be 25 GiB).
+pub const FEED_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 /// Batches a live watcher may fall behind before it is cut off (and told to resume).
 const LIVE_BATCHES_MAX: usize = 4096;
 
@@ -28,7 +31,10 @@ pub struct Change {
 }
 
 struct Window {
-    changes: VecDeque<Arc<Change>>,
+    /// Each change with its size ([`Change::approx_bytes`]).
+    changes: VecDeque<(Arc<Change>, usize)>,
+    /// The sum of the sizes.
+    bytes: usize,
     /// Every change at or after this revision is in `changes`.
     first_revision: Revision,
 }
@@ -38,6 +44,9 @@ pub struct Feed {
     window: Mutex<Window>,
     /// Most changes kept ([`FEED_WINDOW_CHANGES`] in production).
     window_changes_max: usize,
+    /// Most bytes of changes kept (`watch_history_bytes`; [`FEED_WINDOW_BYTES`] by default).
+    /// The newest revision is kept whole whatever its size.
+    window_bytes_max: usize,
     live: broadcast::Sender<Arc<Vec<Arc<Change>>>>,
     /// The first revision after the last [`Feed::reset`] (0: never reset), shared with every
     /// subscription.
@@ -64,17 +73,40 @@ pub struct Subscription {
     pub reset_to: Arc<AtomicU64>,
 }
 
+impl Change {
+    /// About the memory the change holds: its key and its value as JSON text would be, plus
+    /// a fixed overhead.
+    pub fn approx_bytes(&self) -> usize {
+        let value = self.entry.record.as_ref().map_or(0, |r| json_bytes(&r.value));
+        let changed_by = self.entry.changed_by.as_ref().map_or(0, String::len);
+        128 + self.key.ns.len() + self.key.key.len() + changed_by + value
+    }
+}
+
+/// The length of `value` as compact JSON text, about (numbers count 8).
+fn json_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|v| json_bytes(v) + 1).sum::<usize>(),
+        Value::Object(fields) => 2 + fields.iter().map(|(k, v)| k.len() + 4 + json_bytes(v)).sum::<usize>(),
+    }
+}
+
 impl Feed {
-    /// A feed whose history starts after `revision`.
-    pub(crate) fn new(revision: Revision) -> Self {
-        Self::with_window(revision, FEED_WINDOW_CHANGES)
+    /// A feed whose history starts after `revision`, keeping at most [`FEED_WINDOW_CHANGES`]
+    /// changes and `window_bytes_max` bytes of them.
+    pub(crate) fn new(revision: Revision, window_bytes_max: usize) -> Self {
+        Self::with_window(revision, FEED_WINDOW_CHANGES, window_bytes_max)
     }
 
-    /// A feed keeping at most `window_changes_max` changes.
-    fn with_window(revision: Revision, window_changes_max: usize) -> Self {
+    /// A feed keeping at most `window_changes_max` changes and `window_bytes_max` bytes.
+    fn with_window(revision: Revision, window_changes_max: usize, window_bytes_max: usize) -> Self {
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
-        let window = Mutex::new(Window { changes: VecDeque::new(), first_revision: revision + 1 });
-        Self { window, window_changes_max, live, reset_to: Arc::new(AtomicU64::new(0)) }
+        let window = Mutex::new(Window { changes: VecDeque::new(), bytes: 0, first_revision: revision + 1 });
+        Self { window, window_changes_max, window_bytes_max, live, reset_to: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Forgets the history: the node's state was reloaded whole at `revision` (it fell behind a
@@ -84,6 +116,7 @@ impl Feed {
     pub(crate) fn reset(&self, revision: Revision) {
         let mut window = self.window.lock().expect("feed lock");
         window.changes.clear();
+        window.bytes = 0;
         window.first_revision = revision + 1;
         self.reset_to.store(revision + 1, Ordering::Release);
         let _ = self.live.send(Arc::new(Vec::new()));
@@ -95,15 +128,25 @@ impl Feed {
             return;
         }
         let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
+        let newest = changes.last().expect("non-empty").revision;
         let mut window = self.window.lock().expect("feed lock");
-        window.changes.extend(changes.iter().cloned());
-        while window.changes.len() > self.window_changes_max {
-            let evicted = window.changes.pop_front().expect("non-empty");
+        for change in &changes {
+            let bytes = change.approx_bytes();
+            window.bytes += bytes;
+            window.changes.push_back((Arc::clone(change), bytes));
+        }
+        while window.changes.len() > self.window_changes_max
+            || (window.bytes > self.window_bytes_max
+                && window.changes.front().is_some_and(|(c, _)| c.revision < newest))
+        {
+            let (evicted, bytes) = window.changes.pop_front().expect("non-empty");
+            window.bytes -= bytes;
             window.first_revision = evicted.revision + 1;
         }
         // Keep only whole revisions.
-        while window.changes.front().is_some_and(|c| c.revision < window.first_revision) {
-            window.changes.pop_front();
+        while window.changes.front().is_some_and(|(c, _)| c.revision < window.first_revision) {
+            let (_, bytes) = window.changes.pop_front().expect("non-empty");
+            window.bytes -= bytes;
         }
         // Sent under the lock, so a subscriber sees each batch exactly once: in its backlog
         // or live.
@@ -117,8 +160,8 @@ impl Feed {
         if from_revision.max(1) < window.first_revision {
             return Err(Compacted { first_available: window.first_revision });
         }
-        let start = window.changes.partition_point(|c| c.revision < from_revision);
-        let backlog = window.changes.range(start..).cloned().collect();
+        let start = window.changes.partition_point(|(c, _)| c.revision < from_revision);
+        let backlog = window.changes.range(start..).map(|(c, _)| Arc::clone(c)).collect();
         Ok(Subscription { backlog, live: self.live.subscribe(), reset_to: self.reset_to.clone() })
     }
 }
@@ -137,7 +180,7 @@ mod tests {
 
     #[test]
     fn backlog_then_live_without_gaps_or_duplicates() {
-        let feed = Feed::new(0);
+        let feed = Feed::new(0, FEED_WINDOW_BYTES);
         feed.publish(vec![change(1), change(2)]);
         feed.publish(vec![change(3)]);
         let mut sub = feed.subscribe(2).unwrap();
@@ -149,7 +192,7 @@ mod tests {
 
     #[test]
     fn the_window_keeps_its_limit_of_whole_revisions() {
-        let feed = Feed::with_window(0, 3);
+        let feed = Feed::with_window(0, 3, FEED_WINDOW_BYTES);
         feed.publish(vec![change(1), change(2), change(3)]);
         // At the limit: everything from revision 1 is still there.
         assert_eq!(feed.subscribe(1).unwrap().backlog.len(), 3);
@@ -168,9 +211,42 @@ mod tests {
         assert_eq!(feed.subscribe(6).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![6, 7]);
     }
 
+    fn valued(revision: Revision, bytes: usize) -> Change {
+        let record = gapguard_core::Record {
+            value: serde_json::Value::String("x".repeat(bytes)),
+            version: 1,
+            create_revision: revision,
+            mod_revision: revision,
+        };
+        Change {
+            entry: Arc::new(Entry { record: Some(record), changed_by: None, changed_at: revision }),
+            ..change(revision)
+        }
+    }
+
+    /// Large values: the window keeps at most its bytes (whole revisions, the newest always),
+    /// whatever its count of changes allows.
+    #[test]
+    fn the_window_keeps_its_limit_of_bytes() {
+        let one = valued(1, 1000).approx_bytes();
+        let feed = Feed::with_window(0, 100, 3 * one);
+        feed.publish(vec![valued(1, 1000), valued(2, 1000), valued(3, 1000)]);
+        // At the limit: all three kept.
+        assert_eq!(feed.subscribe(1).unwrap().backlog.len(), 3);
+        // One past it: the oldest goes.
+        feed.publish(vec![valued(4, 1000)]);
+        assert_eq!(feed.subscribe(1).err(), Some(Compacted { first_available: 2 }));
+        assert_eq!(feed.subscribe(2).unwrap().backlog.len(), 3);
+        // A revision larger than the whole limit is kept, alone.
+        feed.publish(vec![valued(5, 10_000)]);
+        assert_eq!(feed.subscribe(4).err(), Some(Compacted { first_available: 5 }));
+        assert_eq!(feed.subscribe(5).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![5]);
+        assert!(one > 1000 && one < 1200, "a change of a 1,000-byte string counts about that: {one}");
+    }
+
     #[test]
     fn history_before_the_start_is_compacted() {
-        let feed = Feed::new(10);
+        let feed = Feed::new(10, FEED_WINDOW_BYTES);
         assert_eq!(feed.subscribe(10).err(), Some(Compacted { first_available: 11 }));
         assert_eq!(feed.subscribe(0).err(), Some(Compacted { first_available: 11 }));
         assert!(feed.subscribe(11).unwrap().backlog.is_empty());
@@ -178,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_reset_tells_live_watchers_and_compacts_the_history_before_it() {
-        let feed = Feed::new(0);
+        let feed = Feed::new(0, FEED_WINDOW_BYTES);
         feed.publish(vec![change(1), change(2)]);
         let mut sub = feed.subscribe(1).unwrap();
         feed.reset(40);
@@ -193,7 +269,7 @@ mod tests {
 
     #[test]
     fn from_revision_zero_of_a_whole_history_is_its_start() {
-        let feed = Feed::new(0);
+        let feed = Feed::new(0, FEED_WINDOW_BYTES);
         assert!(feed.subscribe(0).unwrap().backlog.is_empty(), "nothing was lost on a fresh store");
         feed.publish(vec![change(1), change(2)]);
         assert_eq!(feed.subscribe(0).unwrap().backlog.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![1, 2]);

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use audit::{AuditPage, AuditQuery, AuditVerification, StoredAuditEvent};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use feed::{Change, Compacted, Subscription, FEED_WINDOW_CHANGES};
+pub use feed::{Change, Compacted, Subscription, FEED_WINDOW_BYTES, FEED_WINDOW_CHANGES};
 pub use observe::{NoObserver, Observer};
 pub use snapshot::Snapshot;
 pub use writer::BATCH_LINGER_TARGET_MAX;
@@ -93,6 +93,10 @@ pub struct EngineConfig {
     /// opened outside a multi-threaded Tokio runtime of two workers or more (a poll would
     /// stall the only worker). Zero: never poll.
     pub answer_poll: Duration,
+    /// Most bytes of changes (keys and values) the change feed keeps for watchers that resume
+    /// from an earlier revision, besides its cap of [`FEED_WINDOW_CHANGES`] changes; a watch
+    /// from before what is kept is answered `compacted`.
+    pub watch_history_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -105,6 +109,7 @@ impl Default for EngineConfig {
             spin_before_sleep: Duration::ZERO,
             batch_linger: Duration::ZERO,
             answer_poll: Duration::ZERO,
+            watch_history_bytes: FEED_WINDOW_BYTES,
         }
     }
 }
@@ -337,7 +342,7 @@ impl Engine {
             recovered.used_tickets.clear();
             recovered.idempotency.clear();
         }
-        let feed = Arc::new(feed::Feed::new(recovered.revision));
+        let feed = Arc::new(feed::Feed::new(recovered.revision, config.watch_history_bytes));
         let (snapshot, writer) =
             Writer::new(recovered, store.clone(), clock.clone(), config.clone(), feed.clone(), db_clock);
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));

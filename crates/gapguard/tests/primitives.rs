@@ -186,6 +186,28 @@ async fn watch_sees_later_puts_and_resumes_without_gaps_or_duplicates() {
     assert_eq!(compacted[0].1["data"]["first_available_revision"], 8);
 }
 
+/// Watch history is bounded in bytes too (`watch_history_bytes`): large values push the
+/// oldest changes out, and a watch from before what is kept is answered `compacted`.
+#[tokio::test]
+async fn watch_history_keeps_at_most_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_config(dir.path(), "watch_history_bytes = 100000\n");
+    let http = Http::new(&server);
+    let big = "x".repeat(30_000);
+    for i in 1..=5 {
+        assert_eq!(http.put(&format!("/v1/ns/w/kv/big/{i}"), json!({"value": big})).await.status, 200);
+    }
+    // Three of 30 kB fit in 100 kB, four do not: revisions 3 to 5 are kept.
+    let old = format!("{}/v1/ns/w/watch?from_revision=1", server.url);
+    let compacted = sse_events(&old, 1).await;
+    assert_eq!(compacted[0].1["event"], "compacted", "{:?}", compacted[0]);
+    assert_eq!(compacted[0].1["data"]["first_available_revision"], 3);
+    let kept = format!("{}/v1/ns/w/watch?from_revision=3", server.url);
+    let events = sse_events(&kept, 3).await;
+    let revisions: Vec<Option<u64>> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(revisions, [Some(3), Some(4), Some(5)]);
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_server_even_with_a_watch_open() {
     let dir = tempfile::tempdir().unwrap();

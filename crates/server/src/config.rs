@@ -40,6 +40,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Most requests served at once; past it, `503` with `Retry-After`.
     pub max_in_flight: usize,
+    /// Most bytes of changes the change feed keeps for watches that resume from an earlier
+    /// revision (besides its 100,000 changes); default 64 MiB.
+    pub watch_history_bytes: usize,
     /// Most connections open at once, across the API and metrics listeners; past it a new
     /// connection is answered `503` and closed. Default (`None`): the open-file limit less
     /// what the store keeps for itself, which a configured value cannot exceed either.
@@ -143,6 +146,7 @@ impl Default for Config {
             tls_key: None,
             max_in_flight: 1024,
             max_connections: None,
+            watch_history_bytes: gapguard_engine::FEED_WINDOW_BYTES,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             trace_file: None,
@@ -189,6 +193,7 @@ struct File {
     tls_key: Option<PathBuf>,
     max_in_flight: Option<usize>,
     max_connections: Option<usize>,
+    watch_history_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     trace_file: Option<PathBuf>,
@@ -380,6 +385,9 @@ impl Config {
                 return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
             }
             config.max_connections = Some(n);
+        }
+        if let Some(n) = file.watch_history_bytes {
+            config.watch_history_bytes = n;
         }
         if let Some(ms) = file.header_read_timeout_ms {
             if ms == 0 {

@@ -140,6 +140,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         observer,
         spin_before_sleep: Duration::from_micros(config.writer_spin_us),
         batch_linger: Duration::from_micros(config.writer_linger_us),
+        watch_history_bytes: config.watch_history_bytes,
         answer_poll: Duration::from_micros(config.answer_poll_us),
         ..EngineConfig::default()
     };
