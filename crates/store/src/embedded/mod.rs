@@ -118,8 +118,20 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("gapguard.redb");
-        let db =
-            Database::create(&path).map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", path.display())))?;
+        // redb asserts some of what it reads of the file (a file shorter than its header says
+        // panics): a damaged file is an error to report, not a crash.
+        let opened = std::panic::catch_unwind(|| Database::create(&path)).map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a check of its format failed".into());
+            StoreError::Engine(format!(
+                "cannot open {}: the file is damaged ({what}); restore it from a backup",
+                path.display()
+            ))
+        })?;
+        let db = opened.map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", path.display())))?;
         init(&db)?;
         let checkpoint_lsn = {
             let tx = db.begin_read().map_err(engine)?;
@@ -570,6 +582,21 @@ mod tests {
             entries: Batch::share_entries([(NsKey::new("ns", format!("k{revision}")), entry)]),
             ..Batch::default()
         }
+    }
+
+    /// A redb file cut short makes redb panic on open; the store reports it as an error.
+    #[test]
+    fn a_truncated_redb_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::EmbeddedStore::open(dir.path()).unwrap();
+        store.commit(batch(1)).unwrap();
+        store.checkpoint().unwrap();
+        drop(store);
+        let file = dir.path().join("gapguard.redb");
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len / 2).unwrap();
+        let Err(refused) = crate::EmbeddedStore::open(dir.path()) else { panic!("a damaged file opened") };
+        assert!(refused.to_string().contains("gapguard.redb"), "{refused}");
     }
 
     /// Retiring obsolete log segments can fail (out of file descriptors, listing the log's
