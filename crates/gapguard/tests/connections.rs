@@ -123,3 +123,24 @@ fn a_flood_of_idle_connections_at_the_open_file_limit_stops_no_write() {
     assert_eq!(status, 200);
     assert!(body.contains("\"value\":20"), "{body}");
 }
+
+/// A body declared past the limit is refused from its `Content-Length`, before any of it is
+/// sent: with `Expect: 100-continue` the client is never told to go on, and without it the
+/// answer does not wait for the upload.
+#[test]
+fn a_body_declared_past_the_limit_is_refused_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let mut stream = TcpStream::connect(&addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!("PUT /v1/ns/c/kv/big HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n{expect}\r\n");
+        stream.write_all(head.as_bytes()).expect("send the head");
+        let mut answer = vec![0; 4096];
+        let n = stream.read(&mut answer).expect("an answer before the body is sent");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect:?}: {answer:?}");
+        assert!(answer.contains("payload_too_large") && !answer.contains("100 Continue"), "{answer:?}");
+    }
+}

@@ -80,19 +80,28 @@ impl<T: DeserializeOwned> JsonBody<T> {
     }
 }
 
-/// Reads a request body of at most `limit` bytes: past it, `413 payload_too_large`.
+/// Reads a request body of at most `limit` bytes: past it, `413 payload_too_large`. A body
+/// whose `Content-Length` is past it is refused before a byte of it is read (and so before
+/// hyper answers an `Expect: 100-continue`): the client need not upload it.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use hyper::body::Body as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with("field", "body")
+        .with("limit_bytes", limit)
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::iter::successors(std::error::Error::source(&e), |e| e.source())
+        let past_limit = std::iter::successors(std::error::Error::source(&e), |e| e.source())
             .any(|cause| cause.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than the limit of {limit} bytes"),
-            )
-            .with("field", "body")
-            .with("limit_bytes", limit)
+        if past_limit {
+            too_large()
         } else {
             ApiError::invalid("body", format!("the request body could not be read: {e}"))
         }
