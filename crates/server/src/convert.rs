@@ -24,6 +24,10 @@ pub fn namespace(ns: &str, limits: &Limits) -> Result<(), ApiError> {
     if ns.is_empty() || !ok_chars {
         return Err(ApiError::invalid("namespace", format!("{ns:?} must be 1 or more of A-Z a-z 0-9 . _ -")));
     }
+    if ns == "." || ns == ".." {
+        // As a key's segments: a URL path cannot carry them as they are (clients resolve them).
+        return Err(ApiError::invalid("namespace", format!("{ns:?} cannot be a namespace: a URL cannot name it")));
+    }
     if ns.len() > limits.max_namespace_bytes {
         return Err(ApiError::invalid("namespace", format!("longer than {} bytes", limits.max_namespace_bytes)));
     }

@@ -46,6 +46,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 /// top (`.`), the field a "missing field" or "unknown field" message names, else `whole`
 /// (`body`, `query`). A missing field is named below the path it is missing from.
 fn field_of(path: &str, message: &str, whole: &str) -> String {
+    // `?` is where the parser was inside something it could not read (a trailing comma, a
+    // comment, a cut-off body): the field is what holds it, or the whole body.
+    let path = match path.strip_suffix("?").map(|p| p.trim_end_matches('.')) {
+        Some("") => ".",
+        Some(holder) => holder,
+        None => path,
+    };
     let named = |prefix: &str| message.strip_prefix(prefix).and_then(|rest| rest.split('`').next());
     match (path, named("missing field `")) {
         (".", Some(missing)) => missing.to_owned(),

@@ -188,7 +188,12 @@ pub(crate) fn idempotency(
     raw: &[u8],
     state: &AppState,
 ) -> Result<Option<IdempotencyClaim>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let mut given = headers.get_all("idempotency-key").iter();
+    let Some(value) = given.next() else { return Ok(None) };
+    if given.next().is_some() {
+        // Which one would a retry send? Neither can be trusted to be the key of this write.
+        return Err(ApiError::invalid("Idempotency-Key", "given more than once: send one key per request"));
+    }
     let max = state.engine.limits().max_idempotency_key_bytes;
     let key = value.to_str().ok().filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic()));
     let Some(key) = key else {

@@ -157,6 +157,12 @@ async fn idempotency_key_length() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
     assert_eq!(err["field"], "Idempotency-Key");
     assert_eq!(g.revision(), before);
+    // Two keys on one request: neither is taken.
+    let twice = [("idempotency-key", "k-1"), ("idempotency-key", "k-2")];
+    let (status, err) = g.call("PUT", "/v1/ns/n/kv/a", json!({"value": 2}).to_string(), &twice).await;
+    assert_eq!((status, &err["field"]), (StatusCode::BAD_REQUEST, &json!("Idempotency-Key")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("more than once"), "{err}");
+    assert_eq!(g.revision(), before);
 }
 
 #[tokio::test]
@@ -170,13 +176,20 @@ async fn malformed_and_unknown_input_is_named() {
         .await;
     g.assert_invalid("POST", "/v1/ns/n/act", json!({"ticket": 5, "ops": put_ops(1)}), "ticket").await;
     g.assert_invalid("PUT", "/v1/ns/bad%20ns/kv/a", json!({"value": 1}), "namespace").await;
+    g.assert_invalid("PUT", "/v1/ns/%2e%2e/kv/a", json!({"value": 1}), "namespace").await;
+    g.assert_invalid("PUT", "/v1/ns/%2E/kv/a", json!({"value": 1}), "namespace").await;
     let dotted = json!({"ops": [{"put": {"key": "a/../b", "value": 1}}]});
     g.assert_invalid("POST", "/v1/ns/n/act", dotted, "ops[0].key").await;
-    for raw in ["{", "not json", "", "[1,2]", "{\"value\": 1} trailing"] {
+    for raw in ["{", "not json", "", "[1,2]", "{\"value\": 1} trailing", "{\"value\": 1,}", "{\"value\": 0x10}"] {
         let (status, err) = g.call("PUT", "/v1/ns/n/kv/a", raw, &[]).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{raw:?}: {err}");
         assert_eq!(err["error"], "invalid_request");
+        // Where no field can be named, the body is: never `?`.
+        assert_eq!(err["field"], "body", "{raw:?}: {err}");
     }
+    // Bad syntax inside a field: the field that holds it.
+    let (_, err) = g.call("POST", "/v1/ns/n/act", r#"{"ops": [{"put": {"key": "a", "value": 1,}}]}"#, &[]).await;
+    assert_eq!(err["field"], "ops[0].put", "{err}");
     // A query's bad or unknown parameter is named, as a body's field is.
     let (status, err) = g.call("GET", "/v1/ns/n/kv?limit=abc", "", &[]).await;
     assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")), "{err}");
