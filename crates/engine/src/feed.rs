@@ -28,6 +28,9 @@ pub struct Change {
     pub key: Arc<NsKey>,
     /// The key's entry after it (a tombstone for a delete).
     pub entry: Arc<Entry>,
+    /// The change as watchers are sent it, rendered by the first that sends it and shared by
+    /// the others: a change fanned out to a thousand watch streams is serialized once.
+    pub rendered: std::sync::OnceLock<Arc<str>>,
 }
 
 struct Window {
@@ -74,6 +77,11 @@ pub struct Subscription {
 }
 
 impl Change {
+    /// A change, not rendered yet.
+    pub fn new(revision: Revision, key: Arc<NsKey>, entry: Arc<Entry>) -> Self {
+        Self { revision, key, entry, rendered: std::sync::OnceLock::new() }
+    }
+
     /// About the memory the change holds: its key and its value as JSON text would be, plus
     /// a fixed overhead.
     pub fn approx_bytes(&self) -> usize {
@@ -171,11 +179,11 @@ mod tests {
     use super::*;
 
     fn change(revision: Revision) -> Change {
-        Change {
+        Change::new(
             revision,
-            key: Arc::new(NsKey::new("n", "k")),
-            entry: Arc::new(Entry { record: None, changed_by: None, changed_at: revision }),
-        }
+            Arc::new(NsKey::new("n", "k")),
+            Arc::new(Entry { record: None, changed_by: None, changed_at: revision }),
+        )
     }
 
     #[test]

@@ -504,7 +504,7 @@ impl Draft {
                 Lifecycle::Nothing => {}
                 life => self.forgettable.push((life, key.clone(), entry.changed_at)),
             }
-            self.changes.push(Change { revision: meta.revision, key: key.clone(), entry: entry.clone() });
+            self.changes.push(Change::new(meta.revision, key.clone(), entry.clone()));
             self.batch.entries.push((key.clone(), entry.clone()));
             self.working.entries.insert(key, entry);
         }

@@ -208,6 +208,57 @@ async fn watch_history_keeps_at_most_its_bytes() {
     assert_eq!(revisions, [Some(3), Some(4), Some(5)]);
 }
 
+/// The `data` of the first `change` event of an open watch stream.
+async fn first_change(stream: &mut reqwest::Response) -> Value {
+    let mut text = String::new();
+    loop {
+        if let Some(block) = text.split("\n\n").find(|b| b.contains("event: change")) {
+            if text.contains(&format!("{block}\n\n")) {
+                let data = block.lines().find_map(|l| l.strip_prefix("data: ")).expect("a data line");
+                return serde_json::from_str(data).expect("JSON data");
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.expect("an event in time");
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().expect("the stream goes on")));
+    }
+}
+
+/// Watch streams are bounded (`max_watches`): past it a watch answers `503` with
+/// `Retry-After`; once one ends, a new one opens. Watchers of one change all get it whole (it
+/// is rendered once and shared).
+#[tokio::test]
+async fn watch_streams_are_bounded_and_share_what_they_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_config(dir.path(), "max_watches = 2\n");
+    let http = Http::new(&server);
+    let url = format!("{}/v1/ns/w/watch?from_revision=1", server.url);
+    let first = reqwest::get(&url).await.unwrap();
+    let mut second = reqwest::get(&url).await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let refused = http.get("/v1/ns/w/watch").await;
+    assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("unavailable")), "{:?}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(refused.body["message"].as_str().unwrap().contains("max_watches"), "{:?}", refused.body);
+    drop(first);
+    // The server learns of the closed stream when it next writes to it (a change, or the
+    // keep-alive): a put makes it write.
+    let value = json!({"nested": {"list": [1, 2, 3]}, "text": "é"});
+    assert_eq!(http.put("/v1/ns/w/kv/a", json!({"value": value})).await.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut third = loop {
+        let r = reqwest::get(&url).await.unwrap();
+        if r.status() == 200 {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no place freed for a new watch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Two watchers of the same change: the same event, whole.
+    let (a, b) = (first_change(&mut second).await, first_change(&mut third).await);
+    assert_eq!(a, b);
+    assert_eq!((a["key"].as_str(), &a["value"]), (Some("a"), &value), "{a}");
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_server_even_with_a_watch_open() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,8 @@ pub struct Config {
     /// Most bytes of changes the change feed keeps for watches that resume from an earlier
     /// revision (besides its 100,000 changes); default 64 MiB.
     pub watch_history_bytes: usize,
+    /// Most watch streams open at once; past it a new watch answers `503` (default 1,024).
+    pub max_watches: usize,
     /// Most connections open at once, across the API and metrics listeners; past it a new
     /// connection is answered `503` and closed. Default (`None`): the open-file limit less
     /// what the store keeps for itself, which a configured value cannot exceed either.
@@ -146,6 +148,7 @@ impl Default for Config {
             tls_key: None,
             max_in_flight: 1024,
             max_connections: None,
+            max_watches: crate::routes::DEFAULT_MAX_WATCHES,
             watch_history_bytes: gapguard_engine::FEED_WINDOW_BYTES,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
@@ -193,6 +196,7 @@ struct File {
     tls_key: Option<PathBuf>,
     max_in_flight: Option<usize>,
     max_connections: Option<usize>,
+    max_watches: Option<usize>,
     watch_history_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -385,6 +389,12 @@ impl Config {
                 return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
             }
             config.max_connections = Some(n);
+        }
+        if let Some(n) = file.max_watches {
+            if n == 0 {
+                return Err(ConfigError::Invalid("max_watches must be at least 1".into()));
+            }
+            config.max_watches = n;
         }
         if let Some(n) = file.watch_history_bytes {
             config.watch_history_bytes = n;

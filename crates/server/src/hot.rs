@@ -243,7 +243,8 @@ mod tests {
         let engine = Engine::open(store, Arc::new(SystemClock::default()), EngineConfig::default()).unwrap();
         let (_streams, shutdown) = tokio::sync::watch::channel(false);
         let metrics = Arc::new(Metrics::off());
-        let state = AppState::new(Shared { engine, keys: Arc::new(Keys::default()), metrics, shutdown });
+        let watches = Arc::new(tokio::sync::Semaphore::new(1));
+        let state = AppState::new(Shared { engine, keys: Arc::new(Keys::default()), metrics, shutdown, watches });
         let slots = Slots::new(LoadLimits { max_in_flight: 8, request_timeout: Duration::from_secs(30) });
         let router = Router::new().fallback(|| async { StatusCode::IM_A_TEAPOT });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

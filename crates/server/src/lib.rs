@@ -167,6 +167,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         keys: Arc::new(keys),
         metrics,
         shutdown: streams_stop,
+        watches: Arc::new(tokio::sync::Semaphore::new(config.max_watches)),
     });
     let (stop_all, stopped) = tokio::sync::watch::channel(false);
     let signal = async move {

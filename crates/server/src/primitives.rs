@@ -545,8 +545,9 @@ pub(crate) struct WatchParams {
 
 const WATCH_TYPES: [&str; 6] = ["kv", "lease", "pool", "reservation", "grant", "orphan"];
 
-/// A change as a watcher of `ns` sees it, if it passes the filter.
-fn watch_event(change: &Change, ns: &str, prefix: &str, types: &[&str]) -> Option<api::WatchEvent> {
+/// A change as a watcher of `ns` is sent it (an [`api::WatchEvent`] as JSON), if it passes the
+/// filter. Rendered once per change, whoever watches it ([`Change::rendered`]).
+fn watch_event(change: &Change, ns: &str, prefix: &str, types: &[&str]) -> Option<Arc<str>> {
     if change.key.ns != ns {
         return None;
     }
@@ -558,15 +559,19 @@ fn watch_event(change: &Change, ns: &str, prefix: &str, types: &[&str]) -> Optio
     if !types.contains(&kind) || !key.starts_with(prefix) {
         return None;
     }
-    let record = change.entry.record.as_ref();
-    Some(api::WatchEvent {
-        revision: change.revision,
-        kind: kind.into(),
-        key,
-        value: record.map_or(serde_json::Value::Null, |r| r.value.clone()),
-        version: record.map_or(0, |r| r.version),
-        deleted: record.is_none(),
-    })
+    let rendered = change.rendered.get_or_init(|| {
+        let record = change.entry.record.as_ref();
+        let event = api::WatchEvent {
+            revision: change.revision,
+            kind: kind.into(),
+            key,
+            value: record.map_or(serde_json::Value::Null, |r| r.value.clone()),
+            version: record.map_or(0, |r| r.version),
+            deleted: record.is_none(),
+        };
+        Arc::from(serde_json::to_string(&event).expect("watch events serialize"))
+    });
+    Some(Arc::clone(rendered))
 }
 
 fn sse_json(name: &str, data: &impl serde::Serialize) -> Event {
@@ -606,6 +611,12 @@ pub(crate) async fn watch(
                 .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be a revision number"))?,
         ),
     };
+    // Held by the stream until it ends.
+    let permit = Arc::clone(&state.watches).try_acquire_owned().map_err(|_| {
+        ApiError::unavailable(
+            "as many watch streams are open as this server keeps (max_watches): retry after the Retry-After delay",
+        )
+    })?;
     crate::routes::fresh(&state).await?;
     // `Last-Event-ID` wins: an `EventSource` reconnects to the same URL (its `from_revision`
     // included) with the last id it saw, and must resume there, not replay.
@@ -628,7 +639,10 @@ pub(crate) async fn watch(
             std::future::pending::<()>().await;
         }
     };
-    let events = events.take_until(stopped);
+    let events = events.take_until(stopped).map(move |event| {
+        let _open = &permit;
+        event
+    });
     Ok(Sse::new(events.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -653,7 +667,7 @@ fn live_events(
     live: Live,
     reset_to: Arc<std::sync::atomic::AtomicU64>,
     last_revision: u64,
-    filter: impl Fn(&Change) -> Option<api::WatchEvent> + Send + 'static,
+    filter: impl Fn(&Change) -> Option<Arc<str>> + Send + 'static,
 ) -> impl Stream<Item = Event> + Send {
     struct St<F> {
         pending: VecDeque<Arc<Change>>,
@@ -676,7 +690,7 @@ fn live_events(
                         .iter()
                         .take_while(|c| c.revision == change.revision)
                         .any(|c| (st.filter)(c).is_some());
-                    let mut sse = sse_json("change", &event);
+                    let mut sse = Event::default().event("change").data(&*event);
                     if !more_of_revision {
                         sse = sse.id(change.revision.to_string());
                     }

@@ -54,7 +54,13 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Becomes true when the server shuts down: long-lived responses (watch streams) end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// A permit per open watch stream (`max_watches`): past it, a new watch answers `503`.
+    pub watches: Arc<tokio::sync::Semaphore>,
 }
+
+/// Watch streams open at once by default (`max_watches`). A watcher that does not read holds
+/// its stream's buffers (measured: about 330 KB each while its socket is full).
+pub const DEFAULT_MAX_WATCHES: usize = 1024;
 
 /// The router of API v1 over an engine (tests drive it without a socket). Its `/metrics`
 /// has the HTTP metrics only: the engine's are there when the engine was opened with the
@@ -73,7 +79,8 @@ pub fn app_with_shutdown(
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
-    router(AppState::new(Shared { engine, keys: Arc::new(keys), metrics, shutdown }))
+    let watches = Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WATCHES));
+    router(AppState::new(Shared { engine, keys: Arc::new(keys), metrics, shutdown, watches }))
 }
 
 /// The templates of the routes that [`crate::hot`] also serves without the router.

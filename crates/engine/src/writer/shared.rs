@@ -296,7 +296,7 @@ impl Writer {
             match entry {
                 Some(entry) => {
                     let (key, entry) = (Arc::new(key), Arc::new(entry));
-                    feed.push(Change { revision, key: key.clone(), entry: entry.clone() });
+                    feed.push(Change::new(revision, key.clone(), entry.clone()));
                     self.state.entries.insert(key, entry);
                 }
                 None => {
