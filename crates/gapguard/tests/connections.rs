@@ -38,10 +38,12 @@ fn exchange(stream: &mut TcpStream, method: &str, path: &str, body: &str) -> (u1
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Everything the server sends on a fresh connection before closing it (or within 5 s).
-fn greeting(addr: &str) -> String {
+/// Everything the server sends on a fresh connection before closing it (or within 5 s), after
+/// `request` is sent (if not empty).
+fn greeting(addr: &str, request: &str) -> String {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(request.as_bytes()).expect("send");
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     String::from_utf8_lossy(&answer).into_owned()
@@ -57,16 +59,28 @@ fn past_max_connections_a_new_connection_gets_503_and_those_open_carry_on() {
     for (i, stream) in open.iter_mut().enumerate() {
         assert_eq!(exchange(stream, "PUT", &format!("/v1/ns/c/kv/k{i}"), r#"{"value":1}"#).0, 200);
     }
-    let refused = greeting(&addr);
-    assert!(refused.starts_with("HTTP/1.1 503"), "{refused:?}");
-    assert!(refused.contains("retry-after: 1") && refused.contains("max_connections"), "{refused:?}");
+    // Whether the client said nothing yet or sent its whole request (left unread, which must
+    // not reset the connection before the answer is read), it reads the 503.
+    let put = "PUT /v1/ns/c/kv/late HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n{\"value\":1}";
+    for request in ["", put] {
+        let refused = greeting(&addr, request);
+        assert!(refused.starts_with("HTTP/1.1 503"), "{request:?}: {refused:?}");
+        assert!(refused.contains("retry-after: 1") && refused.contains("max_connections"), "{refused:?}");
+    }
     // Those open are served as before.
     assert_eq!(exchange(&mut open[0], "GET", "/v1/ns/c/kv/k0", "").0, 200);
-    // One closes: a new connection takes its place.
+    assert_eq!(exchange(&mut open[0], "GET", "/v1/ns/c/kv/late", "").0, 404, "the refused put did nothing");
+    // One closes: a new connection takes its place (once the server has seen it close).
     drop(open.pop());
-    std::thread::sleep(Duration::from_millis(300));
-    let mut fresh = TcpStream::connect(&addr).expect("connect");
-    assert_eq!(exchange(&mut fresh, "PUT", "/v1/ns/c/kv/fresh", r#"{"value":1}"#).0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if greeting(&addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").starts_with("HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place was not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Kills the server however the test ends.
@@ -110,7 +124,7 @@ fn a_flood_of_idle_connections_at_the_open_file_limit_stops_no_write() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Past the bound, the flood was answered and closed rather than left holding descriptors.
-    let refused = greeting(&addr);
+    let refused = greeting(&addr, "");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused:?}");
     drop(flood);
     std::thread::sleep(Duration::from_millis(1500));

@@ -191,13 +191,14 @@ async fn watch_sees_later_puts_and_resumes_without_gaps_or_duplicates() {
 #[tokio::test]
 async fn watch_history_keeps_at_most_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_config(dir.path(), "watch_history_bytes = 100000\n");
+    let server = Server::start_with_config(dir.path(), "watch_history_bytes = 200000\n");
     let http = Http::new(&server);
     let big = "x".repeat(30_000);
     for i in 1..=5 {
         assert_eq!(http.put(&format!("/v1/ns/w/kv/big/{i}"), json!({"value": big})).await.status, 200);
     }
-    // Three of 30 kB fit in 100 kB, four do not: revisions 3 to 5 are kept.
+    // Each counts about 60 kB (the value twice: parsed and rendered for watchers): three fit
+    // in 200 kB, four do not, so revisions 3 to 5 are kept.
     let old = format!("{}/v1/ns/w/watch?from_revision=1", server.url);
     let compacted = sse_events(&old, 1).await;
     assert_eq!(compacted[0].1["event"], "compacted", "{:?}", compacted[0]);

@@ -67,10 +67,26 @@ const OVER_CAPACITY_ANSWER: &str = concat!(
 /// a restart (found by the robustness audit).
 pub(crate) const RESERVED_FDS: u64 = 128;
 
+/// The default bound's ceiling: the hard open-file limit is often 2^19 or 2^20, and each idle
+/// connection costs memory (hyper's buffers) and a place the watchdog sweeps.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+/// Connections of the metrics listener (`metrics_listen`), kept apart from the API's: a flood
+/// of the API port must not stop the scrapes.
+pub(crate) const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// Refused connections lingering at once to deliver their `503` (past it, closed at once).
+const REFUSALS_LINGERING_MAX: usize = 64;
+/// How long a refused connection lingers: long enough for the client to read the `503`
+/// rather than be reset because its request went unread.
+const REFUSAL_LINGER_MS: u64 = 200;
+
 /// The connections open across the server's listeners (API and metrics), and their bound.
 pub(crate) struct ConnectionBudget {
     open: AtomicUsize,
     max: usize,
+    /// Refused connections still lingering ([`REFUSALS_LINGERING_MAX`]).
+    lingering: Arc<AtomicUsize>,
     /// When a refusal was last logged: at most one line every 10 s.
     logged: Mutex<Option<Instant>>,
 }
@@ -87,7 +103,12 @@ impl Drop for Place {
 impl ConnectionBudget {
     /// A budget of `max` connections (at least 1).
     pub(crate) fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { open: AtomicUsize::new(0), max: max.max(1), logged: Mutex::new(None) })
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max: max.max(1),
+            lingering: Arc::new(AtomicUsize::new(0)),
+            logged: Mutex::new(None),
+        })
     }
 
     /// The bound.
@@ -104,19 +125,40 @@ impl ConnectionBudget {
     }
 
     /// Refuses `tcp`: a `503` on a plain-HTTP port (a TLS port cannot say anything before
-    /// its handshake), then closes it.
+    /// its handshake), then closes it. The connection lingers a moment, reading what the
+    /// client sent: closing with its request unread would reset the connection, and the
+    /// client might never see the answer. At most [`REFUSALS_LINGERING_MAX`] linger at once;
+    /// past that they are closed at once.
     fn refuse(&self, tcp: TcpStream, tls: bool) {
-        if !tls {
-            // Not waited for: a client that does not read gets the close alone.
-            let _ = tcp.try_write(OVER_CAPACITY_ANSWER.as_bytes());
+        let lingering = Arc::clone(&self.lingering);
+        if !tls && lingering.fetch_add(1, Ordering::Relaxed) < REFUSALS_LINGERING_MAX {
+            tokio::spawn(async move {
+                let mut tcp = tcp;
+                let answered = async {
+                    tcp.write_all(OVER_CAPACITY_ANSWER.as_bytes()).await?;
+                    tcp.shutdown().await?;
+                    let mut buf = [0u8; 4096];
+                    while tcp.read(&mut buf).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_LINGER_MS), answered).await;
+                drop(tcp);
+                lingering.fetch_sub(1, Ordering::Relaxed);
+            });
+        } else {
+            if !tls {
+                lingering.fetch_sub(1, Ordering::Relaxed);
+                // Too many lingering: the answer if the socket takes it at once, then the close.
+                let _ = tcp.try_write(OVER_CAPACITY_ANSWER.as_bytes());
+            }
+            drop(tcp);
         }
-        drop(tcp);
         let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
             *logged = Some(Instant::now());
             tracing::warn!(
                 max_connections = self.max,
-                "connections at max_connections: refusing new ones (503) until some close"
+                "connections at max_connections: refusing new ones until some close"
             );
         }
     }
@@ -146,10 +188,13 @@ pub fn raise_open_file_limit() -> Option<u64> {
     open_file_limit()
 }
 
-/// `max_connections`: the configured bound, or the open-file limit less [`RESERVED_FDS`];
-/// never more than that (a configured bound above it is lowered, with a warning).
-pub(crate) fn max_connections(configured: Option<usize>, open_files: Option<u64>) -> usize {
-    let allowed = open_files.map(|n| usize::try_from(n.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX).max(1));
+/// `max_connections`: the configured bound, or the open-file limit less [`RESERVED_FDS`] and
+/// `kept_apart` (the metrics listener's places), at most [`DEFAULT_MAX_CONNECTIONS`]; never
+/// more than the limit allows (a configured bound above it is lowered, with a warning). With
+/// no limit to read, the default is [`DEFAULT_MAX_CONNECTIONS`].
+pub(crate) fn max_connections(configured: Option<usize>, open_files: Option<u64>, kept_apart: usize) -> usize {
+    let reserved = RESERVED_FDS.saturating_add(kept_apart as u64);
+    let allowed = open_files.map(|n| usize::try_from(n.saturating_sub(reserved)).unwrap_or(usize::MAX).max(1));
     match (configured, allowed) {
         (Some(n), Some(allowed)) if n > allowed => {
             tracing::warn!(
@@ -159,8 +204,8 @@ pub(crate) fn max_connections(configured: Option<usize>, open_files: Option<u64>
             allowed
         }
         (Some(n), _) => n,
-        (None, Some(allowed)) => allowed,
-        (None, None) => 10_000,
+        (None, Some(allowed)) => allowed.min(DEFAULT_MAX_CONNECTIONS),
+        (None, None) => DEFAULT_MAX_CONNECTIONS,
     }
 }
 
@@ -298,7 +343,8 @@ impl Connection {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let Self { router, hot, http, mut stop, peer, clock, .. } = self;
+        // `_place` bound here: it is the connection's place in the budget until this returns.
+        let Self { router, hot, http, mut stop, peer, clock, _place, .. } = self;
         // The connection's clock goes with each request (for its deadline in `load::layer`)
         // and learns when a head arrived and when its answer is out.
         let service = hyper::service::service_fn({
@@ -584,11 +630,15 @@ mod tests {
 
     #[test]
     fn max_connections_stays_below_the_open_file_limit() {
-        assert_eq!(max_connections(None, Some(1024)), 1024 - RESERVED_FDS as usize);
-        assert_eq!(max_connections(Some(100), Some(1024)), 100, "a lower bound is kept");
-        assert_eq!(max_connections(Some(5000), Some(1024)), 896, "a higher one is lowered");
-        assert_eq!(max_connections(None, Some(100)), 1, "at least one");
-        assert_eq!(max_connections(Some(7), None), 7);
+        assert_eq!(max_connections(None, Some(1024), 0), 1024 - RESERVED_FDS as usize);
+        assert_eq!(max_connections(None, Some(1024), 64), 1024 - 64 - RESERVED_FDS as usize, "less the metrics'");
+        assert_eq!(max_connections(Some(100), Some(1024), 0), 100, "a lower bound is kept");
+        assert_eq!(max_connections(Some(5000), Some(1024), 0), 896, "a higher one is lowered");
+        assert_eq!(max_connections(None, Some(100), 0), 1, "at least one");
+        assert_eq!(max_connections(Some(7), None, 0), 7);
+        assert_eq!(max_connections(None, Some(1 << 20), 0), DEFAULT_MAX_CONNECTIONS, "the default's ceiling");
+        assert_eq!(max_connections(Some(100_000), Some(1 << 20), 0), 100_000, "a configured bound may pass it");
+        assert_eq!(max_connections(None, None, 0), DEFAULT_MAX_CONNECTIONS);
     }
 
     /// The fixed answer's `content-length` is its body's (a wrong one would hang or cut clients).

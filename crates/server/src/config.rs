@@ -397,6 +397,9 @@ impl Config {
             config.max_watches = n;
         }
         if let Some(n) = file.watch_history_bytes {
+            if n == 0 {
+                return Err(ConfigError::Invalid("watch_history_bytes must be at least 1".into()));
+            }
             config.watch_history_bytes = n;
         }
         if let Some(ms) = file.header_read_timeout_ms {
@@ -507,7 +510,10 @@ mod tests {
             assert!(zero.contains("at least 1"), "{zero}");
             assert!(Config::parse(&format!("{field} = 1\n")).is_ok(), "{field} = 1, the least, is taken");
         }
-        assert!(Config::parse("max_connections = 0\n").unwrap_err().to_string().contains("at least 1"));
+        for field in ["max_connections", "max_watches", "watch_history_bytes"] {
+            let zero = Config::parse(&format!("{field} = 0\n")).unwrap_err().to_string();
+            assert!(zero.contains(field) && zero.contains("at least 1"), "{zero}");
+        }
         assert_eq!(Config::parse("max_connections = 1\n").unwrap().max_connections, Some(1));
         assert_eq!(Config::parse("").unwrap().max_connections, None, "by default, from the open-file limit");
     }

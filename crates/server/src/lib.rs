@@ -179,15 +179,20 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let slots = load::Slots::new(load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout });
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
-    let budget =
-        accept::ConnectionBudget::new(accept::max_connections(config.max_connections, accept::open_file_limit()));
+    // The metrics listener has places of its own, out of the API's reach.
+    let metrics_places = if metrics_listener.is_some() { accept::METRICS_MAX_CONNECTIONS } else { 0 };
+    let budget = accept::ConnectionBudget::new(accept::max_connections(
+        config.max_connections,
+        accept::open_file_limit(),
+        metrics_places,
+    ));
     tracing::info!(max_connections = budget.max(), max_in_flight = config.max_in_flight, "serving");
     let metrics_server = metrics_listener.map(|listener| {
         let connections = accept::ConnectionConfig {
             tls: tls.clone(),
             header_read_timeout,
             request_timeout,
-            budget: Arc::clone(&budget),
+            budget: accept::ConnectionBudget::new(accept::METRICS_MAX_CONNECTIONS),
         };
         let mut stopped = stopped.clone();
         let stop = async move {

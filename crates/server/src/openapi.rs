@@ -88,9 +88,9 @@ fn complete(op: &mut Operation, path: &str, method: &Method) {
         add(
             op,
             "503",
-            "unavailable: past `max_in_flight` (with `Retry-After`), or the store failed; outcome_unknown: \
-             past the deadline once the body was read (it may have taken effect: retry it with its \
-             `Idempotency-Key`)",
+            "unavailable: past `max_in_flight` or `max_connections` (with `Retry-After`; a watch: past \
+             `max_watches`), or the store failed; outcome_unknown: past the deadline once the body was \
+             read (it may have taken effect: retry it with its `Idempotency-Key`)",
         );
     }
     if reads_body {

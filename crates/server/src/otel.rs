@@ -111,9 +111,9 @@ pub fn mark_replay(span: &tracing::Span) {
     span.set_attribute(REPLAY_ATTRIBUTE, true);
 }
 
-/// Sets `toctou.role = mutate` and the resources on the current span.
-pub fn set_mutate(resources: &[ResourceKey]) {
-    set_toctou(&tracing::Span::current(), "mutate", resources, None);
+/// Sets `toctou.role = mutate` and the resources on `span`.
+pub fn set_mutate(span: &tracing::Span, resources: &[ResourceKey]) {
+    set_toctou(span, "mutate", resources, None);
 }
 
 /// Sets `toctou.resource.version`, the version each resource had when the request was

@@ -50,8 +50,10 @@ impl Call<'_> {
         // Every primitive's write is a mutation of its resource (a revocation: `revoke`), which
         // a trace reader looks for inside a check-to-use window.
         let role = if matches!(op, Op::Revoke { .. }) { "revoke" } else { "mutate" };
-        let resources = crate::otel::resource_keys([], [&op]);
-        let trace = |_: &Outcome| crate::otel::set_toctou(&tracing::Span::current(), role, &resources, None);
+        let resources = (!tracing::Span::current().is_disabled()).then(|| crate::otel::resource_keys([], [&op]));
+        let trace = |span: &tracing::Span, _: Option<&Outcome>| {
+            crate::otel::set_toctou(span, role, resources.as_deref().unwrap_or_default(), None);
+        };
         let ns = self.ns.clone();
         let request = WriteRequest::Single { ns: self.ns, op, kind };
         write_with(self.state, request, self.correlation, claim, trace, |outcome| match outcome {
@@ -724,7 +726,28 @@ fn live_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A change is rendered once: every watcher it passes the filter of shares the same text;
+    /// one whose filter it fails gets nothing.
+    #[test]
+    fn a_change_is_rendered_once_for_all_its_watchers() {
+        let record =
+            gapguard_core::Record { value: json!({"a": [1, 2]}), version: 2, create_revision: 3, mod_revision: 7 };
+        let entry = gapguard_core::Entry { record: Some(record), changed_by: None, changed_at: 7 };
+        let change = Change::new(7, Arc::new(gapguard_core::NsKey::new("n", "cfg/x")), Arc::new(entry));
+        let one = watch_event(&change, "n", "cfg/", &WATCH_TYPES).expect("passes");
+        let other = watch_event(&change, "n", "", &["kv"]).expect("passes");
+        assert!(Arc::ptr_eq(&one, &other), "rendered twice");
+        let event: api::WatchEvent = serde_json::from_str(&one).unwrap();
+        assert_eq!(
+            (event.revision, event.key.as_str(), event.version, event.value),
+            (7, "cfg/x", 2, json!({"a": [1, 2]}))
+        );
+        assert!(watch_event(&change, "other", "", &WATCH_TYPES).is_none());
+        assert!(watch_event(&change, "n", "zz", &WATCH_TYPES).is_none());
+    }
 
     /// A feed reset (a node that reloaded its state) ends a live watch with `compacted`, from
     /// the revision history is whole again: the watcher must not miss changes silently.

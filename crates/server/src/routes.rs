@@ -235,7 +235,7 @@ async fn write(
     correlation: Correlation,
     claim: Option<IdempotencyClaim>,
     subject: &str,
-    trace: impl FnOnce(&gapguard_core::Outcome),
+    trace: impl FnOnce(&tracing::Span, Option<&gapguard_core::Outcome>),
 ) -> Result<Response, ApiError> {
     let ns = request.ns().to_owned();
     write_with(state, request, correlation, claim, trace, |outcome| convert::outcome(outcome, &ns, subject)).await
@@ -244,25 +244,32 @@ async fn write(
 /// Runs a write through the engine and renders its outcome with `render` (a pure function of
 /// the outcome, so that an idempotent replay answers exactly what the first request got).
 ///
-/// `trace` sets the request span's `toctou.*` attributes from the outcome; it runs only when
-/// the write was applied now. An idempotent replay applied nothing, so its span is no check's
-/// use and no mutation inside anyone's window: it gets `gapguard.idempotent_replay = true` and
-/// no `toctou.*` attributes.
-pub(crate) async fn write_with(
+/// `trace` sets the request span's `toctou.*` attributes: from the outcome when the write was
+/// applied now, and without one (`None`) when the request was dropped while its write was with
+/// the engine (past its deadline, answered `503 outcome_unknown`: it may have applied, so it
+/// is traced as a mutation or use that may have happened). It does not run for a write that
+/// failed, which applied nothing, nor for an idempotent replay, which applied nothing either
+/// and is no check's use and no mutation inside anyone's window: that span gets
+/// `gapguard.idempotent_replay = true` and no `toctou.*` attributes.
+pub(crate) async fn write_with<T: FnOnce(&tracing::Span, Option<&gapguard_core::Outcome>)>(
     state: &AppState,
     request: WriteRequest,
     correlation: Correlation,
     claim: Option<IdempotencyClaim>,
-    trace: impl FnOnce(&gapguard_core::Outcome),
+    trace: T,
     render: impl FnOnce(gapguard_core::Outcome) -> Response,
 ) -> Result<Response, ApiError> {
-    let result = state.engine.write(request, context(correlation), claim).await.map_err(engine_error)?;
     let span = tracing::Span::current();
-    if !span.is_disabled() {
+    let mut pending = TraceIfDropped { trace: (!span.is_disabled()).then_some(trace), span };
+    let result = state.engine.write(request, context(correlation), claim).await;
+    // Answered: the outcome decides.
+    let trace = pending.trace.take();
+    let result = result.map_err(engine_error)?;
+    if let Some(trace) = trace {
         if result.replayed {
-            otel::mark_replay(&span);
+            otel::mark_replay(&pending.span);
         } else {
-            trace(&result.outcome);
+            trace(&pending.span, Some(&result.outcome));
         }
     }
     let mut response = render(result.outcome);
@@ -270,6 +277,21 @@ pub(crate) async fn write_with(
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// Runs a write's `trace` without an outcome if the request is dropped before the engine
+/// answered (see [`write_with`]).
+struct TraceIfDropped<T: FnOnce(&tracing::Span, Option<&gapguard_core::Outcome>)> {
+    trace: Option<T>,
+    span: tracing::Span,
+}
+
+impl<T: FnOnce(&tracing::Span, Option<&gapguard_core::Outcome>)> Drop for TraceIfDropped<T> {
+    fn drop(&mut self) {
+        if let Some(trace) = self.trace.take() {
+            trace(&self.span, None);
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/healthz", responses(
@@ -319,7 +341,8 @@ pub(crate) async fn put_kv(
     convert::value(&body.value.value, "value", body.raw.len(), limits)?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Put { ns, key: key.clone(), value: body.value.value };
-    write(&state, request, correlation, claim, &key, |_| otel::set_mutate(&[otel::ResourceKey::user(&key)])).await
+    write(&state, request, correlation, claim, &key, |span, _| otel::set_mutate(span, &[otel::ResourceKey::user(&key)]))
+        .await
 }
 
 #[utoipa::path(get, path = "/v1/ns/{ns}/kv/{key}", params(("ns" = String, Path), ("key" = String, Path)),
@@ -359,7 +382,8 @@ async fn delete_kv(
     let (method, uri, headers, raw) = primitives::empty_body(&state, req).await?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &raw, &state)?;
     let request = WriteRequest::Delete { ns, key: key.clone() };
-    write(&state, request, correlation, claim, &key, |_| otel::set_mutate(&[otel::ResourceKey::user(&key)])).await
+    write(&state, request, correlation, claim, &key, |span, _| otel::set_mutate(span, &[otel::ResourceKey::user(&key)]))
+        .await
 }
 
 /// Query of a prefix listing.
@@ -419,6 +443,12 @@ pub(crate) async fn check(
     let ttl_ms = convert::ttl_ms(request.ttl_ms, limits)?;
     convert::flow(&request.flow, limits)?;
     fresh(&state).await?;
+    // The store has stopped taking writes: no act could use a ticket, so none is issued.
+    if let Some(why) = state.engine.writer_failure() {
+        return Err(ApiError::unavailable(format!(
+            "the store is not accepting writes, so no act could use a ticket: {why}"
+        )));
+    }
     let span = tracing::Span::current();
     // Spans that are not exported cost nothing: no attributes, no ids, no copies of conditions.
     let traced = (!span.is_disabled()).then(|| {
@@ -504,14 +534,16 @@ pub(crate) async fn act(
     });
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     let request = WriteRequest::Act(Act { ns: ns.clone(), ticket, conditions, ops, flow: request.flow });
-    let trace = |outcome: &gapguard_core::Outcome| {
+    let trace = |span: &tracing::Span, outcome: Option<&gapguard_core::Outcome>| {
         let Some((resources, flow, link, ticket_conditions, own, before, rewritten)) = traced else { return };
-        otel::set_toctou(&span, "use", &resources, flow.as_deref());
+        otel::set_toctou(span, "use", &resources, flow.as_deref());
         if let Some((trace_id, span_id)) = link {
-            otel::link_to_check(&span, &trace_id, &span_id);
+            otel::link_to_check(span, &trace_id, &span_id);
         }
+        // Past its deadline the act's fate is unknown: a use that may have happened.
+        let Some(outcome) = outcome else { return };
         let decision = otel::act_decision(&ticket_conditions, &own, outcome);
-        otel::set_authz(&span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
+        otel::set_authz(span, decision, otel::permitted_subject(ticket_conditions.iter().chain(&own)));
         let written_at = match outcome {
             gapguard_core::Outcome::Acted { revision, .. } => Some(*revision),
             _ => None,
@@ -520,7 +552,7 @@ pub(crate) async fn act(
         // state from `before` on.
         let at = written_at.map_or(before, |w| w - 1);
         let seen = otel::versions_seen(&state.engine.snapshot(), &ns, &resources, at, written_at, &rewritten);
-        otel::set_versions(&span, &seen);
+        otel::set_versions(span, &seen);
     };
     write_with(&state, request, correlation, claim, trace, |outcome| convert::outcome(outcome, &ns, "")).await
 }
@@ -548,9 +580,13 @@ async fn txn(
     crate::auth::admit_ops(&state.keys, &correlation, [("then", &success[..]), ("else", &failure[..])])?;
     let claim = idempotency(&correlation, &headers, &ns, &method, &uri, &body.raw, &state)?;
     // A mutation of what it may write (either branch), not of what its `if` reads.
-    let written = otel::resource_keys([], success.iter().chain(&failure));
+    let written =
+        (!tracing::Span::current().is_disabled()).then(|| otel::resource_keys([], success.iter().chain(&failure)));
     let request = WriteRequest::Txn(Txn { ns, compare, success, failure });
-    write(&state, request, correlation, claim, "", |_| otel::set_mutate(&written)).await
+    write(&state, request, correlation, claim, "", |span, _| {
+        otel::set_mutate(span, written.as_deref().unwrap_or_default())
+    })
+    .await
 }
 
 /// Query of the audit log.
@@ -687,3 +723,31 @@ async fn slo(State(state): State<AppState>) -> Json<api::SloResponse> {
     )
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A request dropped while its write is with the engine (past its deadline) still gets its
+    /// `toctou.*` attributes, without an outcome; one that was answered, only from the answer.
+    #[test]
+    fn a_write_dropped_before_its_answer_is_traced_without_an_outcome() {
+        let called = Cell::new(None);
+        let pending = TraceIfDropped {
+            trace: Some(|_: &tracing::Span, o: Option<&gapguard_core::Outcome>| called.set(Some(o.is_some()))),
+            span: tracing::Span::none(),
+        };
+        drop(pending);
+        assert_eq!(called.get(), Some(false), "dropped: traced with no outcome");
+
+        let called = Cell::new(None);
+        let mut pending = TraceIfDropped {
+            trace: Some(|_: &tracing::Span, o: Option<&gapguard_core::Outcome>| called.set(Some(o.is_some()))),
+            span: tracing::Span::none(),
+        };
+        assert!(pending.trace.take().is_some());
+        drop(pending);
+        assert_eq!(called.get(), None, "answered: not traced on drop");
+    }
+}

@@ -119,8 +119,14 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("gapguard.redb");
         // redb asserts some of what it reads of the file (a file shorter than its header says
-        // panics): a damaged file is an error to report, not a crash.
-        let opened = std::panic::catch_unwind(|| Database::create(&path)).map_err(|panic| {
+        // panics): a damaged file is an error to report, not a crash. The panic hook is
+        // silenced meanwhile, so that the error alone is printed (the store opens once, at
+        // start, before the server runs anything else).
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| Database::create(&path));
+        std::panic::set_hook(hook);
+        let opened = opened.map_err(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
