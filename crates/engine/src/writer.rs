@@ -57,11 +57,16 @@ pub(crate) enum Job {
 #[derive(Clone, Default)]
 pub(crate) struct Status {
     failure: Arc<Mutex<Option<String>>>,
+    /// Set with `failure`, read without its lock: every check asks.
+    failed: Arc<std::sync::atomic::AtomicBool>,
     audit_head_seq: Arc<AtomicU64>,
 }
 
 impl Status {
     pub(crate) fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.failure.lock().expect("status lock").clone()
     }
     /// Sequence number of the last durable audit event.
@@ -190,6 +195,7 @@ impl Writer {
             if let Err(failure) = self.commit_batch(&mut batch_jobs, &published) {
                 tracing::error!(error = %failure, "storage commit failed; the writer stops, restart to recover");
                 *self.status.failure.lock().expect("status lock") = Some(failure.clone());
+                self.status.failed.store(true, Ordering::Release);
                 // Fail everything still queued; the channel closes when `jobs` drops.
                 jobs.close();
                 while let Ok(job) = jobs.try_recv() {
