@@ -276,6 +276,19 @@ impl Wal {
                 last_bytes = bytes;
             }
         }
+        if segments.is_empty() && checkpoint_lsn > 0 {
+            // The open segment is never retired: a store that checkpointed has one. With none,
+            // the log was deleted, and whatever it held past the checkpoint with it.
+            return Err(StoreError::Corrupt {
+                what: "wal",
+                detail: format!(
+                    "{} holds no log segment, but the checkpoint says records up to {checkpoint_lsn} were \
+                     logged: the log was deleted, and any acknowledged writes after that checkpoint with it. \
+                     Restore the data directory from a backup (docs/operations.md, Backups)",
+                    dir.display()
+                ),
+            });
+        }
         let next_lsn = last_lsn.max(segments.last().map_or(0, |(start, _)| start.saturating_sub(1))) + 1;
         let state = Arc::new(SegmentState::default());
         state.spare_ready.store(dir.join(SPARE).exists(), Ordering::Relaxed);
@@ -650,6 +663,29 @@ mod tests {
         let entry = Entry { record: None, changed_by: Some(changed_by), changed_at: revision };
         let entries = Batch::share_entries([(NsKey::new("ns", format!("k{revision}")), entry)]);
         Batch { revision, entries, ..Batch::default() }
+    }
+
+    /// A log deleted whole after a checkpoint is damage, not a fresh start: the store refuses
+    /// to open, leaving the directory as it is.
+    #[test]
+    fn a_deleted_log_after_a_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, true).unwrap();
+        for r in 1..=3 {
+            wal.append(&batch(r)).unwrap();
+        }
+        drop(wal);
+        for (_, path) in segments(dir.path()).unwrap() {
+            fs::remove_file(path).unwrap();
+        }
+        let Err(refused) = Wal::open(dir.path(), 2, true) else { panic!("opened a deleted log") };
+        assert!(
+            refused.to_string().contains("holds no log segment") && refused.to_string().contains("up to 2"),
+            "{refused}"
+        );
+        assert!(segments(dir.path()).unwrap().is_empty(), "the refusal created nothing");
+        // A store that never checkpointed (a fresh one) starts its log as before.
+        assert!(Wal::open(dir.path(), 0, true).is_ok());
     }
 
     #[test]
