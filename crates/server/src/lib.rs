@@ -186,7 +186,12 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
         accept::open_file_limit(),
         metrics_places,
     ));
-    tracing::info!(max_connections = budget.max(), max_in_flight = config.max_in_flight, "serving");
+    tracing::info!(
+        max_connections = budget.max(),
+        max_in_flight = config.max_in_flight,
+        max_watches = config.max_watches,
+        "bounds under load"
+    );
     let metrics_server = metrics_listener.map(|listener| {
         let connections = accept::ConnectionConfig {
             tls: tls.clone(),
