@@ -74,23 +74,40 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        Self::read(req.into_body(), state.engine.limits().max_body_bytes).await
+        let waiting = expects_continue(req.headers());
+        Self::read(req.into_body(), waiting, state.engine.limits().max_body_bytes).await
     }
 }
 
 impl<T: DeserializeOwned> JsonBody<T> {
-    /// Reads a body of at most `limit` bytes and decodes it.
-    pub(crate) async fn read(body: Body, limit: usize) -> Result<Self, ApiError> {
-        let raw = read_body(body, limit).await?;
+    /// Reads a body of at most `limit` bytes and decodes it (`waiting`: see [`read_body`]).
+    pub(crate) async fn read(body: Body, waiting: bool, limit: usize) -> Result<Self, ApiError> {
+        let raw = read_body(body, waiting, limit).await?;
         let value = decode(&raw)?;
         Ok(Self { value, raw })
     }
 }
 
+/// Whether the client waits for `100 Continue` before it sends its body
+/// (`Expect: 100-continue`); hyper sends that when the body is first read.
+pub(crate) fn expects_continue(headers: &axum::http::HeaderMap) -> bool {
+    headers.get(axum::http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// A body declared past the limit is still read (and dropped) up to this size before the `413`,
+/// so that the client, which is sending it, finishes and reads the answer instead of being
+/// reset mid-upload; a larger one is refused at once.
+const OVERSIZE_DRAIN_BYTES: u64 = 8 * 1024 * 1024;
+/// How long that drain may take.
+const OVERSIZE_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Reads a request body of at most `limit` bytes: past it, `413 payload_too_large`. A body
-/// whose `Content-Length` is past it is refused before a byte of it is read (and so before
-/// hyper answers an `Expect: 100-continue`): the client need not upload it.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// whose `Content-Length` is past it is refused from that length: at once, without a byte read,
+/// when the client is `waiting` for `100 Continue` (it is then never told to go on, and need
+/// not upload); otherwise once the body, which the client is sending anyway, has been read and
+/// dropped (up to [`OVERSIZE_DRAIN_BYTES`] and [`OVERSIZE_DRAIN_WAIT`]), so that the client
+/// reads the answer rather than a reset.
+pub(crate) async fn read_body(body: Body, waiting: bool, limit: usize) -> Result<Bytes, ApiError> {
     use hyper::body::Body as _;
     let too_large = || {
         ApiError::new(
@@ -101,7 +118,11 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
         .with("field", "body")
         .with("limit_bytes", limit)
     };
-    if body.size_hint().lower() > limit as u64 {
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        if !waiting && declared <= OVERSIZE_DRAIN_BYTES {
+            let _ = tokio::time::timeout(OVERSIZE_DRAIN_WAIT, axum::body::to_bytes(body, declared as usize)).await;
+        }
         return Err(too_large());
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {

@@ -177,8 +177,9 @@ struct Head {
 /// router's [`JsonBody`] extractor does.
 async fn json<T: DeserializeOwned>(req: Request, limit: usize) -> Result<(Head, JsonBody<T>), ApiError> {
     let (parts, body) = req.into_parts();
+    let waiting = crate::extract::expects_continue(&parts.headers);
     let head = Head { method: parts.method, uri: parts.uri, headers: parts.headers };
-    Ok((head, JsonBody::read(body, limit).await?))
+    Ok((head, JsonBody::read(body, waiting, limit).await?))
 }
 
 impl Hot {

@@ -120,7 +120,8 @@ pub(crate) async fn empty_body(
 
 /// Reads the raw body of a route whose body is optional (or absent), within the limit.
 async fn raw_body(state: &AppState, req: axum::extract::Request) -> Result<Bytes, ApiError> {
-    crate::extract::read_body(req.into_body(), state.engine.limits().max_body_bytes).await
+    let waiting = crate::extract::expects_continue(req.headers());
+    crate::extract::read_body(req.into_body(), waiting, state.engine.limits().max_body_bytes).await
 }
 
 macro_rules! call {
