@@ -173,3 +173,85 @@ fn a_body_declared_past_the_limit_is_refused_and_the_client_reads_why() {
     let answer = read_answer(&mut stream);
     assert!(refused(&answer), "{answer:?}");
 }
+
+/// With a metrics listener, both listeners full and stormed by refused clients that send a
+/// request and never read (each refusal lingers, holding a descriptor): the descriptors of
+/// both listeners stay out of the store's reserve, and the log rotates to a new segment through
+/// it all. Counting only the listeners' places, the lingering refusals of two listeners ate the
+/// reserve, the rotation failed with "too many open files", and writes stopped until a restart.
+#[test]
+fn refusals_storming_both_listeners_leave_the_store_its_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("gapguard.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nheader_read_timeout_ms = 120000\n"),
+    )
+    .unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=512:512")
+        .arg(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run prlimit (util-linux) with gapguard serve");
+    let stdout = child.stdout.take().unwrap();
+    // prlimit execs gapguard: the same process.
+    let fds = format!("/proc/{}/fd", child.id());
+    let _server = Killed(child);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("first line");
+    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+
+    let mut writer = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(exchange(&mut writer, "PUT", "/v1/ns/f/kv/w", r#"{"value":0}"#).0, 200);
+    // Both listeners full: idle connections past each bound (the refused ones are closed).
+    let held: Vec<TcpStream> =
+        (0..400).map(|_| &addr).chain((0..100).map(|_| &metrics)).filter_map(|a| TcpStream::connect(a).ok()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm: Vec<_> = (0..6)
+        .map(|i| {
+            let (target, stop) = (if i % 2 == 0 { addr.clone() } else { metrics.clone() }, stop.clone());
+            std::thread::spawn(move || {
+                let mut open = std::collections::VecDeque::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(mut s) = TcpStream::connect(&target) {
+                        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+                        open.push_back(s);
+                    }
+                    if open.len() > 50 {
+                        open.pop_front();
+                    }
+                }
+            })
+        })
+        .collect();
+    // About 80 MB of log through the storm (values just under the 256 KiB limit): past a
+    // segment's 64 MB, so it rotates.
+    let value = "x".repeat(250 * 1024);
+    let mut most_open = 0;
+    for i in 0..320 {
+        let (status, body) =
+            exchange(&mut writer, "PUT", &format!("/v1/ns/f/kv/big/{}", i % 8), &format!(r#"{{"value":"{value}"}}"#));
+        assert_eq!(status, 200, "put {i} during the storm: {body}");
+        most_open = most_open.max(std::fs::read_dir(&fds).map_or(0, Iterator::count));
+    }
+    // Both listeners at their bounds hold 256 + 32 and 64 + 32 descriptors; with the store's
+    // few, about 400, and never into the 128 kept for the store.
+    assert!(most_open <= 512 - 64, "the server held {most_open} descriptors of 512");
+    assert!(most_open > 300, "the listeners were not full ({most_open} descriptors): the storm tested nothing");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for thread in storm {
+        thread.join().unwrap();
+    }
+    drop(held);
+    assert_eq!(exchange(&mut writer, "GET", "/healthz", "").0, 200, "the store is sound");
+    assert_eq!(exchange(&mut writer, "PUT", "/v1/ns/f/kv/after", r#"{"value":1}"#).0, 200);
+}

@@ -75,8 +75,17 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// of the API port must not stop the scrapes.
 pub(crate) const METRICS_MAX_CONNECTIONS: usize = 64;
 
-/// Refused connections lingering at once to deliver their `503` (past it, closed at once).
-const REFUSALS_LINGERING_MAX: usize = 64;
+/// Refused connections of one listener lingering at once to deliver their `503` (past it,
+/// closed at once). Each holds a descriptor while it lingers: a listener takes its places and
+/// these ([`descriptors_of_listener`]).
+pub(crate) const REFUSALS_LINGERING_MAX: usize = 32;
+
+/// The descriptors a listener of `places` connections may hold at once: its connections and its
+/// lingering refusals. (Counting only the places let a storm of refusals on two listeners eat
+/// the store's reserve, and a log rotation failed: found by the second robustness audit.)
+pub(crate) fn descriptors_of_listener(places: usize) -> usize {
+    places + REFUSALS_LINGERING_MAX
+}
 /// How long a refused connection lingers: long enough for the client to read the `503`
 /// rather than be reset because its request went unread.
 const REFUSAL_LINGER_MS: u64 = 200;
@@ -189,9 +198,10 @@ pub fn raise_open_file_limit() -> Option<u64> {
 }
 
 /// `max_connections`: the configured bound, or the open-file limit less [`RESERVED_FDS`] and
-/// `kept_apart` (the metrics listener's places), at most [`DEFAULT_MAX_CONNECTIONS`]; never
-/// more than the limit allows (a configured bound above it is lowered, with a warning). With
-/// no limit to read, the default is [`DEFAULT_MAX_CONNECTIONS`].
+/// `kept_apart` (the descriptors of the API listener's lingering refusals and of the metrics
+/// listener), at most [`DEFAULT_MAX_CONNECTIONS`]; never more than the limit allows (a
+/// configured bound above it is lowered, with a warning). With no limit to read, the default
+/// is [`DEFAULT_MAX_CONNECTIONS`].
 pub(crate) fn max_connections(configured: Option<usize>, open_files: Option<u64>, kept_apart: usize) -> usize {
     let reserved = RESERVED_FDS.saturating_add(kept_apart as u64);
     let allowed = open_files.map(|n| usize::try_from(n.saturating_sub(reserved)).unwrap_or(usize::MAX).max(1));
@@ -631,7 +641,11 @@ mod tests {
     #[test]
     fn max_connections_stays_below_the_open_file_limit() {
         assert_eq!(max_connections(None, Some(1024), 0), 1024 - RESERVED_FDS as usize);
-        assert_eq!(max_connections(None, Some(1024), 64), 1024 - 64 - RESERVED_FDS as usize, "less the metrics'");
+        assert_eq!(max_connections(None, Some(1024), 64), 1024 - 64 - RESERVED_FDS as usize, "less what is kept apart");
+        // Serve's arithmetic: the API's refusals, and the metrics listener whole.
+        let kept = REFUSALS_LINGERING_MAX + descriptors_of_listener(METRICS_MAX_CONNECTIONS);
+        let places = max_connections(None, Some(512), kept);
+        assert_eq!(descriptors_of_listener(places) + descriptors_of_listener(METRICS_MAX_CONNECTIONS), 512 - 128);
         assert_eq!(max_connections(Some(100), Some(1024), 0), 100, "a lower bound is kept");
         assert_eq!(max_connections(Some(5000), Some(1024), 0), 896, "a higher one is lowered");
         assert_eq!(max_connections(None, Some(100), 0), 1, "at least one");

@@ -179,12 +179,14 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(SocketAddr) + Send) -> 
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let slots = load::Slots::new(load::LoadLimits { max_in_flight: config.max_in_flight, request_timeout });
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
-    // The metrics listener has places of its own, out of the API's reach.
-    let metrics_places = if metrics_listener.is_some() { accept::METRICS_MAX_CONNECTIONS } else { 0 };
+    // The metrics listener has places of its own, out of the API's reach; every listener's
+    // lingering refusals hold descriptors too.
+    let metrics_descriptors =
+        if metrics_listener.is_some() { accept::descriptors_of_listener(accept::METRICS_MAX_CONNECTIONS) } else { 0 };
     let budget = accept::ConnectionBudget::new(accept::max_connections(
         config.max_connections,
         accept::open_file_limit(),
-        metrics_places,
+        accept::REFUSALS_LINGERING_MAX + metrics_descriptors,
     ));
     tracing::info!(
         max_connections = budget.max(),
