@@ -83,6 +83,29 @@ fn past_max_connections_a_new_connection_gets_503_and_those_open_carry_on() {
     }
 }
 
+/// Starts `gapguard serve` on `data` with `extra` arguments, under a hard (and soft) limit of
+/// `nofile` open files (the server raises its soft limit to the hard one); the server, and the
+/// address it listens on.
+fn start_limited(nofile: u32, data: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (Killed, String) {
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(env!("CARGO_BIN_EXE_gapguard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run prlimit (util-linux) with gapguard serve");
+    let stdout = child.stdout.take().unwrap();
+    let server = Killed(child);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("first line");
+    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
+    (server, addr)
+}
+
 /// Kills the server however the test ends.
 struct Killed(Child);
 
@@ -96,22 +119,7 @@ impl Drop for Killed {
 #[test]
 fn a_flood_of_idle_connections_at_the_open_file_limit_stops_no_write() {
     let dir = tempfile::tempdir().unwrap();
-    // A hard limit of 256 open files (the server raises its soft limit to the hard one).
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=256:256")
-        .arg(env!("CARGO_BIN_EXE_gapguard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run prlimit (util-linux) with gapguard serve");
-    let stdout = child.stdout.take().unwrap();
-    let _server = Killed(child);
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).expect("first line");
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
+    let (_server, addr) = start_limited(256, dir.path(), &[]);
 
     // A client that was there before the flood keeps writing through it.
     let mut writer = TcpStream::connect(&addr).expect("connect");
@@ -189,25 +197,9 @@ fn refusals_storming_both_listeners_leave_the_store_its_descriptors() {
         format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nheader_read_timeout_ms = 120000\n"),
     )
     .unwrap();
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=512:512")
-        .arg(env!("CARGO_BIN_EXE_gapguard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run prlimit (util-linux) with gapguard serve");
-    let stdout = child.stdout.take().unwrap();
+    let (server, addr) = start_limited(512, &dir.path().join("data"), &["--config".as_ref(), config.as_os_str()]);
     // prlimit execs gapguard: the same process.
-    let fds = format!("/proc/{}/fd", child.id());
-    let _server = Killed(child);
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).expect("first line");
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
+    let fds = format!("/proc/{}/fd", server.0.id());
     let metrics = format!("127.0.0.1:{metrics_port}");
 
     let mut writer = TcpStream::connect(&addr).expect("connect");
