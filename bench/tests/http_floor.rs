@@ -1,39 +1,11 @@
 //! `http-floor` keeps the contract the bench starts gapguard by, and answers as a put does.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-/// Stops the server however the test ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Sends one request on `stream` and reads the answer: status, headers (lower-cased), body.
-fn exchange(stream: &mut TcpStream, request: &str) -> (u16, Vec<(String, String)>, String) {
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone the stream"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("status line");
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).expect("header");
-        let Some((name, value)) = line.trim_end().split_once(": ") else { break };
-        headers.push((name.to_ascii_lowercase(), value.to_owned()));
-    }
-    let length: usize = headers.iter().find(|(n, _)| n == "content-length").expect("content-length").1.parse().unwrap();
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("body");
-    (status, headers, String::from_utf8(body).expect("utf-8 body"))
-}
+use gapguard_testkit::{http_exchange as exchange, listening_on, KillOnDrop};
 
 fn put(body: &str) -> String {
     format!(
@@ -50,12 +22,9 @@ fn serves_the_bench_contract(program: &Path) -> (Vec<String>, bool) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start http-floor");
-    let stdout = child.stdout.take().unwrap();
-    let _server = Server(child);
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).expect("first line");
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}"));
-    let mut stream = TcpStream::connect(addr).expect("connect");
+    let addr = listening_on(&mut child);
+    let _server = KillOnDrop(child);
+    let mut stream = TcpStream::connect(&addr).expect("connect");
 
     let (status, _, _) = exchange(&mut stream, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
     assert_eq!(status, 200, "the bench waits for /healthz to answer 200");

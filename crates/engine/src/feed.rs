@@ -33,12 +33,13 @@ pub struct Change {
     /// streams is serialized once (each stream still copies the text into its own buffer).
     /// The engine never reads it.
     pub rendered: std::sync::OnceLock<Arc<str>>,
+    /// [`Change::approx_bytes`], sized once when the change is made.
+    bytes: usize,
 }
 
 struct Window {
-    /// Each change with its size ([`Change::approx_bytes`]).
-    changes: VecDeque<(Arc<Change>, usize)>,
-    /// The sum of the sizes.
+    changes: VecDeque<Arc<Change>>,
+    /// The sum of their sizes ([`Change::approx_bytes`]).
     bytes: usize,
     /// Every change at or after this revision is in `changes`.
     first_revision: Revision,
@@ -81,16 +82,17 @@ pub struct Subscription {
 impl Change {
     /// A change, not rendered yet.
     pub fn new(revision: Revision, key: Arc<NsKey>, entry: Arc<Entry>) -> Self {
-        Self { revision, key, entry, rendered: std::sync::OnceLock::new() }
+        let value = entry.record.as_ref().map_or(0, |r| json_bytes(&r.value));
+        let changed_by = entry.changed_by.as_ref().map_or(0, String::len);
+        let bytes = 128 + key.ns.len() + key.key.len() + changed_by + 2 * value;
+        Self { revision, key, entry, rendered: std::sync::OnceLock::new(), bytes }
     }
 
     /// About the memory the change holds: its key, and its value twice over as JSON text
     /// would be (once parsed, once as [`Change::rendered`] once a watcher sent it), plus a fixed
     /// overhead. An estimate: a parsed value's nodes take more than their text.
     pub fn approx_bytes(&self) -> usize {
-        let value = self.entry.record.as_ref().map_or(0, |r| json_bytes(&r.value));
-        let changed_by = self.entry.changed_by.as_ref().map_or(0, String::len);
-        128 + self.key.ns.len() + self.key.key.len() + changed_by + 2 * value
+        self.bytes
     }
 }
 
@@ -140,25 +142,20 @@ impl Feed {
         }
         let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
         let newest = changes.last().expect("non-empty").revision;
-        // Sized before the lock, which watchers subscribing take.
-        let sized: Vec<(Arc<Change>, usize)> = changes.iter().map(|c| (Arc::clone(c), c.approx_bytes())).collect();
         let mut window = self.window.lock().expect("feed lock");
-        for (change, bytes) in sized {
-            window.bytes += bytes;
-            window.changes.push_back((change, bytes));
-        }
+        window.bytes += changes.iter().map(|c| c.bytes).sum::<usize>();
+        window.changes.extend(changes.iter().cloned());
         while window.changes.len() > self.window_changes_max
-            || (window.bytes > self.window_bytes_max
-                && window.changes.front().is_some_and(|(c, _)| c.revision < newest))
+            || (window.bytes > self.window_bytes_max && window.changes.front().is_some_and(|c| c.revision < newest))
         {
-            let (evicted, bytes) = window.changes.pop_front().expect("non-empty");
-            window.bytes -= bytes;
+            let evicted = window.changes.pop_front().expect("non-empty");
+            window.bytes -= evicted.bytes;
             window.first_revision = evicted.revision + 1;
         }
         // Keep only whole revisions.
-        while window.changes.front().is_some_and(|(c, _)| c.revision < window.first_revision) {
-            let (_, bytes) = window.changes.pop_front().expect("non-empty");
-            window.bytes -= bytes;
+        while window.changes.front().is_some_and(|c| c.revision < window.first_revision) {
+            let evicted = window.changes.pop_front().expect("non-empty");
+            window.bytes -= evicted.bytes;
         }
         // Sent under the lock, so a subscriber sees each batch exactly once: in its backlog
         // or live.
@@ -172,8 +169,8 @@ impl Feed {
         if from_revision.max(1) < window.first_revision {
             return Err(Compacted { first_available: window.first_revision });
         }
-        let start = window.changes.partition_point(|(c, _)| c.revision < from_revision);
-        let backlog = window.changes.range(start..).map(|(c, _)| Arc::clone(c)).collect();
+        let start = window.changes.partition_point(|c| c.revision < from_revision);
+        let backlog = window.changes.range(start..).cloned().collect();
         Ok(Subscription { backlog, live: self.live.subscribe(), reset_to: self.reset_to.clone() })
     }
 }
@@ -230,10 +227,8 @@ mod tests {
             create_revision: revision,
             mod_revision: revision,
         };
-        Change {
-            entry: Arc::new(Entry { record: Some(record), changed_by: None, changed_at: revision }),
-            ..change(revision)
-        }
+        let entry = Entry { record: Some(record), changed_by: None, changed_at: revision };
+        Change::new(revision, Arc::new(NsKey::new("n", "k")), Arc::new(entry))
     }
 
     /// Large values: the window keeps at most its bytes (whole revisions, the newest always),

@@ -293,6 +293,15 @@ fn poll_answer<T>(answer: &mut oneshot::Receiver<T>, awaiting: &AtomicUsize, lim
     }
 }
 
+/// The first `limit` of `items`, and whether there were more (as etcd's `more`): a listing
+/// reads one past its limit to know.
+pub fn first_page<T>(items: impl IntoIterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut page: Vec<T> = items.into_iter().take(limit.saturating_add(1)).collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    (page, more)
+}
+
 impl Engine {
     /// Opens the engine over a backend: recovers its state, generates the ticket key on first
     /// start, starts the writer thread and the pruning task (which needs a Tokio runtime).
@@ -459,16 +468,13 @@ impl Engine {
             Some(after) if after > prefix => NsKey::new(ns, after),
             _ => NsKey::new(ns, prefix),
         };
-        let mut items: Vec<KeyValue> = snap
+        let matching = snap
             .entries
             .range(start..)
             .take_while(|(k, _)| k.ns == ns && k.key.starts_with(prefix))
             .filter(|(k, _)| after.is_none_or(|after| k.key.as_str() > after) && !primitives::is_internal(&k.key))
-            .filter_map(|(k, e)| e.record.as_ref().map(|r| KeyValue { key: k.key.clone(), record: r.clone() }))
-            .take(limit.saturating_add(1))
-            .collect();
-        let more = items.len() > limit;
-        items.truncate(limit);
+            .filter_map(|(k, e)| e.record.as_ref().map(|r| KeyValue { key: k.key.clone(), record: r.clone() }));
+        let (items, more) = first_page(matching, limit);
         (items, more, snap.revision)
     }
 
@@ -775,5 +781,12 @@ mod tests {
         drop(first);
         assert_eq!(awaiting.load(Ordering::Acquire), 0, "every write that left is no longer counted");
         assert!(Awaiting::enter(&awaiting).alone);
+    }
+
+    #[test]
+    fn a_first_page_says_whether_more_follow() {
+        assert_eq!(first_page(1..=3, 3), (vec![1, 2, 3], false), "exactly the limit: no more");
+        assert_eq!(first_page(1..=4, 3), (vec![1, 2, 3], true), "one past it: more");
+        assert_eq!(first_page(1..=2, 3), (vec![1, 2], false));
     }
 }

@@ -5,37 +5,19 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use gapguard_testkit::{http_exchange, listening_on, KillOnDrop};
 use support::Server;
 
 /// One request on `stream` (keep-alive); the status and the body.
 fn exchange(stream: &mut TcpStream, method: &str, path: &str, body: &str) -> (u16, String) {
     let request = format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("status line");
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
-    let mut length = 0;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).expect("header");
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.trim().split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().expect("a length");
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("body");
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let (status, _, body) = http_exchange(stream, &request);
+    (status, body)
 }
 
 /// Everything the server sends on a fresh connection before closing it (or within 5 s), after
@@ -86,7 +68,7 @@ fn past_max_connections_a_new_connection_gets_503_and_those_open_carry_on() {
 /// Starts `gapguard serve` on `data` with `extra` arguments, under a hard (and soft) limit of
 /// `nofile` open files (the server raises its soft limit to the hard one); the server, and the
 /// address it listens on.
-fn start_limited(nofile: u32, data: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (Killed, String) {
+fn start_limited(nofile: u32, data: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (KillOnDrop, String) {
     let mut child = Command::new("prlimit")
         .arg(format!("--nofile={nofile}:{nofile}"))
         .arg(env!("CARGO_BIN_EXE_gapguard"))
@@ -98,22 +80,8 @@ fn start_limited(nofile: u32, data: &std::path::Path, extra: &[&std::ffi::OsStr]
         .stdout(Stdio::piped())
         .spawn()
         .expect("run prlimit (util-linux) with gapguard serve");
-    let stdout = child.stdout.take().unwrap();
-    let server = Killed(child);
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).expect("first line");
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned();
-    (server, addr)
-}
-
-/// Kills the server however the test ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let addr = listening_on(&mut child);
+    (KillOnDrop(child), addr)
 }
 
 #[test]
@@ -162,7 +130,8 @@ fn a_body_declared_past_the_limit_is_refused_and_the_client_reads_why() {
     };
     let refused = |answer: &str| answer.starts_with("HTTP/1.1 413") && answer.contains("payload_too_large");
     // Waiting for 100 Continue, or declaring more than is drained: answered before any body.
-    for (length, expect) in [(5_000_000, "expect: 100-continue\r\n"), (100_000_000, "")] {
+    const DRAINED: usize = 8 * 1024 * 1024;
+    for (length, expect) in [(5_000_000, "expect: 100-continue\r\n"), (DRAINED + 1, "")] {
         let mut stream = TcpStream::connect(&addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let head = format!("PUT /v1/ns/c/kv/big HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\n{expect}\r\n");
@@ -170,9 +139,10 @@ fn a_body_declared_past_the_limit_is_refused_and_the_client_reads_why() {
         let answer = read_answer(&mut stream);
         assert!(refused(&answer) && !answer.contains("100 Continue"), "{length} {expect:?}: {answer:?}");
     }
-    // Sending it: the whole upload goes through, then the answer. 7 MiB is more than loopback's
-    // socket buffers hold: refused with the body unread, the upload fails with a reset.
-    let body = format!(r#"{{"value":"{}"}}"#, "x".repeat(7 * 1024 * 1024));
+    // Sending it, at the most that is drained (8 MiB): the whole upload goes through, then the
+    // answer. That is more than loopback's socket buffers hold: refused with the body unread,
+    // the upload fails with a reset.
+    let body = "x".repeat(DRAINED);
     let mut stream = TcpStream::connect(&addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let head = format!("PUT /v1/ns/c/kv/big HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());

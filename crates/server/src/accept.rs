@@ -86,11 +86,12 @@ pub(crate) const REFUSALS_LINGERING_MAX: usize = 32;
 pub(crate) fn descriptors_of_listener(places: usize) -> usize {
     places + REFUSALS_LINGERING_MAX
 }
+
 /// How long a refused connection lingers: long enough for the client to read the `503`
 /// rather than be reset because its request went unread.
 const REFUSAL_LINGER_MS: u64 = 200;
 
-/// The connections open across the server's listeners (API and metrics), and their bound.
+/// The connections open on one listener (the API's, or the metrics'), and their bound.
 pub(crate) struct ConnectionBudget {
     open: AtomicUsize,
     max: usize,
@@ -140,27 +141,20 @@ impl ConnectionBudget {
     /// past that they are closed at once.
     fn refuse(&self, tcp: TcpStream, tls: bool) {
         let lingering = Arc::clone(&self.lingering);
-        if !tls && lingering.fetch_add(1, Ordering::Relaxed) < REFUSALS_LINGERING_MAX {
+        if tls {
+            drop(tcp);
+        } else if lingering.fetch_add(1, Ordering::Relaxed) < REFUSALS_LINGERING_MAX {
             tokio::spawn(async move {
                 let mut tcp = tcp;
-                let answered = async {
-                    tcp.write_all(OVER_CAPACITY_ANSWER.as_bytes()).await?;
-                    tcp.shutdown().await?;
-                    let mut buf = [0u8; 4096];
-                    while tcp.read(&mut buf).await? > 0 {}
-                    Ok::<_, std::io::Error>(())
-                };
-                let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_LINGER_MS), answered).await;
+                let linger = Duration::from_millis(REFUSAL_LINGER_MS);
+                let _ = tokio::time::timeout(linger, answer_and_drain(&mut tcp, OVER_CAPACITY_ANSWER, linger)).await;
                 drop(tcp);
                 lingering.fetch_sub(1, Ordering::Relaxed);
             });
         } else {
-            if !tls {
-                lingering.fetch_sub(1, Ordering::Relaxed);
-                // Too many lingering: the answer if the socket takes it at once, then the close.
-                let _ = tcp.try_write(OVER_CAPACITY_ANSWER.as_bytes());
-            }
-            drop(tcp);
+            lingering.fetch_sub(1, Ordering::Relaxed);
+            // Too many lingering: the answer if the socket takes it at once, then the close.
+            let _ = tcp.try_write(OVER_CAPACITY_ANSWER.as_bytes());
         }
         let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
@@ -173,25 +167,26 @@ impl ConnectionBudget {
     }
 }
 
-/// The open-file limit of the process (`RLIMIT_NOFILE`, soft), if it can be read.
-pub(crate) fn open_file_limit() -> Option<u64> {
+/// The process's open-file limits (`RLIMIT_NOFILE`), if they can be read.
+fn nofile() -> Option<libc::rlimit> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `getrlimit` writes the limit into the struct it is given, nothing else.
-    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    (read && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
+/// The open-file limit of the process (soft), if it can be read and is not infinite.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    nofile().map(|l| l.rlim_cur).filter(|&soft| soft != libc::RLIM_INFINITY)
 }
 
 /// Raises the soft open-file limit to the hard one (as Go's runtime and most servers do: the
 /// soft default of 1,024 is a leftover of `select`), and returns the soft limit now in force.
 pub fn raise_open_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: as in `open_file_limit`; `setrlimit` reads the struct it is given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                tracing::debug!("could not raise the open-file limit to {}", limit.rlim_max);
-            }
+    if let Some(limit) = nofile().filter(|l| l.rlim_cur < l.rlim_max) {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: `setrlimit` reads the struct it is given, nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::debug!("could not raise the open-file limit to {}", limit.rlim_max);
         }
     }
     open_file_limit()
@@ -228,7 +223,7 @@ pub(crate) struct ConnectionConfig {
     pub header_read_timeout: Duration,
     /// How long a request may take, enforced by `load::layer` with the connection's clock.
     pub request_timeout: Duration,
-    /// The bound on open connections, shared by every listener.
+    /// The bound on the listener's open connections.
     pub budget: Arc<ConnectionBudget>,
 }
 
@@ -619,23 +614,38 @@ async fn refuse_plain_http(mut tcp: TcpStream, deadline: Instant) {
     if !matches!(tokio::time::timeout_at(deadline, read_head).await, Ok(true)) {
         return;
     }
-    if tcp.write_all(PLAIN_HTTP_ANSWER.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
-        return;
-    }
+    let _ = answer_and_drain(&mut tcp, PLAIN_HTTP_ANSWER, Duration::from_millis(PLAIN_LINGER_MS)).await;
+}
+
+/// Writes `answer`, shuts the write side, and reads (and drops) what the client still sends
+/// for up to `linger`, so that the client reads the answer before the close rather than a
+/// reset for an unread request.
+async fn answer_and_drain(tcp: &mut TcpStream, answer: &str, linger: Duration) -> std::io::Result<()> {
+    tcp.write_all(answer.as_bytes()).await?;
+    tcp.shutdown().await?;
+    let mut buf = [0u8; 4096];
     let drain = async { while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {} };
-    let _ = tokio::time::timeout(Duration::from_millis(PLAIN_LINGER_MS), drain).await;
+    let _ = tokio::time::timeout(linger, drain).await;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_plain_http_answer_has_the_right_content_length() {
-        let (head, body) = PLAIN_HTTP_ANSWER.split_once("\r\n\r\n").unwrap();
+    /// A fixed answer's `content-length` is its body's (a wrong one would hang or cut clients),
+    /// and its body is the API's JSON error with `code`.
+    fn assert_well_formed(answer: &str, code: &str) {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("content-length: {}", body.len())), "{head:?} vs {} bytes", body.len());
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(body["error"], gapguard_api::codes::INVALID_REQUEST);
+        assert_eq!(body["error"], code);
+    }
+
+    #[test]
+    fn the_fixed_answers_are_well_formed() {
+        assert_well_formed(PLAIN_HTTP_ANSWER, gapguard_api::codes::INVALID_REQUEST);
+        assert_well_formed(OVER_CAPACITY_ANSWER, gapguard_api::codes::UNAVAILABLE);
     }
 
     #[test]
@@ -647,20 +657,18 @@ mod tests {
         let places = max_connections(None, Some(512), kept);
         assert_eq!(descriptors_of_listener(places) + descriptors_of_listener(METRICS_MAX_CONNECTIONS), 512 - 128);
         assert_eq!(max_connections(Some(100), Some(1024), 0), 100, "a lower bound is kept");
+        // At what the limit allows, and one past it.
+        assert_eq!(max_connections(Some(896), Some(1024), 0), 896, "the most the limit allows is kept");
+        assert_eq!(max_connections(Some(897), Some(1024), 0), 896, "one more is lowered");
         assert_eq!(max_connections(Some(5000), Some(1024), 0), 896, "a higher one is lowered");
         assert_eq!(max_connections(None, Some(100), 0), 1, "at least one");
         assert_eq!(max_connections(Some(7), None, 0), 7);
+        // The default's ceiling, reached exactly and not passed.
+        let at_ceiling = DEFAULT_MAX_CONNECTIONS as u64 + RESERVED_FDS;
+        assert_eq!(max_connections(None, Some(at_ceiling), 0), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(max_connections(None, Some(at_ceiling - 1), 0), DEFAULT_MAX_CONNECTIONS - 1);
         assert_eq!(max_connections(None, Some(1 << 20), 0), DEFAULT_MAX_CONNECTIONS, "the default's ceiling");
         assert_eq!(max_connections(Some(100_000), Some(1 << 20), 0), 100_000, "a configured bound may pass it");
         assert_eq!(max_connections(None, None, 0), DEFAULT_MAX_CONNECTIONS);
-    }
-
-    /// The fixed answer's `content-length` is its body's (a wrong one would hang or cut clients).
-    #[test]
-    fn the_over_capacity_answer_is_well_formed() {
-        let (head, body) = OVER_CAPACITY_ANSWER.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{head:?} vs {} bytes", body.len());
-        let body: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(body["error"], gapguard_api::codes::UNAVAILABLE);
     }
 }

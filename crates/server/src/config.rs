@@ -45,9 +45,10 @@ pub struct Config {
     pub watch_history_bytes: usize,
     /// Most watch streams open at once; past it a new watch answers `503` (default 1,024).
     pub max_watches: usize,
-    /// Most connections open at once, across the API and metrics listeners; past it a new
-    /// connection is answered `503` and closed. Default (`None`): the open-file limit less
-    /// what the store keeps for itself, which a configured value cannot exceed either.
+    /// Most connections open at once on the API listener (the metrics listener has its own 64);
+    /// past it a new connection is answered `503` and closed. Default (`None`): what the
+    /// open-file limit leaves after what the store and the listeners keep, at most 16,384; a
+    /// configured value cannot exceed that either.
     pub max_connections: Option<usize>,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout_ms: u64,
@@ -378,36 +379,13 @@ impl Config {
         }
         config.tls_cert = file.tls_cert;
         config.tls_key = file.tls_key;
-        if let Some(n) = file.max_in_flight {
-            if n == 0 {
-                return Err(ConfigError::Invalid("max_in_flight must be at least 1".into()));
-            }
-            config.max_in_flight = n;
-        }
-        if let Some(n) = file.max_connections {
-            if n == 0 {
-                return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
-            }
-            config.max_connections = Some(n);
-        }
-        if let Some(n) = file.max_watches {
-            if n == 0 {
-                return Err(ConfigError::Invalid("max_watches must be at least 1".into()));
-            }
-            config.max_watches = n;
-        }
-        if let Some(n) = file.watch_history_bytes {
-            if n == 0 {
-                return Err(ConfigError::Invalid("watch_history_bytes must be at least 1".into()));
-            }
-            config.watch_history_bytes = n;
-        }
-        if let Some(ms) = file.header_read_timeout_ms {
-            if ms == 0 {
-                return Err(ConfigError::Invalid("header_read_timeout_ms must be at least 1".into()));
-            }
-            config.header_read_timeout_ms = ms;
-        }
+        config.max_in_flight = at_least_one("max_in_flight", file.max_in_flight)?.unwrap_or(config.max_in_flight);
+        config.max_connections = at_least_one("max_connections", file.max_connections)?;
+        config.max_watches = at_least_one("max_watches", file.max_watches)?.unwrap_or(config.max_watches);
+        config.watch_history_bytes =
+            at_least_one("watch_history_bytes", file.watch_history_bytes)?.unwrap_or(config.watch_history_bytes);
+        config.header_read_timeout_ms = at_least_one("header_read_timeout_ms", file.header_read_timeout_ms)?
+            .unwrap_or(config.header_read_timeout_ms);
         config.trace_file = file.trace_file;
         if let Some(endpoint) = file.otlp_endpoint {
             config.otlp_traces_url = Some(otlp_traces_url(&endpoint).map_err(ConfigError::Invalid)?);
@@ -428,13 +406,17 @@ impl Config {
         config.writer_spin_us = writer_us("writer_spin_us", file.writer_spin_us, config.writer_spin_us)?;
         config.writer_linger_us = writer_us("writer_linger_us", file.writer_linger_us, config.writer_linger_us)?;
         config.answer_poll_us = writer_us("answer_poll_us", file.answer_poll_us, config.answer_poll_us)?;
-        if let Some(ms) = file.request_timeout_ms {
-            if ms == 0 {
-                return Err(ConfigError::Invalid("request_timeout_ms must be at least 1".into()));
-            }
-            config.request_timeout_ms = ms;
-        }
+        config.request_timeout_ms =
+            at_least_one("request_timeout_ms", file.request_timeout_ms)?.unwrap_or(config.request_timeout_ms);
         Ok(config)
+    }
+}
+
+/// A count or duration of the config file, which may be left out but not be 0.
+fn at_least_one<T: PartialEq + Default>(field: &str, value: Option<T>) -> Result<Option<T>, ConfigError> {
+    match value {
+        Some(zero) if zero == T::default() => Err(ConfigError::Invalid(format!("{field} must be at least 1"))),
+        other => Ok(other),
     }
 }
 
@@ -505,15 +487,20 @@ mod tests {
         let spaced = Config::parse(&spaced).unwrap_err().to_string();
         assert!(spaced.contains("namespace: \"a b\" must be"), "{spaced}");
         assert!(Config::parse(&key("r", &one).replace("[\"a\"]", "[\"*\"]")).is_ok());
-        for field in ["header_read_timeout_ms", "request_timeout_ms"] {
-            let zero = Config::parse(&format!("{field} = 0\n")).unwrap_err().to_string();
-            assert!(zero.contains("at least 1"), "{zero}");
-            assert!(Config::parse(&format!("{field} = 1\n")).is_ok(), "{field} = 1, the least, is taken");
-        }
-        for field in ["max_connections", "max_watches", "watch_history_bytes"] {
+        for field in [
+            "header_read_timeout_ms",
+            "request_timeout_ms",
+            "max_in_flight",
+            "max_connections",
+            "max_watches",
+            "watch_history_bytes",
+        ] {
             let zero = Config::parse(&format!("{field} = 0\n")).unwrap_err().to_string();
             assert!(zero.contains(field) && zero.contains("at least 1"), "{zero}");
+            assert!(Config::parse(&format!("{field} = 1\n")).is_ok(), "{field} = 1, the least, is taken");
         }
+        let ones = Config::parse("max_watches = 1\nwatch_history_bytes = 1\nmax_in_flight = 1\n").unwrap();
+        assert_eq!((ones.max_watches, ones.watch_history_bytes, ones.max_in_flight), (1, 1, 1));
         assert_eq!(Config::parse("max_connections = 1\n").unwrap().max_connections, Some(1));
         assert_eq!(Config::parse("").unwrap().max_connections, None, "by default, from the open-file limit");
     }

@@ -97,7 +97,7 @@ pub(crate) fn expects_continue(headers: &axum::http::HeaderMap) -> bool {
 /// A body declared past the limit is still read (and dropped) up to this size before the `413`,
 /// so that the client, which is sending it, finishes and reads the answer instead of being
 /// reset mid-upload; a larger one is refused at once.
-const OVERSIZE_DRAIN_BYTES: u64 = 8 * 1024 * 1024;
+const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
 /// How long that drain may take.
 const OVERSIZE_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -118,10 +118,10 @@ pub(crate) async fn read_body(body: Body, waiting: bool, limit: usize) -> Result
         .with("field", "body")
         .with("limit_bytes", limit)
     };
-    let declared = body.size_hint().lower();
-    if declared > limit as u64 {
-        if !waiting && declared <= OVERSIZE_DRAIN_BYTES {
-            let _ = tokio::time::timeout(OVERSIZE_DRAIN_WAIT, axum::body::to_bytes(body, declared as usize)).await;
+    if body.size_hint().lower() > limit as u64 {
+        if !waiting {
+            // Past the drain's size it returns at once, the body unread.
+            crate::load::drain(body, OVERSIZE_DRAIN_BYTES, OVERSIZE_DRAIN_WAIT).await;
         }
         return Err(too_large());
     }

@@ -74,7 +74,7 @@ impl Slots {
             return deadline(self.timeout, request, serve).await;
         }
         let Ok(_slot) = self.semaphore.try_acquire() else {
-            let read = drain_small(request.into_body()).await;
+            let read = drain(request.into_body(), SHED_DRAIN_BYTES, SHED_DRAIN_WAIT).await;
             let response = ApiError::unavailable(format!(
                 "the server is serving its maximum of {} requests at once; retry after the Retry-After delay",
                 self.max
@@ -177,24 +177,26 @@ const SHED_DRAIN_BYTES: usize = 64 * 1024;
 /// How long a shed request waits for that body before its connection is closed instead.
 const SHED_DRAIN_WAIT: Duration = Duration::from_millis(50);
 
-/// Reads and drops the body of a request shed by the in-flight bound, if it is known to be at
-/// most [`SHED_DRAIN_BYTES`] and arrives within [`SHED_DRAIN_WAIT`] (a client's JSON body
-/// usually came with its head); returns whether it was read to its end. Shedding is what the
-/// server does when it is overloaded: closing the connection of every shed request with a body
-/// would add a reconnection (and a TLS handshake) to each retry, outside the bound.
-async fn drain_small(body: Body) -> bool {
+/// Reads and drops the body of a request refused without it, if it is known to be at most
+/// `max_bytes` and arrives within `wait`; returns whether it was read to its end. A request
+/// shed by the in-flight bound drains [`SHED_DRAIN_BYTES`] within [`SHED_DRAIN_WAIT`] (a
+/// client's JSON body usually came with its head): closing the connection of every shed
+/// request with a body would add a reconnection (and a TLS handshake) to each retry, outside
+/// the bound. A body past the size limit drains more (`extract::read_body`), so that the
+/// client, which is sending it, reads the `413` rather than a reset.
+pub(crate) async fn drain(body: Body, max_bytes: usize, wait: Duration) -> bool {
     if body.is_end_stream() {
         return true;
     }
-    if body.size_hint().upper().is_none_or(|n| n > SHED_DRAIN_BYTES as u64) {
+    if body.size_hint().upper().is_none_or(|n| n > max_bytes as u64) {
         return false;
     }
-    matches!(tokio::time::timeout(SHED_DRAIN_WAIT, axum::body::to_bytes(body, SHED_DRAIN_BYTES)).await, Ok(Ok(_)))
+    matches!(tokio::time::timeout(wait, axum::body::to_bytes(body, max_bytes)).await, Ok(Ok(_)))
 }
 
 /// Adds `Connection: close` to the answer of a request whose body was not read to its end: a
 /// refusal decided before the body was read (no route, a bad path, authentication, the
-/// in-flight bound for a body too large or too slow for [`drain_small`]), a body past the
+/// in-flight bound for a body too large or too slow for [`drain`]), a body past the
 /// limit, or a route that takes no body given one. hyper keeps such a connection only if the
 /// rest of the body is already in its buffer, and closes it otherwise once the answer is out,
 /// without telling the client, whose next request on it then fails (found by

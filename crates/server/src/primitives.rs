@@ -431,18 +431,15 @@ pub(crate) async fn list_grants(
     convert::namespace(&ns, limits)?;
     crate::routes::fresh(&state).await?;
     let revision = state.engine.snapshot().revision;
-    let mut items: Vec<api::GrantTuple> = state
+    let grants = state
         .engine
         .primitives::<Grant>(&ns, "grant/", usize::MAX)
         .into_iter()
         .map(|(_, g)| g)
         .filter(|g| params.subject.as_ref().is_none_or(|s| *s == g.subject))
         .filter(|g| params.resource.as_ref().is_none_or(|r| *r == g.resource))
-        .take(limits.max_list_limit.saturating_add(1))
-        .map(|g| api::GrantTuple { subject: g.subject, action: g.action, resource: g.resource })
-        .collect();
-    let more = items.len() > limits.max_list_limit;
-    items.truncate(limits.max_list_limit);
+        .map(|g| api::GrantTuple { subject: g.subject, action: g.action, resource: g.resource });
+    let (items, more) = gapguard_engine::first_page(grants, limits.max_list_limit);
     Ok(Json(api::GrantsResponse { items, more, revision }))
 }
 
@@ -505,8 +502,7 @@ pub(crate) async fn list_orphans(
         .map(|(id, o)| orphan_item(id, o))
         .collect();
     items.sort_by_key(|o| o.expired_at_ms);
-    let more = items.len() > limits.max_list_limit;
-    items.truncate(limits.max_list_limit);
+    let (items, more) = gapguard_engine::first_page(items, limits.max_list_limit);
     Ok(Json(api::OrphansResponse { items, more, revision }))
 }
 

@@ -305,3 +305,46 @@ impl std::fmt::Display for NoPostgresUser {
 }
 
 impl std::error::Error for NoPostgresUser {}
+
+/// A child process killed (and reaped) when dropped, however the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The address a server started with `--listen 127.0.0.1:0` and a piped stdout prints on its
+/// first line (`listening on ADDR`); panics with the line if it is something else.
+pub fn listening_on(child: &mut Child) -> String {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("the server's stdout is piped");
+    let mut first = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut first).expect("the server's first line");
+    first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("first line {first:?}")).to_owned()
+}
+
+/// Sends `request` (raw HTTP/1.1) on `stream` and reads one answer by its `Content-Length`:
+/// the status, the headers (names lower-cased) and the body. For tests that need the bytes on
+/// the wire exactly as written (a client library would normalise them).
+pub fn http_exchange(stream: &mut std::net::TcpStream, request: &str) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone the stream"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header");
+        let Some((name, value)) = line.trim_end().split_once(':') else { break };
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let length = headers.iter().find(|(n, _)| n == "content-length").map_or(0, |(_, v)| v.parse().expect("a length"));
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
