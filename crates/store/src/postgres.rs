@@ -231,6 +231,16 @@ const RELEASE_CLAIM: &str = "DELETE FROM gg_idem_claims WHERE ns = $1 AND scope 
 /// Open claims a node remembers before it forgets those long lapsed.
 const CLAIMS_KEPT_MAX: usize = 4096;
 
+/// Records this node's claim of `key` until `until` (ms, the database's clock). Past
+/// [`CLAIMS_KEPT_MAX`] claims, those lapsed more than a claim's lifetime ago (`ttl_ms`) are
+/// forgotten first: claims this node never heard the end of, none in a sound run.
+fn remember_claim(claims: &mut HashMap<IdempotencyKey, i64>, key: &IdempotencyKey, until: i64, ttl_ms: u64) {
+    if claims.len() >= CLAIMS_KEPT_MAX {
+        claims.retain(|_, kept| *kept > until - 2 * i64_of(ttl_ms));
+    }
+    claims.insert(key.clone(), until);
+}
+
 /// How long a failed release of an idempotency claim is retried: about as long as a claim
 /// lives, after which it has expired by itself anyway.
 const CLAIM_RELEASE_FOR: Duration = Duration::from_secs(30);
@@ -1116,13 +1126,7 @@ impl SharedStorage for PgStore {
             })
         })?;
         if let Some(until) = until {
-            let mut claims = self.shared.claims.lock().expect("claims");
-            if claims.len() >= CLAIMS_KEPT_MAX {
-                // Claims this node never heard the end of (none in a sound run): those long
-                // lapsed (`until_ms` is the database's clock, as this claim's) are forgotten.
-                claims.retain(|_, kept| *kept > until - 2 * i64_of(ttl_ms));
-            }
-            claims.insert(key.clone(), until);
+            remember_claim(&mut self.shared.claims.lock().expect("claims"), key, until, ttl_ms);
         }
         Ok(until.is_some())
     }
@@ -1200,6 +1204,28 @@ impl SharedStorage for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Up to the bound every claim is kept, lapsed or not; at it, the long-lapsed ones go
+    /// before the new one is recorded, and the live ones stay.
+    #[test]
+    fn claims_are_kept_to_their_bound_then_the_long_lapsed_are_forgotten() {
+        let key = |i: usize| IdempotencyKey { ns: "n".into(), scope: "s".into(), key: format!("k{i}") };
+        let (ttl_ms, now) = (1_000, 1_000_000);
+        let mut claims = HashMap::new();
+        // One short of the bound: half long lapsed, half live.
+        for i in 0..CLAIMS_KEPT_MAX - 1 {
+            let until = if i % 2 == 0 { now - 10 * ttl_ms } else { now + ttl_ms };
+            remember_claim(&mut claims, &key(i), until, 1_000);
+        }
+        assert_eq!(claims.len(), CLAIMS_KEPT_MAX - 1, "below the bound nothing is forgotten");
+        remember_claim(&mut claims, &key(CLAIMS_KEPT_MAX - 1), now + ttl_ms, 1_000);
+        assert_eq!(claims.len(), CLAIMS_KEPT_MAX, "at the bound, still everything");
+        // One past it: the long lapsed go, the live ones and the new one stay.
+        remember_claim(&mut claims, &key(CLAIMS_KEPT_MAX), now + ttl_ms, 1_000);
+        assert_eq!(claims.len(), CLAIMS_KEPT_MAX / 2 + 1, "{}", claims.len());
+        assert!(claims.values().all(|&until| until > now));
+        assert!(claims.contains_key(&key(CLAIMS_KEPT_MAX)));
+    }
 
     #[test]
     fn the_writer_ends_idle_transactions_and_the_urls_options_and_the_schema_come_after() {
