@@ -28,7 +28,12 @@ fn spans(text: &str) -> Vec<Value> {
 
 /// The string value of attribute `key` in an OTLP attribute list.
 fn attr<'a>(attributes: &'a Value, key: &str) -> Option<&'a str> {
-    attributes.as_array()?.iter().find(|a| a["key"] == key)?["value"]["stringValue"].as_str()
+    value_of(attributes, key)?["stringValue"].as_str()
+}
+
+/// The OTLP value (`{"intValue": …}`, `{"boolValue": …}`…) of attribute `key`.
+fn value_of<'a>(attributes: &'a Value, key: &str) -> Option<&'a Value> {
+    Some(&attributes.as_array()?.iter().find(|a| a["key"] == key)?["value"])
 }
 
 fn with_role<'a>(spans: &'a [Value], role: &str) -> &'a Value {
@@ -94,16 +99,11 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     let put = spans.iter().find(|s| s["name"] == "PUT /v1/ns/{ns}/kv/{*key}").expect("the put span");
     assert_eq!(attr(&put["attributes"], "toctou.role"), Some("mutate"));
     assert_eq!(attr(&put["attributes"], "toctou.resource.key"), Some("stock"));
-    let status = put["attributes"]
-        .as_array()
-        .and_then(|a| a.iter().find(|kv| kv["key"] == "http.response.status_code").map(|kv| kv["value"].clone()));
-    assert_eq!(status, Some(json!({"intValue": "200"})), "the status, an integer as the conventions say");
+    let status = value_of(&put["attributes"], "http.response.status_code");
+    assert_eq!(status, Some(&json!({"intValue": "200"})), "the status, an integer as the conventions say");
     // The version each span saw: an integer attribute (OTLP/JSON: a decimal string).
-    let version = |span: &Value| {
-        span["attributes"].as_array().and_then(|a| {
-            a.iter().find(|kv| kv["key"] == "toctou.resource.version").map(|kv| kv["value"]["intValue"].clone())
-        })
-    };
+    let version =
+        |span: &Value| value_of(&span["attributes"], "toctou.resource.version").map(|v| v["intValue"].clone());
     assert_eq!(version(check), Some(json!("1")), "the check saw the stock as put once");
     assert_eq!(version(act), Some(json!("1")), "so did the act, which did not change it");
 }
@@ -126,9 +126,7 @@ async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
     assert_eq!(http.post("/v1/ns/shop/txn", txn).await.status, 200);
     assert!(server.terminate_within(Duration::from_secs(10)).success());
     let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
-    let has_version = |span: &Value| {
-        span["attributes"].as_array().is_some_and(|a| a.iter().any(|kv| kv["key"] == "toctou.resource.version"))
-    };
+    let has_version = |span: &Value| value_of(&span["attributes"], "toctou.resource.version").is_some();
     assert!(has_version(with_role(&spans, "check")), "the check's version is known");
     let act = with_role(&spans, "use");
     assert_eq!(attr(&act["attributes"], "toctou.resource.key"), Some("z"));
@@ -176,11 +174,8 @@ async fn an_idempotent_replay_is_neither_a_use_nor_a_mutation() {
     assert_eq!(replayed, [false, true]);
     assert!(server.terminate_within(Duration::from_secs(10)).success());
     let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
-    let is_replay = |span: &Value| {
-        span["attributes"].as_array().is_some_and(|a| {
-            a.iter().any(|kv| kv["key"] == "gapguard.idempotent_replay" && kv["value"]["boolValue"] == true)
-        })
-    };
+    let is_replay =
+        |span: &Value| value_of(&span["attributes"], "gapguard.idempotent_replay") == Some(&json!({"boolValue": true}));
     for name in ["PUT /v1/ns/{ns}/kv/{*key}", "POST /v1/ns/{ns}/act"] {
         let of_route: Vec<&Value> = spans.iter().filter(|s| s["name"] == name).collect();
         assert_eq!(of_route.len(), 2, "{name}: {of_route:#?}");
