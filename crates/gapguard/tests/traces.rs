@@ -46,15 +46,32 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// A server writing its spans to a trace file in `dir`.
+struct Traced {
+    server: Server,
+    file: std::path::PathBuf,
+}
+
+impl Traced {
+    fn start(dir: &std::path::Path) -> Self {
+        let file = dir.join("traces.jsonl");
+        let server =
+            Server::start_with(&dir.join("data"), &["--trace-file", file.to_str().expect("a UTF-8 temp path")]);
+        Self { server, file }
+    }
+
+    /// Stops the server with SIGTERM, which must flush the batched spans, and reads them.
+    fn spans(self) -> Vec<Value> {
+        assert!(self.server.terminate_within(Duration::from_secs(10)).success());
+        spans(&std::fs::read_to_string(&self.file).expect("the trace file exists"))
+    }
+}
+
 #[tokio::test]
 async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     let dir = tempfile::tempdir().unwrap();
-    let trace_file = dir.path().join("traces.jsonl");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &["--trace-file", trace_file.to_str().expect("a UTF-8 temp path")],
-    );
-    let http = Http::new(&server);
+    let traced = Traced::start(dir.path());
+    let http = Http::new(&traced.server);
     assert_eq!(http.put("/v1/ns/shop/kv/stock", json!({"value": 5})).await.status, 200);
 
     let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
@@ -66,10 +83,7 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
     let act = json!({"ticket": ticket, "ops": [{"put": {"key": "order/1", "value": true}}]});
     let r = http.post("/v1/ns/shop/act", act).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    // Spans are batched: SIGTERM must flush them.
-    assert!(server.terminate_within(Duration::from_secs(10)).success());
-    let text = std::fs::read_to_string(&trace_file).expect("the trace file exists");
-    let spans = spans(&text);
+    let spans = traced.spans();
     assert!(spans.len() >= 3, "put, check and act spans expected, got {spans:#?}");
 
     let check = with_role(&spans, "check");
@@ -114,9 +128,8 @@ async fn an_act_span_links_to_its_check_span_with_toctou_attributes() {
 #[tokio::test]
 async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let trace_file = dir.path().join("traces.jsonl");
-    let server = Server::start_with(&dir.path().join("data"), &["--trace-file", trace_file.to_str().unwrap()]);
-    let http = Http::new(&server);
+    let traced = Traced::start(dir.path());
+    let http = Http::new(&traced.server);
     assert_eq!(http.put("/v1/ns/shop/kv/z", json!({"value": 1})).await.status, 200);
     let r = http.post("/v1/ns/shop/check", json!({"conditions": [{"exists": "z"}]})).await;
     let ops = json!([{"put": {"key": "z", "value": 5}}, {"add": {"key": "z", "by": 1}}]);
@@ -124,8 +137,7 @@ async fn a_use_span_leaves_out_the_version_of_a_key_its_act_wrote_twice() {
     // A txn mutates what it writes, not what its `if` reads.
     let txn = json!({"if": [{"exists": "z"}], "then": [{"put": {"key": "y", "value": 1}}]});
     assert_eq!(http.post("/v1/ns/shop/txn", txn).await.status, 200);
-    assert!(server.terminate_within(Duration::from_secs(10)).success());
-    let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
+    let spans = traced.spans();
     let has_version = |span: &Value| value_of(&span["attributes"], "toctou.resource.version").is_some();
     assert!(has_version(with_role(&spans, "check")), "the check's version is known");
     let act = with_role(&spans, "use");
@@ -155,9 +167,8 @@ async fn the_trace_file_can_come_from_the_config_file() {
 #[tokio::test]
 async fn an_idempotent_replay_is_neither_a_use_nor_a_mutation() {
     let dir = tempfile::tempdir().unwrap();
-    let trace_file = dir.path().join("traces.jsonl");
-    let server = Server::start_with(&dir.path().join("data"), &["--trace-file", trace_file.to_str().unwrap()]);
-    let http = Http::new(&server);
+    let traced = Traced::start(dir.path());
+    let http = Http::new(&traced.server);
     let put = json!({"value": 3});
     for _ in 0..2 {
         let r = http.send("PUT", "/v1/ns/shop/kv/stock", Some(&put), &[("idempotency-key", "put-1")]).await;
@@ -172,8 +183,7 @@ async fn an_idempotent_replay_is_neither_a_use_nor_a_mutation() {
         replayed.push(r.header("idempotent-replayed").is_some());
     }
     assert_eq!(replayed, [false, true]);
-    assert!(server.terminate_within(Duration::from_secs(10)).success());
-    let spans = spans(&std::fs::read_to_string(&trace_file).expect("the trace file exists"));
+    let spans = traced.spans();
     let is_replay =
         |span: &Value| value_of(&span["attributes"], "gapguard.idempotent_replay") == Some(&json!({"boolValue": true}));
     for name in ["PUT /v1/ns/{ns}/kv/{*key}", "POST /v1/ns/{ns}/act"] {
